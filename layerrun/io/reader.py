@@ -1,0 +1,140 @@
+"""Reading layer files into aligned host buffers, as zero-copy tensor views.
+
+Backends:
+- ``pread``: ``os.preadv`` into the buffer (one copy: page cache -> buffer).
+- ``direct``: the same with ``O_DIRECT`` (no page cache; needs 4096-aligned
+  offsets, lengths and buffers, which the layered format guarantees). Falls back
+  to ``pread`` where the filesystem refuses it (tmpfs), and says so.
+- ``mmap``: the file is memory-mapped and tensors are views of the mapping (no
+  copy at all; pages are faulted in by compute).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from layerrun.errors import FormatError
+from layerrun.formats.aligned import ALIGN, ST_DTYPES
+from layerrun.formats.manifest import FileEntry
+
+BACKENDS = ("pread", "direct", "mmap")
+MAX_IO_CHUNK = 64 * 1024 * 1024  # bytes per preadv call; several calls keep deep queues busy
+
+
+def aligned_empty(nbytes: int, align: int = ALIGN, pin: bool = False) -> torch.Tensor:
+    """A uint8 tensor of ``nbytes`` whose data pointer is ``align``-aligned."""
+    n = ((nbytes + align - 1) // align) * align
+    raw = torch.empty(n + align, dtype=torch.uint8, pin_memory=pin)
+    off = (-raw.data_ptr()) % align
+    return raw[off : off + n]
+
+
+def views(entry: FileEntry, buf: torch.Tensor, base: int) -> dict[str, torch.Tensor]:
+    """Tensors of ``entry`` as views of ``buf``, which holds the file from byte ``base`` on."""
+    out = {}
+    for name, t in entry.tensors.items():
+        dt = ST_DTYPES[t.dtype]
+        chunk = buf[t.start - base : t.end - base]
+        out[name] = chunk.view(dt).view(t.shape) if t.nbytes else torch.empty(t.shape, dtype=dt)
+    return out
+
+
+@dataclass
+class ReadStat:
+    name: str
+    bytes: int
+    start: float
+    end: float
+    backend: str
+
+
+class FileReader:
+    """Reads whole layer files (their data region) into caller-provided aligned buffers."""
+
+    def __init__(self, folder: str | Path, backend: str = "pread"):
+        if backend not in BACKENDS:
+            raise FormatError(f"reader backend {backend!r} is not one of: {', '.join(BACKENDS)}")
+        self.folder = Path(folder)
+        self.backend = backend
+        self.fallback_note: str | None = None
+        self._maps: dict[str, tuple[mmap.mmap, torch.Tensor]] = {}
+
+    def _open(self, entry: FileEntry) -> tuple[int, str]:
+        path = self.folder / entry.name
+        if self.backend == "direct" and hasattr(os, "O_DIRECT"):
+            try:
+                return os.open(path, os.O_RDONLY | os.O_DIRECT), "direct"
+            except FileNotFoundError:
+                raise FormatError(f"{path}: layer file is missing; run `layerrun validate {self.folder}`") from None
+            except OSError as e:
+                self.fallback_note = f"O_DIRECT unavailable on this filesystem ({e.strerror}); using pread"
+                self.backend = "pread"
+        try:
+            return os.open(path, os.O_RDONLY), "pread"
+        except FileNotFoundError:
+            raise FormatError(f"{path}: layer file is missing; run `layerrun validate {self.folder}`") from None
+
+    def _check_size(self, entry: FileEntry, size: int) -> None:
+        if size != entry.bytes:
+            what = "truncated" if size < entry.bytes else "longer than expected"
+            raise FormatError(
+                f"{self.folder / entry.name}: file is {what} ({size} bytes, manifest says {entry.bytes}); "
+                "re-run `layerrun convert` to rebuild it"
+            )
+
+    def read(self, entry: FileEntry, buf: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], ReadStat]:
+        """Read ``entry`` into ``buf`` (allocated if None); return tensor views and timing."""
+        t0 = time.perf_counter()
+        base = entry.data_start
+        n = entry.bytes - base
+        if self.backend == "mmap":
+            return self._read_mmap(entry, t0)
+        fd, used = self._open(entry)
+        try:
+            self._check_size(entry, os.fstat(fd).st_size)
+            if buf is None:
+                buf = aligned_empty(n)
+            elif buf.numel() < n:
+                raise ValueError(f"buffer of {buf.numel()} bytes is too small for {entry.name} ({n} bytes)")
+            want = ((n + ALIGN - 1) // ALIGN) * ALIGN if used == "direct" else n
+            if buf.numel() < want:
+                want = n
+            arr = memoryview(buf.numpy())
+            pos = 0
+            while pos < n:
+                m = min(MAX_IO_CHUNK, want - pos)
+                got = os.preadv(fd, [arr[pos : pos + m]], base + pos)
+                if got <= 0:
+                    raise FormatError(f"{self.folder / entry.name}: unexpected end of file at byte {base + pos}")
+                pos += got
+        finally:
+            os.close(fd)
+        return views(entry, buf, base), ReadStat(entry.name, n, t0, time.perf_counter(), used)
+
+    def _read_mmap(self, entry: FileEntry, t0: float):
+        path = self.folder / entry.name
+        if entry.name not in self._maps:
+            try:
+                with open(path, "rb") as f:
+                    self._check_size(entry, os.fstat(f.fileno()).st_size)
+                    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            except FileNotFoundError:
+                raise FormatError(f"{path}: layer file is missing; run `layerrun validate {self.folder}`") from None
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # read-only buffer: we never write to it
+                t = torch.frombuffer(mm, dtype=torch.uint8)
+            self._maps[entry.name] = (mm, t)
+        _, t = self._maps[entry.name]
+        n = entry.bytes - entry.data_start
+        return views(entry, t, 0), ReadStat(entry.name, n, t0, time.perf_counter(), "mmap")
+
+    def close(self) -> None:
+        self._maps.clear()

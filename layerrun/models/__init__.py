@@ -1,0 +1,56 @@
+"""Model families, found by ``config.json``'s ``model_type``.
+
+Each family is one module exposing ``ModelArgs`` (a dataclass of Hugging Face
+config fields with ``from_dict``) and ``Model`` (pure compute), whose interface
+the engine relies on:
+
+- ``expected_tensors() -> {"embeddings": {name: shape}, "layer": {...}, "final": {...}}``
+  (names relative to the group, e.g. ``self_attn.q_proj.weight``; "layer" is
+  the same for every layer);
+- ``sanitize(weights) -> weights`` on one file's tensors (pure; may drop or rename);
+- ``prepare(positions (B,T), key_valid (B,S) bool | None, k_len, dtype) -> ctx``
+  per step, shared by all layers (RoPE tables, masks; opaque to the engine);
+- ``embed(w, input_ids) -> x (B,T,H)``;
+- ``layer(i, w, x, cache: LayerKV | None, ctx) -> x``;
+- ``head(w, x, embeddings_w) -> logits (B,T,V)``.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from layerrun.errors import UnsupportedModelError
+
+# model_type -> module in layerrun.models
+REGISTRY: dict[str, str] = {
+    "llama": "llama",
+}
+# model_type -> model_type whose code it shares
+ALIASES: dict[str, str] = {
+    "mistral": "llama",
+    "qwen2": "llama",
+}
+
+
+def supported_model_types() -> list[str]:
+    return sorted(set(REGISTRY) | set(ALIASES))
+
+
+def get_family(model_type: str):
+    """The family module for ``model_type``; an unknown type fails with the supported list."""
+    key = ALIASES.get(model_type, model_type)
+    if key not in REGISTRY:
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} is not supported; supported: {', '.join(supported_model_types())}"
+        )
+    return importlib.import_module(f"layerrun.models.{REGISTRY[key]}")
+
+
+def build_model(config: dict):
+    """Build the compute object for a Hugging Face config dict."""
+    model_type = config.get("model_type")
+    if not model_type:
+        raise UnsupportedModelError("config.json has no model_type; cannot tell the architecture")
+    fam = get_family(model_type)
+    args = fam.ModelArgs.from_dict(config)
+    return fam.Model(args)

@@ -1,0 +1,163 @@
+"""Pieces shared by the model families: config dataclasses, RoPE, RMSNorm, attention context.
+
+Model code is pure compute: the engine hands a layer its weights (a dict of
+tensors named as in the Hugging Face checkpoint, relative to the layer) and its
+KV cache. Nothing here reads files or knows about streaming.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class BaseArgs:
+    """Common Hugging Face config fields; families subclass and add their own."""
+
+    model_type: str
+    hidden_size: int
+    num_hidden_layers: int
+    intermediate_size: int
+    num_attention_heads: int
+    vocab_size: int
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    rope_parameters: dict | None = None  # transformers 5 spelling
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    hidden_act: str = "silu"
+    bos_token_id: int | list[int] | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        # transformers 5 moves rope_theta / rope_scaling into rope_parameters.
+        rp = self.rope_parameters
+        if isinstance(rp, dict) and "rope_type" in rp or isinstance(rp, dict) and "rope_theta" in rp:
+            self.rope_theta = float(rp.get("rope_theta", self.rope_theta))
+            if rp.get("rope_type", "default") != "default" and self.rope_scaling is None:
+                self.rope_scaling = rp
+
+
+def rope_inv_freq(dim: int, base: float, scaling: dict | None, max_pos: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (fp32) and the attention scaling factor, as transformers computes them."""
+    inv = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    if not scaling:
+        return inv, 1.0
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv, 1.0
+    if kind == "linear":
+        return inv / float(scaling["factor"]), 1.0
+    if kind == "llama3":
+        factor = float(scaling["factor"])
+        low = float(scaling.get("low_freq_factor", 1.0))
+        high = float(scaling.get("high_freq_factor", 4.0))
+        old_ctx = float(scaling.get("original_max_position_embeddings", 8192))
+        low_wavelen = old_ctx / low
+        high_wavelen = old_ctx / high
+        wavelen = 2 * math.pi / inv
+        inv_l = torch.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (old_ctx / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * inv_l / factor + smooth * inv_l
+        is_medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        return torch.where(is_medium, smoothed, inv_l), 1.0
+    raise NotImplementedError(f"rope_scaling type {kind!r} is not supported yet (supported: default, linear, llama3)")
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype, scale: float = 1.0):
+    """cos/sin of shape (B, 1, T, head_dim), computed in fp32 and cast like transformers does."""
+    freqs = positions[..., None].float() * inv_freq  # (B, T, head_dim/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, head_dim)
+    return (emb.cos() * scale).to(dtype)[:, None], (emb.sin() * scale).to(dtype)[:, None]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Llama-style RMSNorm: normalise in fp32, cast back, then scale."""
+    dtype = x.dtype
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
+@dataclass
+class AttnContext:
+    """Per-step attention inputs shared by every layer.
+
+    ``mask`` is a boolean (B, 1, T, S) "may attend" mask, or None when plain
+    causal attention over the whole cache is right (no padding, no window).
+    """
+
+    positions: torch.Tensor  # (B, T) absolute positions of the new tokens
+    mask: torch.Tensor | None
+    is_causal: bool
+    rope: dict  # family-specific precomputed tables, e.g. {"global": (cos, sin)}
+
+
+def build_mask(
+    key_valid: torch.Tensor | None,
+    q_len: int,
+    k_len: int,
+    window: int | None = None,
+    device=None,
+) -> torch.Tensor:
+    """Boolean (B or 1, 1, T, S) mask: causal, optional sliding window, padding keys masked."""
+    q_pos = torch.arange(k_len - q_len, k_len, device=device)[:, None]  # (T, 1)
+    k_pos = torch.arange(k_len, device=device)[None, :]  # (1, S)
+    m = k_pos <= q_pos
+    if window is not None:
+        m = m & (q_pos - k_pos < window)
+    m = m[None, None]  # (1, 1, T, S)
+    if key_valid is not None:
+        m = m & key_valid[:, None, None, :].bool()
+    return m
+
+
+def attention(q, k, v, ctx_mask, is_causal: bool, scale: float, softcap: float | None = None):
+    """Scaled dot-product attention with grouped KV heads; q: (B, H, T, D), k/v: (B, Hkv, S, D)."""
+    if softcap is None:
+        if ctx_mask is not None:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=ctx_mask, scale=scale, enable_gqa=True)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale, enable_gqa=True)
+    # Soft-capped scores (Gemma 2) need the explicit path.
+    rep = q.shape[1] // k.shape[1]
+    if rep > 1:
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * scale  # (B, H, T, S)
+    scores = torch.tanh(scores / softcap) * softcap
+    if ctx_mask is not None:
+        scores = scores.masked_fill(~ctx_mask, float("-inf"))
+    elif is_causal:
+        T, S = scores.shape[-2:]
+        scores = scores.masked_fill(~build_mask(None, T, S, device=q.device), float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    return probs @ v
+
+
+def accepts(fn, name: str) -> bool:
+    return name in inspect.signature(fn).parameters

@@ -1,0 +1,136 @@
+"""The Llama family: llama, mistral and qwen2 share this code.
+
+Qwen2 differs only by q/k/v biases; Mistral by an optional sliding window.
+Weight names follow the Hugging Face checkpoint, relative to one decoder layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from layerrun.models.base import (
+    AttnContext,
+    BaseArgs,
+    apply_rope,
+    attention,
+    build_mask,
+    rms_norm,
+    rope_cos_sin,
+    rope_inv_freq,
+)
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+@dataclass
+class ModelArgs(BaseArgs):
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: int | None = None
+    use_sliding_window: bool | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.model_type == "qwen2":
+            self.attention_bias = True  # Qwen2 always has q/k/v biases (o_proj has none)
+            if not self.use_sliding_window:
+                self.sliding_window = None
+        if self.hidden_act not in ACTIVATIONS:
+            raise NotImplementedError(f"hidden_act {self.hidden_act!r} is not supported")
+
+
+class Model:
+    """Stateless compute for one Llama-family model; weights are passed in per call."""
+
+    def __init__(self, args: ModelArgs):
+        self.args = args
+        self.inv_freq, self.rope_scale = rope_inv_freq(
+            args.head_dim, args.rope_theta, args.rope_scaling, args.max_position_embeddings
+        )
+        self.act = ACTIVATIONS[args.hidden_act]
+
+    # ---- what the checkpoint must contain ------------------------------
+    def expected_tensors(self) -> dict[str, dict[str, tuple[int, ...]]]:
+        a = self.args
+        H, D, Hkv, I = a.hidden_size, a.head_dim, a.num_key_value_heads, a.intermediate_size
+        layer = {
+            "input_layernorm.weight": (H,),
+            "post_attention_layernorm.weight": (H,),
+            "self_attn.q_proj.weight": (a.num_attention_heads * D, H),
+            "self_attn.k_proj.weight": (Hkv * D, H),
+            "self_attn.v_proj.weight": (Hkv * D, H),
+            "self_attn.o_proj.weight": (H, a.num_attention_heads * D),
+            "mlp.gate_proj.weight": (I, H),
+            "mlp.up_proj.weight": (I, H),
+            "mlp.down_proj.weight": (H, I),
+        }
+        if a.attention_bias:
+            layer.update({
+                "self_attn.q_proj.bias": (a.num_attention_heads * D,),
+                "self_attn.k_proj.bias": (Hkv * D,),
+                "self_attn.v_proj.bias": (Hkv * D,),
+            })
+            if a.model_type != "qwen2":
+                layer["self_attn.o_proj.bias"] = (H,)
+        if a.mlp_bias:
+            layer.update({"mlp.gate_proj.bias": (I,), "mlp.up_proj.bias": (I,), "mlp.down_proj.bias": (H,)})
+        final = {"norm.weight": (H,)}
+        if not a.tie_word_embeddings:
+            final["lm_head.weight"] = (a.vocab_size, H)
+        return {"embeddings": {"embed_tokens.weight": (a.vocab_size, H)}, "layer": layer, "final": final}
+
+    @staticmethod
+    def sanitize(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # Old checkpoints carry RoPE's inverse frequencies; we compute our own.
+        return {k: v for k, v in weights.items() if not k.endswith("rotary_emb.inv_freq")}
+
+    # ---- compute ---------------------------------------------------------
+    def prepare(self, positions: torch.Tensor, key_valid: torch.Tensor | None, k_len: int, dtype) -> AttnContext:
+        """Per-step tables shared by all layers: RoPE cos/sin and the attention mask."""
+        B, T = positions.shape
+        cos, sin = rope_cos_sin(self.inv_freq.to(positions.device), positions, dtype, self.rope_scale)
+        window = self.args.sliding_window if self.args.sliding_window and k_len > self.args.sliding_window else None
+        if key_valid is None and window is None and (T == 1 or T == k_len):
+            return AttnContext(positions, None, T > 1, {"cos": cos, "sin": sin})
+        mask = build_mask(key_valid, T, k_len, window, device=positions.device)
+        return AttnContext(positions, mask, False, {"cos": cos, "sin": sin})
+
+    def embed(self, w: dict[str, torch.Tensor], input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, w["embed_tokens.weight"])  # (B, T, H)
+
+    def layer(self, i: int, w: dict[str, torch.Tensor], x: torch.Tensor, cache, ctx: AttnContext) -> torch.Tensor:
+        a = self.args
+        B, T, _ = x.shape
+        h = rms_norm(x, w["input_layernorm.weight"], a.rms_norm_eps)
+        q = F.linear(h, w["self_attn.q_proj.weight"], w.get("self_attn.q_proj.bias"))
+        k = F.linear(h, w["self_attn.k_proj.weight"], w.get("self_attn.k_proj.bias"))
+        v = F.linear(h, w["self_attn.v_proj.weight"], w.get("self_attn.v_proj.bias"))
+        q = q.view(B, T, a.num_attention_heads, a.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, a.num_key_value_heads, a.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = v.view(B, T, a.num_key_value_heads, a.head_dim).transpose(1, 2)
+        cos, sin = ctx.rope["cos"], ctx.rope["sin"]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v)  # (B, Hkv, S, D)
+        o = attention(q, k, v, ctx.mask, ctx.is_causal, a.head_dim**-0.5)
+        o = o.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*D)
+        x = x + F.linear(o, w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"))
+        h = rms_norm(x, w["post_attention_layernorm.weight"], a.rms_norm_eps)
+        gate = F.linear(h, w["mlp.gate_proj.weight"], w.get("mlp.gate_proj.bias"))
+        up = F.linear(h, w["mlp.up_proj.weight"], w.get("mlp.up_proj.bias"))
+        return x + F.linear(self.act(gate) * up, w["mlp.down_proj.weight"], w.get("mlp.down_proj.bias"))
+
+    def head(self, w: dict[str, torch.Tensor], x: torch.Tensor, embeddings: dict[str, torch.Tensor]) -> torch.Tensor:
+        h = rms_norm(x, w["norm.weight"], self.args.rms_norm_eps)
+        lm = w.get("lm_head.weight")
+        if lm is None:
+            lm = embeddings["embed_tokens.weight"]
+        return F.linear(h, lm)  # (B, T, vocab)

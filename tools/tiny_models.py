@@ -1,0 +1,112 @@
+"""Build tiny random-weight Hugging Face models from transformers config classes.
+
+Used by the tests (and handy for experiments): each spec gives a model_type and
+config overrides; the folder gets config.json, safetensors weights (single or
+sharded, in the requested dtype) and a small byte-level BPE tokenizer with a
+chat template, so generation from text works end to end.
+
+    python tools/tiny_models.py OUT_DIR [--spec llama_gqa ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+SPECS: dict[str, dict] = {
+    # GQA 4:2, untied embeddings
+    "llama_gqa": dict(model_type="llama", overrides=dict(num_key_value_heads=2, tie_word_embeddings=False)),
+    # tied embeddings, full MHA, sharded checkpoint
+    "llama_tied_sharded": dict(model_type="llama", overrides=dict(num_key_value_heads=4, tie_word_embeddings=True), shard=True),
+    # mistral with a sliding window shorter than the test contexts
+    "mistral": dict(model_type="mistral", overrides=dict(num_key_value_heads=1, sliding_window=16, tie_word_embeddings=False)),
+    # qwen2 with q/k/v bias, GQA 4:1... stored in bf16
+    "qwen2_bf16": dict(model_type="qwen2", overrides=dict(num_key_value_heads=2, tie_word_embeddings=True), dtype="bfloat16"),
+    "qwen2": dict(model_type="qwen2", overrides=dict(num_key_value_heads=2, tie_word_embeddings=False)),
+}
+
+BASE = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    vocab_size=320,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+)
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_tokenizer(out: Path, vocab_size: int) -> None:
+    """A byte-level BPE trained on a little English, padded to ``vocab_size`` entries."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    text = [
+        "The quick brown fox jumps over the lazy dog. Why is the sky blue? Because of Rayleigh scattering.",
+        "Hello world! Streaming layers from disk lets a small machine run a large model, one layer at a time.",
+        "def main():\n    print('hello')\n",
+        "0123456789 numbers and émojis ✓ unicode",
+    ] * 20
+    tok.train_from_iterator(text, trainer)
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": None,
+        "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>",
+        "chat_template": CHAT_TEMPLATE,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }, indent=1))
+
+
+def build(name: str, out: Path, seed: int = 0, tokenizer: bool = True) -> Path:
+    import torch
+    import transformers
+
+    spec = SPECS[name]
+    cfg_cls = transformers.AutoConfig.for_model(spec["model_type"]).__class__
+    kwargs = {**BASE, **spec.get("overrides", {})}
+    cfg = cfg_cls(**kwargs)
+    if tokenizer:
+        cfg.eos_token_id = 2  # <|im_end|> in build_tokenizer's vocabulary
+        cfg.bos_token_id = None
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
+    # Random init has tiny norms/biases; make every parameter matter.
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif n.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    dtype = getattr(torch, spec.get("dtype", "float32"))
+    model = model.to(dtype)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True, max_shard_size="60KB" if spec.get("shard") else "10GB")
+    if tokenizer:
+        build_tokenizer(out, kwargs["vocab_size"])
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", type=Path, help="folder to create one sub-folder per spec in")
+    ap.add_argument("--spec", action="append", choices=sorted(SPECS), help="which models (default: all)")
+    a = ap.parse_args()
+    for name in a.spec or sorted(SPECS):
+        print(build(name, a.out / name))
+
+
+if __name__ == "__main__":
+    main()
