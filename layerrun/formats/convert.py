@@ -88,6 +88,8 @@ class _Progress:
                 TransferSpeedColumn,
             )
 
+            from rich.console import Console
+
             self.bar = Progress(
                 TextColumn("[bold]{task.description}"),
                 BarColumn(),
@@ -95,6 +97,7 @@ class _Progress:
                 TransferSpeedColumn(),
                 TimeRemainingColumn(),
                 transient=False,
+                console=Console(stderr=True),
             )
             self.bar.start()
             self.task = self.bar.add_task(label, total=total)

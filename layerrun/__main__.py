@@ -1,0 +1,5 @@
+import sys
+
+from layerrun.cli import main
+
+sys.exit(main())

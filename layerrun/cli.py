@@ -1,0 +1,315 @@
+"""The ``layerrun`` command.
+
+Every user error prints one line (``error: ...``) and exits non-zero; pass
+``--debug`` for the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from layerrun import __version__
+from layerrun.errors import LayerRunError
+
+DEFAULT_MAX_NEW_TOKENS = 256
+EXIT_ERROR = 1
+EXIT_INVALID = 2
+
+
+def _err(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
+def _human_count(n: int) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+def _console():
+    from rich.console import Console
+
+    return Console()
+
+
+# ---- convert ------------------------------------------------------------------
+def cmd_convert(a) -> int:
+    from layerrun.formats.convert import convert
+
+    m = convert(
+        a.src, a.dst, dtype=a.dtype, force=a.force, progress=not a.quiet,
+        log=lambda s: print(s, file=sys.stderr),
+    )
+    print(
+        f"converted {a.src} -> {a.dst}: {m.model_type}, {m.num_layers} layers, {m.dtype}, "
+        f"{_human_bytes(m.total_bytes)} in {len(m.files)} files ({m.source.get('seconds', 0):.1f} s)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+# ---- inspect ------------------------------------------------------------------
+def cmd_inspect(a) -> int:
+    from layerrun.formats.inspect import inspect_path
+
+    info = inspect_path(a.path)
+    if a.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    from rich.table import Table
+
+    t = Table(title=f"{info.get('path', a.path)}", show_header=False, title_justify="left")
+    t.add_column("field", style="bold")
+    t.add_column("value")
+    skip = {"path", "tensor_check", "source", "tensor_types"}
+    for k, v in info.items():
+        if k in skip:
+            continue
+        if k.startswith("bytes") and isinstance(v, int):
+            v = f"{_human_bytes(v)} ({v:,} bytes)"
+        elif k == "bytes_per_layer" and isinstance(v, dict):
+            v = f"{_human_bytes(v['min'])}" + ("" if v["min"] == v["max"] else f" .. {_human_bytes(v['max'])}")
+        elif k == "parameters":
+            v = f"{_human_count(v)} ({v:,})"
+        elif isinstance(v, (list, dict)):
+            v = json.dumps(v) if v else "-"
+        t.add_row(k.replace("_", " "), str(v))
+    if "tensor_types" in info:
+        t.add_row("tensor types", ", ".join(f"{k}: {n}" for k, n in info["tensor_types"].items()))
+    check = info.get("tensor_check")
+    if check is not None:
+        ok = not any(check.values())
+        t.add_row("tensors", "all expected tensors present, shapes agree" if ok else "[red]problems (below)[/red]")
+    c = _console()
+    c.print(t)
+    if check:
+        for k in ("missing", "unexpected", "shape_mismatch"):
+            for item in check.get(k, [])[:50]:
+                c.print(f"  [red]{k}[/red] {item}", highlight=False)
+            if len(check.get(k, [])) > 50:
+                c.print(f"  … and {len(check[k]) - 50} more {k}")
+    return 0
+
+
+# ---- validate -----------------------------------------------------------------
+def cmd_validate(a) -> int:
+    from layerrun.formats.validate import validate_folder
+
+    problems = validate_folder(a.path, check_sha=not a.no_checksum)
+    if a.json:
+        print(json.dumps({"path": str(a.path), "ok": not problems, "problems": problems}, indent=2))
+    else:
+        for p in problems:
+            print(f"problem: {p}", file=sys.stderr)
+        if not problems:
+            print(f"{a.path}: OK (files, sizes{'' if a.no_checksum else ', sha256'} and tensor shapes)")
+        else:
+            print(f"{a.path}: {len(problems)} problem(s)", file=sys.stderr)
+    return 0 if not problems else EXIT_ERROR
+
+
+# ---- tokenize -----------------------------------------------------------------
+def cmd_tokenize(a) -> int:
+    from layerrun.engine.engine import resolve_model_path
+    from layerrun.engine.tokenizer import Tokenizer
+
+    tok = Tokenizer(resolve_model_path(a.model))
+    if a.chat:
+        text = tok.apply_chat_template([{"role": "user", "content": a.text}], add_generation_prompt=True)
+        ids = tok.encode(text, add_special_tokens=False)
+    else:
+        text = a.text
+        ids = tok.encode(text)
+    tokens = [tok.id_to_token(i) for i in ids]
+    decoded = tok.decode(ids, skip_special_tokens=False)
+    if a.json:
+        print(json.dumps({"text": text, "ids": ids, "tokens": tokens, "decoded": decoded,
+                          "round_trip": decoded == text}, ensure_ascii=False))
+        return 0
+    print(f"{len(ids)} tokens")
+    print("ids:    ", ids)
+    print("tokens: ", tokens)
+    print("decoded:", repr(decoded), "(round trip OK)" if decoded == text else "(differs from input)")
+    return 0
+
+
+# ---- generate -----------------------------------------------------------------
+def _resolve_generate_args(a) -> tuple[str, str]:
+    if len(a.args) == 1:
+        from layerrun.formats.store import DEFAULT_MODEL, ensure_default
+
+        ensure_default(log=lambda s: print(s, file=sys.stderr))
+        return DEFAULT_MODEL, a.args[0]
+    if len(a.args) == 2:
+        return a.args[0], a.args[1]
+    raise LayerRunError("usage: layerrun generate [MODEL] PROMPT (give at most a model and one prompt)")
+
+
+def cmd_generate(a) -> int:
+    import layerrun
+
+    model, prompt = _resolve_generate_args(a)
+    engine = layerrun.load(model, mode=a.mode, reader=a.reader, dtype=a.compute_dtype)
+    kwargs = dict(
+        max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+        seed=a.seed, stop=a.stop, chat=False if a.raw else None, system=a.system,
+    )
+    if a.json:
+        g = engine.generate(prompt, **kwargs)
+        print(json.dumps(g.to_dict(), ensure_ascii=False))
+        return 0
+    stats = None
+    for chunk in engine.stream(prompt, **kwargs):
+        if chunk.text:
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+        if chunk.finish_reason:
+            stats = chunk.stats
+            finish = chunk.finish_reason
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if stats is not None:
+        print(f"[{finish}] {stats.summary()}", file=sys.stderr)
+        for note in stats.notes:
+            print(f"note: {note}", file=sys.stderr)
+    return 0
+
+
+# ---- pull / list ----------------------------------------------------------------
+def cmd_pull(a) -> int:
+    from layerrun.formats.store import pull
+
+    path = pull(a.name, dtype=a.dtype, progress=not a.quiet, log=lambda s: print(s, file=sys.stderr))
+    print(path)
+    return 0
+
+
+def cmd_list(a) -> int:
+    from layerrun.formats.store import list_models
+
+    models = list_models()
+    if a.json:
+        print(json.dumps(models, indent=2, default=str))
+        return 0
+    if not models:
+        print("no local models; try `layerrun pull smollm2-135m-instruct`")
+        return 0
+    from rich.table import Table
+
+    t = Table()
+    for col in ("name", "size", "dtype", "format", "path"):
+        t.add_column(col)
+    for m in models:
+        t.add_row(m["name"], _human_bytes(m.get("size", 0)), str(m.get("dtype", "")), str(m.get("format", "")),
+                  str(m.get("path", "")))
+    _console().print(t)
+    return 0
+
+
+# ---- parser -------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="layerrun",
+        description="Run language models larger than your memory by streaming layers from disk.",
+    )
+    p.add_argument("--version", action="version", version=f"layerrun {__version__}")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    c = sub.add_parser("convert", help="convert a Hugging Face folder or GGUF file to the layered format")
+    c.add_argument("src", help="Hugging Face model folder (safetensors) or a .gguf file")
+    c.add_argument("dst", help="destination folder for the layered model")
+    c.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="storage dtype (auto: keep fp32/bf16; fp16 becomes bf16 because fp16 is very slow on CPUs)")
+    c.add_argument("--force", action="store_true", help="overwrite an existing or non-empty destination")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.set_defaults(fn=cmd_convert)
+
+    c = sub.add_parser("inspect", help="show architecture, sizes, dtypes and tensor checks of a model")
+    c.add_argument("path", help="a Hugging Face folder, a layered folder or a .gguf file")
+    c.add_argument("--json", action="store_true", help="print one JSON object")
+    c.set_defaults(fn=cmd_inspect)
+
+    c = sub.add_parser("validate", help="check a layered folder: files, sizes, sha256, shapes")
+    c.add_argument("path", help="layered model folder")
+    c.add_argument("--no-checksum", action="store_true", help="skip sha256 (faster)")
+    c.add_argument("--json", action="store_true", help="print one JSON object")
+    c.set_defaults(fn=cmd_validate)
+
+    c = sub.add_parser("tokenize", help="show token ids and tokens for a text")
+    c.add_argument("model", help="model folder or local model name")
+    c.add_argument("text", help="text to tokenize")
+    c.add_argument("--chat", action="store_true", help="apply the chat template (as a user message)")
+    c.add_argument("--json", action="store_true", help="print one JSON object")
+    c.set_defaults(fn=cmd_tokenize)
+
+    c = sub.add_parser("generate", help="generate text: layerrun generate [MODEL] PROMPT")
+    c.add_argument("args", nargs="+", metavar="[MODEL] PROMPT",
+                   help="model folder or local model name (default: the default model), then the prompt")
+    c.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="most tokens to generate")
+    c.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
+    c.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
+    c.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    c.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
+    c.add_argument("--stop", action="append", default=None, help="stop when this text appears (repeatable)")
+    c.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    c.add_argument("--system", default=None, help="system message (chat models)")
+    c.add_argument("--mode", default="stream", choices=["stream", "full"],
+                   help="stream: one layer in memory at a time; full: load every layer once")
+    c.add_argument("--reader", default="pread", choices=["pread", "direct", "mmap"], help="how layer files are read")
+    c.add_argument("--compute-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="compute dtype (default: the stored dtype; float16 is computed as float32 on CPU)")
+    c.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, finish_reason, stats")
+    c.set_defaults(fn=cmd_generate)
+
+    c = sub.add_parser("pull", help="fetch and convert a known model into the local store")
+    c.add_argument("name", help="model name (see `layerrun list --available`) or a Hugging Face repo id")
+    c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="storage dtype")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.set_defaults(fn=cmd_pull)
+
+    c = sub.add_parser("list", help="list local models")
+    c.add_argument("--json", action="store_true", help="print JSON")
+    c.set_defaults(fn=cmd_list)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    if not getattr(a, "fn", None):
+        parser.print_help()
+        return EXIT_INVALID
+    try:
+        return a.fn(a)
+    except LayerRunError as e:
+        if a.debug:
+            raise
+        _err(str(e))
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+    except BrokenPipeError:
+        return EXIT_ERROR
+    except Exception as e:  # a bug, not bad input: still one line unless --debug
+        if a.debug:
+            raise
+        _err(f"internal error: {type(e).__name__}: {e} (run with --debug for the traceback)")
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

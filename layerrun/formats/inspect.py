@@ -1,0 +1,168 @@
+"""`layerrun inspect`: what is in a Hugging Face folder, a layered folder or a GGUF file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from layerrun.errors import FormatError, LayerRunError
+from layerrun.formats.manifest import MANIFEST_NAME, Manifest, layer_file_name
+from layerrun.formats.source import split_name
+
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def _arch(config: dict) -> dict:
+    from layerrun.models import build_model
+
+    info = {"model_type": config.get("model_type")}
+    try:
+        a = build_model(config).args
+        info.update(
+            supported=True,
+            layers=a.num_hidden_layers,
+            hidden_size=a.hidden_size,
+            intermediate_size=a.intermediate_size,
+            heads=a.num_attention_heads,
+            kv_heads=a.num_key_value_heads,
+            head_dim=a.head_dim,
+            vocab_size=a.vocab_size,
+            context_length=a.max_position_embeddings,
+            tie_word_embeddings=a.tie_word_embeddings,
+            rope_theta=a.rope_theta,
+        )
+    except LayerRunError as e:
+        info.update(supported=False, error=str(e))
+    except (TypeError, ValueError, NotImplementedError) as e:
+        info.update(supported=False, error=f"config cannot be read: {e}")
+    return info
+
+
+def _tokenizer_info(folder: Path) -> dict:
+    tok = folder / "tokenizer.json"
+    cfg = folder / "tokenizer_config.json"
+    chat = (folder / "chat_template.jinja").is_file()
+    if cfg.is_file():
+        try:
+            chat = chat or bool(json.loads(cfg.read_text()).get("chat_template"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            pass
+    return {"tokenizer": tok.is_file(), "chat_template": chat}
+
+
+def _compare(expected: dict, have: dict[str, dict[str, tuple]], tie: bool, n_layers: int) -> dict:
+    """Missing and unexpected tensors, grouped file name -> tensor names."""
+    missing, unexpected, bad = [], [], []
+    groups = [("embeddings.safetensors", expected["embeddings"]), ("final.safetensors", expected["final"])]
+    groups += [(layer_file_name(i), expected["layer"]) for i in range(n_layers)]
+    for fname, want in groups:
+        got = have.get(fname, {})
+        missing += [f"{fname}:{n}" for n in sorted(set(want) - set(got))]
+        unexpected += [
+            f"{fname}:{n}" for n in sorted(set(got) - set(want))
+            if not (tie and n == "lm_head.weight") and not n.endswith("rotary_emb.inv_freq")
+        ]
+        bad += [
+            f"{fname}:{n} {list(got[n])} != {list(want[n])}"
+            for n in sorted(set(got) & set(want)) if tuple(got[n]) != tuple(want[n])
+        ]
+    return {"missing": missing, "unexpected": unexpected, "shape_mismatch": bad}
+
+
+def inspect_layered(folder: Path) -> dict:
+    from layerrun.models import build_model
+
+    m = Manifest.read(folder)
+    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    layer_bytes = [f.bytes for f in m.layers]
+    params = sum(_numel(t.shape) for f in m.files for t in f.tensors.values())
+    dtypes = sorted({t.dtype for f in m.files for t in f.tensors.values()})
+    info = {
+        "path": str(folder),
+        "format": f"layerrun layered v{m.format_version}",
+        **_arch(config),
+        "parameters": params,
+        "dtype": m.dtype,
+        "tensor_dtypes": dtypes,
+        "quantization": m.quantization,
+        "bytes_total": m.total_bytes,
+        "bytes_embeddings": m.embeddings.bytes,
+        "bytes_final": m.final.bytes,
+        "bytes_per_layer": {"min": min(layer_bytes, default=0), "max": max(layer_bytes, default=0)},
+        "files": len(m.files),
+        "source": m.source,
+        **_tokenizer_info(folder),
+    }
+    try:
+        exp = build_model(config).expected_tensors()
+        have = {f.name: {n: t.shape for n, t in f.tensors.items()} for f in m.files}
+        info["tensor_check"] = _compare(exp, have, m.tie_word_embeddings, m.num_layers)
+    except (LayerRunError, TypeError, ValueError, NotImplementedError):
+        pass
+    return info
+
+
+def inspect_hf(folder: Path) -> dict:
+    from safetensors import safe_open
+
+    from layerrun.formats.hf import find_weight_files, read_config
+    from layerrun.models import build_model
+
+    config = read_config(folder)
+    files = find_weight_files(folder)
+    have: dict[str, dict[str, tuple]] = {}
+    per_file_bytes: dict[str, int] = {}
+    dtypes: set[str] = set()
+    params = 0
+    for p in files:
+        with safe_open(str(p), framework="pt") as h:
+            for name in h.keys():
+                sl = h.get_slice(name)
+                shape, dt = tuple(sl.get_shape()), sl.get_dtype()
+                dtypes.add(dt)
+                n = _numel(shape)
+                params += n
+                kind, idx, short = split_name(name)
+                fname = layer_file_name(idx) if kind == "layer" else f"{kind}.safetensors"
+                have.setdefault(fname, {})[short] = shape
+                per_file_bytes[fname] = per_file_bytes.get(fname, 0) + n * DTYPE_BYTES.get(dt, 4)
+    layer_bytes = [v for k, v in per_file_bytes.items() if k.startswith("layer_")]
+    info = {
+        "path": str(folder),
+        "format": f"huggingface safetensors ({len(files)} file{'s' if len(files) > 1 else ''})",
+        **_arch(config),
+        "parameters": params,
+        "tensor_dtypes": sorted(dtypes),
+        "bytes_total": sum(per_file_bytes.values()),
+        "bytes_per_layer": {"min": min(layer_bytes, default=0), "max": max(layer_bytes, default=0)},
+        **_tokenizer_info(folder),
+    }
+    try:
+        model = build_model(config)
+        tie = bool(config.get("tie_word_embeddings", model.args.tie_word_embeddings))
+        info["tensor_check"] = _compare(model.expected_tensors(), have, tie, model.args.num_hidden_layers)
+    except (LayerRunError, TypeError, ValueError, NotImplementedError):
+        pass
+    return info
+
+
+def inspect_path(path: str | Path) -> dict:
+    p = Path(path)
+    if p.is_file() and p.suffix.lower() == ".gguf":
+        from layerrun.formats.gguf import inspect_gguf
+
+        return inspect_gguf(p)
+    if not p.exists():
+        raise FormatError(f"{p}: no such file or folder")
+    if p.is_dir() and (p / MANIFEST_NAME).is_file():
+        return inspect_layered(p)
+    if p.is_dir():
+        return inspect_hf(p)
+    raise FormatError(f"{p}: expected a model folder (Hugging Face or layered) or a .gguf file")
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
