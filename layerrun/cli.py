@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from layerrun import __version__
 from layerrun.errors import LayerRunError
@@ -161,7 +160,11 @@ def cmd_generate(a) -> int:
     import layerrun
 
     model, prompt = _resolve_generate_args(a)
-    engine = layerrun.load(model, mode=a.mode, reader=a.reader, dtype=a.compute_dtype)
+    with layerrun.load(model, mode=a.mode, reader=a.reader, dtype=a.compute_dtype) as engine:
+        return _generate(engine, prompt, a)
+
+
+def _generate(engine, prompt, a) -> int:
     kwargs = dict(
         max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
         seed=a.seed, stop=a.stop, chat=False if a.raw else None, system=a.system,

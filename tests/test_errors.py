@@ -24,7 +24,9 @@ def test_missing_layer_file(model_copy):
     (model_copy / "layer_001.safetensors").unlink()
     assert validate_folder(model_copy) == ["layer_001.safetensors: missing"]
     with pytest.raises(FormatError, match=r"layer_001.safetensors: layer file is missing; run `layerrun validate"):
-        layerrun.load(model_copy).logits([[1, 2, 3]])
+        layerrun.load(model_copy, mode="stream").logits([[1, 2, 3]])
+    with pytest.raises(FormatError, match=r"layer_001.safetensors: layer file is missing; run `layerrun validate"):
+        layerrun.load(model_copy, mode="full")
 
 
 def test_wrong_sha256(model_copy):
@@ -47,13 +49,18 @@ def test_truncated_layer_file(model_copy):
     assert validate_folder(model_copy) == [
         f"layer_000.safetensors: truncated: {full - 100} bytes, manifest says {full}"
     ]
-    eng = layerrun.load(model_copy)
-    with pytest.raises(FormatError) as e:
-        eng.logits([[1, 2, 3]])
-    assert str(e.value) == (
+    msg = (
         f"{model_copy / 'layer_000.safetensors'}: file is truncated ({full - 100} bytes, manifest says {full}); "
         "re-run `layerrun convert` to rebuild it"
     )
+    eng = layerrun.load(model_copy, mode="stream")  # streamed: found when the layer is read
+    with pytest.raises(FormatError) as e:
+        eng.logits([[1, 2, 3]])
+    assert str(e.value) == msg
+    eng.close()
+    with pytest.raises(FormatError) as e:  # resident: found at load
+        layerrun.load(model_copy, mode="full")
+    assert str(e.value) == msg
 
 
 def test_shape_mismatch_with_config(model_copy):

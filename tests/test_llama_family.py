@@ -47,13 +47,20 @@ def test_greedy_tokens_with_kv_cache_match(name, tiny_hf, tiny_layered):
     assert len(set(want)) > 1
 
 
-@pytest.mark.parametrize("mode", ["stream", "full"])
+@pytest.mark.parametrize("mode,prefetch", [("stream", 0), ("stream", 1), ("stream", 3), ("partial", 2), ("full", 2)])
 @pytest.mark.parametrize("reader", ["pread", "direct", "mmap"])
-def test_modes_and_readers_agree(mode, reader, tiny_layered):
+def test_modes_depths_and_readers_agree(mode, prefetch, reader, tiny_layered):
     path = tiny_layered("qwen2")
-    base = layerrun.load(path).generate([5, 9, 11, 40], max_new_tokens=12, ignore_eos=True).token_ids
-    eng = layerrun.load(path, mode=mode, reader=reader)
+    base = layerrun.load(path, mode="full").generate([5, 9, 11, 40], max_new_tokens=12, ignore_eos=True).token_ids
+    eng = layerrun.load(path, mode=mode, reader=reader, prefetch=prefetch)
+    assert eng.mode == mode
+    if mode == "partial":
+        assert 0 < len(eng.plan.resident) < 3
+    g = eng.generate([5, 9, 11, 40], max_new_tokens=12, ignore_eos=True)
+    assert g.token_ids == base
+    # a second request on the same engine reuses the running pipeline
     assert eng.generate([5, 9, 11, 40], max_new_tokens=12, ignore_eos=True).token_ids == base
+    eng.close()
 
 
 def test_batch_of_two_left_padded(tiny_hf, tiny_layered):
@@ -114,7 +121,7 @@ def test_chat_template_and_text_generation_match_transformers(tiny_hf, tiny_laye
 
 
 def test_stream_yields_pieces_that_join_to_generate_text(tiny_layered):
-    eng = layerrun.load(tiny_layered("llama_gqa"))
+    eng = layerrun.load(tiny_layered("llama_gqa"), mode="stream")
     chunks = list(eng.stream("Hello", max_new_tokens=10, chat=False, ignore_eos=True))
     assert chunks[-1].finish_reason == "length" and chunks[-1].stats.generated_tokens == 10
     assert [c.token_id for c in chunks[:-1]] == eng.generate("Hello", max_new_tokens=10, chat=False, ignore_eos=True).token_ids

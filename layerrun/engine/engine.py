@@ -8,6 +8,7 @@ arrive; ``Engine.generate`` collects them into a :class:`Generation`;
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -19,14 +20,27 @@ from layerrun.engine.kv_cache import KVCache
 from layerrun.engine.sampling import SamplingParams, make_sampler
 from layerrun.engine.telemetry import GenerationStats, peak_rss_bytes
 from layerrun.engine.tokenizer import StreamDecoder, Tokenizer
+from layerrun.engine.trace import TraceRecorder
 from layerrun.errors import FormatError, LayerRunError
 from layerrun.formats.convert import DTYPES
 from layerrun.formats.manifest import Manifest
-from layerrun.io.reader import FileReader, aligned_empty
+from layerrun.io.pipeline import LayerStream
+from layerrun.io.reader import FileReader
 from layerrun.models import build_model
 
-MODES = ("stream", "full")
 DEFAULT_MAX_NEW_TOKENS = 256
+DEFAULT_PREFETCH = 2
+DEFAULT_CONTEXT = 4096  # KV reservation when the caller does not say
+
+
+def _pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise LayerRunError("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
+    if device not in ("cpu", "cuda"):
+        raise LayerRunError(f"--device {device!r} is not one of: cpu, cuda, auto")
+    return torch.device(device)
 
 
 @dataclass
@@ -76,21 +90,34 @@ def resolve_model_path(path: str | Path) -> Path:
 class Engine:
     """A loaded layered model.
 
-    Options: ``mode`` ("stream": one layer at a time from disk; "full": every
-    layer loaded once and kept), ``reader`` ("pread", "direct", "mmap"),
-    ``dtype`` (compute dtype; default: the stored dtype, float16 -> float32 on
-    CPU), ``verify`` (check each file's sha256 before use).
+    Options (all keyword): ``mode`` ("auto" picks from free memory; "stream":
+    nothing resident; "partial": some layers resident; "full": all resident),
+    ``max_memory`` (bytes or "1.5GiB": a budget for the whole process),
+    ``prefetch`` (layers read ahead of compute), ``throttle`` (bytes/s or
+    "200MB/s", to simulate a slow disk), ``device`` ("cpu", "cuda", "auto"),
+    ``reader`` ("pread", "direct", "mmap"), ``dtype`` (compute dtype; default:
+    the stored dtype, float16 -> float32 on CPU), ``context`` and
+    ``batch_size`` (what the KV cache reservation is planned for), ``verify``
+    (check every file's sha256 first).
     """
 
     def __init__(
         self,
         path: str | Path,
-        mode: str = "stream",
+        mode: str = "auto",
+        max_memory: int | str | None = None,
+        prefetch: int = DEFAULT_PREFETCH,
+        throttle: float | str | None = None,
+        device: str = "auto",
         reader: str = "pread",
         dtype: str | None = None,
-        device: str = "cpu",
+        context: int | None = None,
+        batch_size: int = 1,
         verify: bool = False,
     ):
+        from layerrun.engine.governor import plan_memory
+        from layerrun.io.throttle import Throttle, parse_size
+
         self.path = resolve_model_path(path)
         self.manifest = Manifest.read(self.path)
         cfg_path = self.path / "config.json"
@@ -103,12 +130,7 @@ class Engine:
             raise FormatError(
                 f"{self.path}: manifest has {self.manifest.num_layers} layers, config.json says {self.args.num_hidden_layers}"
             )
-        if mode not in MODES:
-            raise LayerRunError(f"mode {mode!r} is not one of: {', '.join(MODES)}")
-        if device not in ("cpu", "auto"):
-            raise LayerRunError(f"device {device!r} is not supported yet (supported: cpu)")
-        self.device = torch.device("cpu")
-        self.mode = mode
+        self.device = _pick_device(device)
         stored = DTYPES.get(self.manifest.dtype, torch.float32)
         notes = []
         if dtype is None:
@@ -127,33 +149,52 @@ class Engine:
             problems = validate_folder(self.path, check_sha=True)
             if problems:
                 raise FormatError(f"{self.path}: " + "; ".join(problems))
+        budget = parse_size(max_memory, "--max-memory") if max_memory is not None else None
+        self.throttle = Throttle(parse_size(throttle, "--throttle")) if throttle else None
+        self.context = int(context or min(self.args.max_position_embeddings, DEFAULT_CONTEXT))
+        cast_factor = self.dtype.itemsize / stored.itemsize if self.dtype != stored else 1.0
+        self.plan = plan_memory(
+            self.manifest, self.args, mode=mode, max_memory=budget, prefetch=prefetch, batch=batch_size,
+            context=self.context, device=self.device.type, elem_bytes=self.dtype.itemsize, cast_factor=cast_factor,
+        )
+        self.mode = self.plan.mode
+        self.reader_backend = reader
         self.reader = FileReader(self.path, reader)
         self._tokenizer: Tokenizer | None = None
-        self._tok_error: Exception | None = None
+        self.trace = TraceRecorder()
+        self._lock = threading.RLock()
 
-        # Embeddings and final norm/head are small next to the layers and used every step.
+        # Embeddings and final norm/head are used every step and stay resident.
         self.embeddings = self._load_resident(self.manifest.embeddings)
         self.final = self._load_resident(self.manifest.final)
         self._resident: dict[int, dict[str, torch.Tensor]] = {}
-        self._slot = aligned_empty(self.manifest.max_layer_bytes)
-        if mode == "full":
-            for i in range(self.manifest.num_layers):
-                self._resident[i] = self._load_resident(self.manifest.layer(i))
+        for i in self.plan.resident:
+            self._resident[i] = self._load_resident(self.manifest.layer(i))
+        self._stream: LayerStream | None = None
+        self._open_stream()
+
+    def _open_stream(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+        self._stream = None
+        if self.plan.streamed:
+            self._stream = LayerStream(
+                self.path, [self.manifest.layer(i) for i in self.plan.streamed], depth=self.plan.prefetch,
+                backend=self.reader_backend, throttle=self.throttle, device=self.device,
+                prepare=lambda w: self.model.sanitize(self._cast(w)), clock_origin=self.trace.origin,
+            )
 
     # ---- weights ---------------------------------------------------------
     def _cast(self, w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: (v.to(self.dtype) if v.is_floating_point() and v.dtype != self.dtype else v) for k, v in w.items()}
 
     def _load_resident(self, entry) -> dict[str, torch.Tensor]:
-        w, _ = self.reader.read(entry)
-        return self.model.sanitize(self._cast(w))
-
-    def _layer_weights(self, i: int, stats: GenerationStats) -> dict[str, torch.Tensor]:
-        if i in self._resident:
-            return self._resident[i]
-        w, rs = self.reader.read(self.manifest.layer(i), self._slot)
-        stats.bytes_read += rs.bytes
-        stats.read_s += rs.end - rs.start
+        t0 = time.perf_counter()
+        w, rs = self.reader.read(entry)
+        if self.throttle:
+            self.throttle.wait(rs.bytes, t0)
+        w = {k: v.to(self.device) for k, v in w.items()} if self.device.type != "cpu" else w
+        self.trace.read(entry.layer if entry.layer is not None else -1, entry.name, t0, time.perf_counter(), rs.bytes, resident=True)
         return self.model.sanitize(self._cast(w))
 
     @property
@@ -174,18 +215,53 @@ class Engine:
         last_only: bool,
     ) -> torch.Tensor:
         past = cache.length if cache is not None else 0
+        ids, positions = ids.to(self.device), positions.to(self.device)
+        if key_valid is not None:
+            key_valid = key_valid.to(self.device)
+        step_t0 = time.perf_counter()
         x = self.model.embed(self.embeddings, ids)
         ctx = self.model.prepare(positions, key_valid, past + ids.shape[1], self.dtype)
-        for i in range(self.args.num_hidden_layers):
-            w = self._layer_weights(i, stats)
-            t0 = time.perf_counter()
-            x = self.model.layer(i, w, x, cache[i] if cache is not None else None, ctx)
-            stats.compute_s += time.perf_counter() - t0
+        stream = self._stream
+        try:
+            for i in range(self.args.num_hidden_layers):
+                staged = None
+                if i in self._resident:
+                    w = self._resident[i]
+                else:
+                    t_wait = time.perf_counter()
+                    staged = stream.next()
+                    stall = time.perf_counter() - t_wait
+                    if staged.layer != i:  # the cyclic schedule lost sync: a bug, not bad input
+                        raise RuntimeError(f"pipeline delivered layer {staged.layer}, expected {i}")
+                    w = staged.weights
+                    rec = staged.record
+                    stats.bytes_read += rec.bytes
+                    stats.read_s += rec.end - rec.start
+                    stats.stall_s += stall
+                    self.trace.read(i, f"layer_{i:03d}", rec.start, rec.end, rec.bytes)
+                    if stall > 1e-4:
+                        self.trace.stall(i, t_wait, t_wait + stall)
+                t0 = time.perf_counter()
+                x = self.model.layer(i, w, x, cache[i] if cache is not None else None, ctx)
+                if self.device.type == "cuda":
+                    torch.cuda.current_stream(self.device).synchronize()
+                t1 = time.perf_counter()
+                stats.compute_s += t1 - t0
+                stats.layer_compute_s[i] = stats.layer_compute_s.get(i, 0.0) + (t1 - t0)
+                self.trace.compute(i, t0, t1)
+                if staged is not None:
+                    stream.release(staged)
+        except BaseException:
+            # A pass that stops midway leaves the cyclic prefetch out of step: start it afresh.
+            self._open_stream()
+            raise
         if last_only:
             x = x[:, -1:]
         t0 = time.perf_counter()
         out = self.model.head(self.final, x, self.embeddings).float()
         stats.compute_s += time.perf_counter() - t0
+        stats.steps += 1
+        stats.step_s += time.perf_counter() - step_t0
         return out
 
     def logits(self, input_ids, attention_mask=None) -> torch.Tensor:
@@ -200,7 +276,8 @@ class Engine:
         else:
             key_valid = torch.as_tensor(attention_mask).bool()
             positions = (key_valid.long().cumsum(-1) - 1).clamp(min=0)
-        return self._forward(ids, None, positions, key_valid, GenerationStats(), last_only=False)
+        with self._lock:
+            return self._forward(ids, None, positions, key_valid, self._new_stats(ids.shape[1]), last_only=False)
 
     def _check_ids(self, ids: torch.Tensor) -> None:
         if ids.numel() and (ids.min() < 0 or ids.max() >= self.args.vocab_size):
@@ -246,6 +323,12 @@ class Engine:
         ignore_eos: bool = False,
     ) -> Iterator[Chunk]:
         """Yield chunks as tokens are generated; the last chunk carries finish_reason and stats."""
+        with self._lock:  # one sequence at a time owns the layer schedule
+            yield from self._stream_locked(
+                prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, chat, system, ignore_eos
+            )
+
+    def _stream_locked(self, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, chat, system, ignore_eos):
         params = SamplingParams(temperature, top_k, top_p, seed)
         sampler = make_sampler(params)
         if max_new_tokens < 1:
@@ -264,10 +347,7 @@ class Engine:
         if not text_mode:
             eos = set() if ignore_eos else _config_eos(self.config)
 
-        stats = GenerationStats(
-            prompt_tokens=len(prompt_ids), mode=self.mode, reader=self.reader.backend,
-            device=str(self.device), dtype=str(self.dtype).replace("torch.", ""), notes=list(self.notes),
-        )
+        stats = self._new_stats(len(prompt_ids))
         cache = KVCache(self.args.num_hidden_layers)
         ids = torch.tensor([prompt_ids], dtype=torch.long)
         positions = torch.arange(len(prompt_ids))[None]
@@ -308,9 +388,7 @@ class Engine:
             if not _:
                 tail = held
         stats.decode_s = time.perf_counter() - t_decode
-        stats.peak_rss_bytes = peak_rss_bytes()
-        if self.reader.fallback_note and self.reader.fallback_note not in stats.notes:
-            stats.notes.append(self.reader.fallback_note)
+        self._finish_stats(stats)
         yield Chunk(tail, None, stats.generated_tokens, finish_reason=finish, stats=stats)
 
     def generate(self, prompt, **kwargs) -> Generation:
@@ -324,7 +402,72 @@ class Engine:
                 return Generation("".join(text), ids, c.finish_reason, c.stats)
         raise RuntimeError("stream ended without a final chunk")  # unreachable
 
+    def _new_stats(self, prompt_tokens: int) -> GenerationStats:
+        return GenerationStats(
+            prompt_tokens=prompt_tokens, mode=self.mode, reader=self.reader_backend, device=str(self.device),
+            dtype=str(self.dtype).replace("torch.", ""), notes=list(self.notes), prefetch=self.plan.prefetch,
+            resident_layers=len(self.plan.resident), streamed_layers=len(self.plan.streamed),
+            plan=list(self.plan.lines),
+        )
+
+    def _finish_stats(self, stats: GenerationStats) -> None:
+        stats.peak_rss_bytes = peak_rss_bytes()
+        if self.device.type == "cuda":
+            stats.peak_vram_bytes = torch.cuda.max_memory_allocated(self.device)
+        note = self._stream.reader.note if self._stream is not None else None
+        if note and note not in stats.notes:
+            stats.notes.append(note)
+        stats.direct_io = bool(self._stream is not None and self._stream.reader.backend == "direct")
+
+    async def astream(self, prompt, **kwargs):
+        """Async generator of chunks. Compute runs in its own thread, never on the caller's event loop."""
+        import asyncio
+        import threading
+
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        done = object()
+        cancelled = threading.Event()
+
+        def work():
+            try:
+                for chunk in self.stream(prompt, **kwargs):
+                    loop.call_soon_threadsafe(q.put_nowait, chunk)
+                    if cancelled.is_set():
+                        break
+            except BaseException as e:  # delivered to the awaiting side
+                loop.call_soon_threadsafe(q.put_nowait, e)
+            finally:
+                loop.call_soon_threadsafe(q.put_nowait, done)
+
+        t = threading.Thread(target=work, name="layerrun-engine", daemon=True)
+        t.start()
+        try:
+            while True:
+                item = await q.get()
+                if item is done:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            cancelled.set()
+            await loop.run_in_executor(None, t.join)
+
+    async def agenerate(self, prompt, **kwargs) -> Generation:
+        text, ids = [], []
+        async for c in self.astream(prompt, **kwargs):
+            text.append(c.text)
+            if c.token_id is not None:
+                ids.append(c.token_id)
+            if c.finish_reason:
+                return Generation("".join(text), ids, c.finish_reason, c.stats)
+        raise RuntimeError("stream ended without a final chunk")
+
     def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+            self._stream = None
         self.reader.close()
         self._resident.clear()
 

@@ -31,6 +31,16 @@ class GenerationStats:
     read_s: float = 0.0
     compute_s: float = 0.0
     peak_rss_bytes: int = 0
+    stall_s: float = 0.0
+    steps: int = 0
+    step_s: float = 0.0
+    layer_compute_s: dict = field(default_factory=dict)
+    peak_vram_bytes: int = 0
+    prefetch: int = 0
+    resident_layers: int = 0
+    streamed_layers: int = 0
+    direct_io: bool = False
+    plan: list[str] = field(default_factory=list)
     mode: str = "stream"
     reader: str = "pread"
     device: str = "cpu"
@@ -47,11 +57,24 @@ class GenerationStats:
     def read_gb_s(self) -> float:
         return self.bytes_read / self.read_s / 1e9 if self.read_s > 0 else 0.0
 
+    @property
+    def stall_pct(self) -> float:
+        return 100.0 * self.stall_s / self.step_s if self.step_s > 0 else 0.0
+
+    @property
+    def overlap_efficiency(self) -> float:
+        """Step time / max(sum of reads, sum of computes): 1.0 means I/O fully hidden behind compute (or vice versa)."""
+        bound = max(self.read_s, self.compute_s)
+        return self.step_s / bound if bound > 0 else 0.0
+
     def to_dict(self) -> dict:
         d = asdict(self)
+        d["stall_pct"] = round(self.stall_pct, 2)
+        d["overlap_efficiency"] = round(self.overlap_efficiency, 3)
+        d["layer_compute_s"] = {str(k): round(v, 5) for k, v in self.layer_compute_s.items()}
         d["decode_tokens_per_s"] = round(self.decode_tokens_per_s, 3)
         d["read_gb_s"] = round(self.read_gb_s, 3)
-        for k in ("prefill_s", "decode_s", "read_s", "compute_s"):
+        for k in ("prefill_s", "decode_s", "read_s", "compute_s", "stall_s", "step_s"):
             d[k] = round(d[k], 4)
         return d
 
@@ -60,5 +83,6 @@ class GenerationStats:
             f"prompt {self.prompt_tokens} tok | generated {self.generated_tokens} tok | "
             f"prefill {self.prefill_s:.2f} s | decode {self.decode_tokens_per_s:.2f} tok/s | "
             f"read {self.bytes_read / 1e9:.2f} GB at {self.read_gb_s:.2f} GB/s | "
-            f"peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB | {self.mode}/{self.reader}/{self.device}/{self.dtype}"
+            f"stall {self.stall_pct:.0f}% | peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB | "
+            f"{self.mode}/{self.reader}/{self.device}/{self.dtype}"
         )

@@ -22,8 +22,6 @@ from layerrun import __version__
 from layerrun.errors import FormatError, LayerRunError
 from layerrun.formats.aligned import write_aligned
 from layerrun.formats.manifest import (
-    KIND_EMBEDDINGS,
-    KIND_FINAL,
     KIND_LAYER,
     MANIFEST_NAME,
     FileEntry,
@@ -79,6 +77,7 @@ class _Progress:
     def __init__(self, total: int, enabled: bool, label: str):
         self.bar = None
         if enabled:
+            from rich.console import Console
             from rich.progress import (
                 BarColumn,
                 DownloadColumn,
@@ -87,8 +86,6 @@ class _Progress:
                 TimeRemainingColumn,
                 TransferSpeedColumn,
             )
-
-            from rich.console import Console
 
             self.bar = Progress(
                 TextColumn("[bold]{task.description}"),

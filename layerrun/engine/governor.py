@@ -1,0 +1,159 @@
+"""The memory governor: which layers stay resident, how deep to prefetch, and why.
+
+It measures free memory (psutil for RAM, ``torch.cuda.mem_get_info`` for
+VRAM), applies ``--max-memory``, reserves the KV cache for batch x context,
+activations and workspace, and picks the fastest mode that fits:
+``full`` (every layer resident) > ``partial`` (K layers resident, the rest
+streamed) > ``stream`` (nothing resident; a ring of prefetch+1 slots). If even
+the ring and the KV cache do not fit, it refuses and says what would fit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import psutil
+
+from layerrun.errors import LayerRunError
+from layerrun.formats.manifest import Manifest
+
+MODES = ("auto", "stream", "partial", "full")
+RAM_SAFETY = 256 * 2**20  # left for the OS and allocator slack when no budget is given
+GiB = 2**30
+MiB = 2**20
+
+
+def fmt(n: float) -> str:
+    return f"{n / GiB:.2f} GiB" if abs(n) >= GiB else f"{n / MiB:.1f} MiB"
+
+
+@dataclass
+class Plan:
+    mode: str
+    resident: list[int]
+    streamed: list[int]
+    prefetch: int
+    kv_location: str
+    budget: int
+    need: int
+    lines: list[str] = field(default_factory=list)
+
+    def explain(self) -> str:
+        return "\n".join(self.lines)
+
+
+def kv_bytes(args, batch: int, context: int, elem: int) -> int:
+    return 2 * args.num_hidden_layers * batch * context * args.num_key_value_heads * args.head_dim * elem
+
+
+def workspace_bytes(args, batch: int, context: int, elem: int) -> int:
+    """Activations of the widest step (prefill of the whole context) plus logits, with slack for temporaries."""
+    width = max(args.hidden_size, args.intermediate_size, args.num_attention_heads * args.head_dim)
+    act = 4 * batch * context * width * elem  # a few live (B, T, width) tensors
+    attn = batch * args.num_attention_heads * min(context, 2048) * context * 4 // 4  # SDPA works in blocks
+    logits = 2 * batch * args.vocab_size * 4
+    return act + attn + logits + 64 * MiB
+
+
+def plan_memory(
+    manifest: Manifest,
+    args,
+    mode: str = "auto",
+    max_memory: int | None = None,
+    prefetch: int = 2,
+    batch: int = 1,
+    context: int = 2048,
+    device: str = "cpu",
+    elem_bytes: int = 4,
+    cast_factor: float = 1.0,
+    baseline: int | None = None,
+) -> Plan:
+    if mode not in MODES:
+        raise LayerRunError(f"--mode {mode!r} is not one of: {', '.join(MODES)}")
+    if prefetch < 0:
+        raise LayerRunError(f"--prefetch must be >= 0, got {prefetch}")
+    layer_bytes = [int((f.bytes - f.data_start) * cast_factor) for f in manifest.layers]
+    max_layer = max(layer_bytes, default=0)
+    fixed = int((manifest.embeddings.bytes + manifest.final.bytes) * cast_factor)
+    kv = kv_bytes(args, batch, context, elem_bytes)
+    work = workspace_bytes(args, batch, context, elem_bytes)
+    proc = psutil.Process()
+    base = proc.memory_info().rss if baseline is None else baseline
+    lines = []
+    if device == "cuda":
+        import torch
+
+        free_dev, total_dev = torch.cuda.mem_get_info()
+        avail = free_dev
+        lines.append(f"VRAM free {fmt(free_dev)} of {fmt(total_dev)}")
+    else:
+        vm = psutil.virtual_memory()
+        avail = vm.available - RAM_SAFETY
+        lines.append(f"RAM available {fmt(vm.available)} of {fmt(vm.total)} (minus {fmt(RAM_SAFETY)} safety)")
+    budget = avail
+    if max_memory is not None:
+        # The budget covers the whole process: what it already uses counts against it.
+        budget = min(avail, max_memory - base)
+        lines.append(f"--max-memory {fmt(max_memory)} minus process already resident {fmt(base)} = {fmt(max_memory - base)}")
+    lines.append(f"budget for the model: {fmt(budget)}")
+    lines.append(
+        f"needs: embeddings+final {fmt(fixed)}, KV cache {fmt(kv)} (batch {batch} x context {context}), "
+        f"workspace {fmt(work)}, layers {len(layer_bytes)} x {fmt(max_layer)} = {fmt(sum(layer_bytes))}"
+    )
+    always = fixed + kv + work
+    all_layers = sum(layer_bytes)
+    L = len(layer_bytes)
+
+    def ring(depth):
+        return (depth + 1) * max_layer
+
+    full_need = always + all_layers
+    if mode == "full" or (mode == "auto" and full_need <= budget):
+        if mode == "full" and full_need > budget:
+            lines.append(f"warning: full mode needs {fmt(full_need)}, over the budget {fmt(budget)}")
+        lines.append(f"mode full: {fmt(always)} + all layers {fmt(all_layers)} = {fmt(full_need)} <= {fmt(budget)}")
+        return Plan("full", list(range(L)), [], 0, device, budget, full_need, lines)
+
+    depth = prefetch
+    stream_need = always + ring(depth)
+    while depth > 0 and stream_need > budget and mode in ("auto", "stream", "partial"):
+        depth -= 1
+        stream_need = always + ring(depth)
+    if stream_need > budget:
+        # Say what would fit.
+        short = []
+        per_tok = kv // max(context, 1)
+        spare = budget - (fixed + work + ring(0))
+        if per_tok and spare > 0:
+            short.append(f"a context of at most {max(0, spare // per_tok)} tokens")
+        if batch > 1:
+            short.append("batch size 1")
+        short.append(f"a budget of at least {fmt(base + always + ring(0))}")
+        short.append("quantized weights (smaller layers)")
+        raise LayerRunError(
+            f"the model cannot run in {fmt(budget)}: the ring of one {fmt(max_layer)} slot plus KV cache "
+            f"{fmt(kv)}, embeddings {fmt(fixed)} and workspace {fmt(work)} need {fmt(always + ring(0))}. "
+            f"Would fit: {'; or '.join(short)}"
+        )
+    if depth < prefetch:
+        lines.append(f"prefetch lowered from {prefetch} to {depth} to fit the budget")
+    if mode == "stream":
+        lines.append(f"mode stream: {fmt(always)} + ring {depth + 1} x {fmt(max_layer)} = {fmt(stream_need)}")
+        return Plan("stream", [], list(range(L)), depth, device, budget, stream_need, lines)
+    spare = budget - stream_need
+    k = 0
+    acc = 0
+    for b in layer_bytes:
+        if acc + b > spare:
+            break
+        acc += b
+        k += 1
+    k = min(k, L - 1)
+    if k == 0:
+        lines.append(f"mode stream: no room for resident layers ({fmt(spare)} spare); ring {depth + 1} x {fmt(max_layer)}")
+        return Plan("stream", [], list(range(L)), depth, device, budget, stream_need, lines)
+    lines.append(
+        f"mode partial: {k} of {L} layers resident ({fmt(acc)}), {L - k} streamed through a ring of "
+        f"{depth + 1} x {fmt(max_layer)}; total {fmt(stream_need + acc)}"
+    )
+    return Plan("partial", list(range(k)), list(range(k, L)), depth, device, budget, stream_need + acc, lines)

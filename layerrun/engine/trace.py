@@ -1,0 +1,51 @@
+"""A Chrome/Perfetto trace of the pipeline: reads, stalls and compute per layer.
+
+Open the JSON written by ``--trace FILE`` at ui.perfetto.dev or chrome://tracing.
+Reads appear on the "io" track, compute and stalls on the "compute" track.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+MAX_EVENTS = 2_000_000  # a cap so a long session cannot grow without bound
+
+
+class TraceRecorder:
+    def __init__(self):
+        self.origin = time.perf_counter()
+        self.events: list[dict] = []
+        self._lock = threading.Lock()
+
+    def _add(self, name: str, cat: str, tid: int, t0: float, t1: float, args: dict | None = None) -> None:
+        if len(self.events) >= MAX_EVENTS:
+            return
+        ev = {"name": name, "cat": cat, "ph": "X", "pid": 1, "tid": tid,
+              "ts": round((t0 - self.origin) * 1e6, 1), "dur": round(max(t1 - t0, 0) * 1e6, 1)}
+        if args:
+            ev["args"] = args
+        with self._lock:
+            self.events.append(ev)
+
+    def read(self, layer: int, name: str, t0: float, t1: float, nbytes: int, resident: bool = False) -> None:
+        self._add(f"read {name}", "io", 2, t0, t1, {"layer": layer, "bytes": nbytes, "resident": resident,
+                                                    "GB/s": round(nbytes / max(t1 - t0, 1e-9) / 1e9, 3)})
+
+    def compute(self, layer: int, t0: float, t1: float) -> None:
+        self._add(f"layer {layer}", "compute", 1, t0, t1, {"layer": layer})
+
+    def stall(self, layer: int, t0: float, t1: float) -> None:
+        self._add(f"stall before layer {layer}", "stall", 1, t0, t1, {"layer": layer})
+
+    def write(self, path: str | Path) -> None:
+        meta = [
+            {"name": "thread_name", "ph": "M", "pid": 1, "tid": 1, "args": {"name": "compute"}},
+            {"name": "thread_name", "ph": "M", "pid": 1, "tid": 2, "args": {"name": "io"}},
+            {"name": "process_name", "ph": "M", "pid": 1, "args": {"name": "layerrun"}},
+        ]
+        with self._lock:
+            events = list(self.events)
+        Path(path).write_text(json.dumps({"traceEvents": meta + events, "displayTimeUnit": "ms"}))

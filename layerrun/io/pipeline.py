@@ -1,0 +1,357 @@
+"""The prefetch pipeline: the next N layers load while the current one computes.
+
+Layers are consumed in a fixed cyclic order (layer 0..L-1 of one forward pass,
+then layer 0 of the next), so the pipeline treats them as one endless sequence
+and keeps ``depth`` of them in flight ahead of compute. It owns a ring of
+``depth + 1`` aligned host buffers (slots) allocated once: one for the layer
+being computed, ``depth`` being filled. A slot is handed back by
+:meth:`LayerStream.release` and immediately refilled with the next layer.
+
+The schedule runs as an asyncio task on the pipeline's own event loop thread
+(uvloop when installed), so it never runs on an application's loop; blocking
+``preadv`` calls run in a thread pool, several per layer so deep device queues
+stay busy. The compute thread waits on plain ``concurrent.futures`` futures.
+
+On CUDA, slots are pinned and each staged layer is copied to device buffers
+with ``non_blocking`` copies on a dedicated stream; compute waits on the copy's
+event, and the host slot returns to the ring once that event has completed.
+On CPU there is no copy: tensors are views of the slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures as cf
+import os
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+
+from layerrun.errors import FormatError
+from layerrun.formats.aligned import ALIGN
+from layerrun.formats.manifest import FileEntry
+from layerrun.io.reader import FileReader, aligned_empty, views
+from layerrun.io.throttle import Throttle
+
+IO_CHUNK = 16 * 1024 * 1024  # bytes per preadv; a layer is split into several concurrent reads
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+
+        return uvloop.new_event_loop()
+    except ImportError:
+        return asyncio.new_event_loop()
+
+
+@dataclass
+class ReadRecord:
+    layer: int
+    bytes: int
+    start: float
+    end: float
+    copy_s: float = 0.0
+
+
+@dataclass
+class StagedLayer:
+    layer: int
+    weights: dict[str, torch.Tensor]
+    slot: int
+    record: ReadRecord
+    seq: int
+    event: object | None = None  # CUDA event the copy recorded
+
+
+@dataclass
+class PipelineStats:
+    reads: list[ReadRecord] = field(default_factory=list)
+    stall_s: float = 0.0
+    direct: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+class ChunkedReader:
+    """Reads one layer file's data region into a slot with several concurrent preadv calls."""
+
+    def __init__(self, folder, backend: str, throttle: Throttle | None, pool: cf.ThreadPoolExecutor):
+        self.folder = folder
+        self.backend = backend
+        self.throttle = throttle
+        self.pool = pool
+        self.note: str | None = None
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def _fd(self, entry: FileEntry) -> int:
+        with self._lock:
+            fd = self._fds.get(entry.name)
+            if fd is not None:
+                return fd
+            path = self.folder / entry.name
+            flags = os.O_RDONLY
+            if self.backend == "direct" and hasattr(os, "O_DIRECT"):
+                try:
+                    fd = os.open(path, flags | os.O_DIRECT)
+                except FileNotFoundError:
+                    raise FormatError(f"{path}: layer file is missing; run `layerrun validate {self.folder}`") from None
+                except OSError as e:
+                    self.note = f"O_DIRECT unavailable on this filesystem ({e.strerror}); fell back to pread"
+                    self.backend = "pread"
+            if fd is None:
+                try:
+                    fd = os.open(path, flags)
+                except FileNotFoundError:
+                    raise FormatError(f"{path}: layer file is missing; run `layerrun validate {self.folder}`") from None
+            size = os.fstat(fd).st_size
+            if size != entry.bytes:
+                os.close(fd)
+                what = "truncated" if size < entry.bytes else "longer than expected"
+                raise FormatError(
+                    f"{path}: file is {what} ({size} bytes, manifest says {entry.bytes}); "
+                    "re-run `layerrun convert` to rebuild it"
+                )
+            self._fds[entry.name] = fd
+            return fd
+
+    def _read_range(self, fd: int, arr: memoryview, file_off: int, length: int, limit: int) -> int:
+        t0 = time.perf_counter()
+        pos = 0
+        while pos < limit:
+            got = os.preadv(fd, [arr[pos:length]], file_off + pos)
+            if got <= 0:
+                raise FormatError(f"unexpected end of file at byte {file_off + pos}")
+            pos += got
+        if self.throttle:
+            self.throttle.wait(limit, t0)
+        return pos
+
+    def read(self, entry: FileEntry, buf: torch.Tensor) -> int:
+        """Read the data region of ``entry`` into ``buf`` (blocking; uses the pool for chunks)."""
+        fd = self._fd(entry)
+        base = entry.data_start
+        n = entry.bytes - base
+        direct = self.backend == "direct"
+        arr = memoryview(buf.numpy())
+        futs = []
+        for off in range(0, n, IO_CHUNK):
+            want = min(IO_CHUNK, n - off)
+            length = ((want + ALIGN - 1) // ALIGN) * ALIGN if direct else want  # O_DIRECT: whole blocks
+            length = min(length, buf.numel() - off)
+            futs.append(self.pool.submit(self._read_range, fd, arr[off : off + length], base + off, length, want))
+        for f in futs:
+            f.result()
+        return n
+
+    def drop_cache(self, entry: FileEntry) -> None:
+        """Evict the file from the page cache (for cold-read benchmarks)."""
+        fd = self._fd(entry)
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+
+class LayerStream:
+    """Streams ``entries`` (in order, cyclically) through a ring of ``depth + 1`` slots."""
+
+    def __init__(
+        self,
+        folder,
+        entries: list[FileEntry],
+        depth: int = 2,
+        backend: str = "pread",
+        throttle: Throttle | None = None,
+        device: torch.device | None = None,
+        prepare=None,
+        io_threads: int | None = None,
+        clock_origin: float | None = None,
+    ):
+        self.entries = entries
+        self.depth = max(0, int(depth))
+        self.device = device or torch.device("cpu")
+        self.cuda = self.device.type == "cuda"
+        self.prepare = prepare or (lambda w: w)
+        self.stats = PipelineStats()
+        self.origin = clock_origin if clock_origin is not None else time.perf_counter()
+        slot_bytes = max(e.bytes - e.data_start for e in entries) if entries else 0
+        n_slots = self.depth + 1
+        self.slot_bytes = slot_bytes
+        if backend == "mmap" and not self.cuda:
+            self.slots = [torch.empty(0, dtype=torch.uint8) for _ in range(n_slots)]  # views of the mapping instead
+        else:
+            self.slots = [aligned_empty(slot_bytes, pin=self.cuda) for _ in range(n_slots)]
+        self.pool = cf.ThreadPoolExecutor(max_workers=io_threads or max(4, 2 * n_slots), thread_name_prefix="layerrun-io")
+        self.reader = ChunkedReader(folder, backend, throttle, self.pool)
+        self.stats.direct = backend == "direct"
+        if self.cuda:
+            self.copy_stream = torch.cuda.Stream(device=self.device)
+            self.dev_slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=self.device) for _ in range(n_slots)]
+        self._results: dict[int, cf.Future] = {}
+        self._flock = threading.Lock()
+        self.backend = backend
+        self._mmap_reader = FileReader(folder, "mmap") if backend == "mmap" else None
+        self._next_consume = 0
+        self._closed = False
+        self._loop = None
+        if self.depth > 0 and entries:
+            self._loop = new_event_loop()
+            self._free: asyncio.Queue | None = None
+            self._ready = threading.Event()
+            self._thread = threading.Thread(target=self._run_loop, name="layerrun-pipeline", daemon=True)
+            self._thread.start()
+            self._ready.wait()
+        _LIVE.add(self)
+
+    # ---- the asyncio side -------------------------------------------------
+    def _run_loop(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._free = asyncio.Queue()
+        for i in range(len(self.slots)):
+            self._free.put_nowait(i)
+        self._task = self._loop.create_task(self._schedule())
+        self._ready.set()
+        try:
+            self._loop.run_until_complete(self._task)
+        except asyncio.CancelledError:
+            pass
+        finally:
+            self._loop.close()
+
+    def _future(self, seq: int) -> cf.Future:
+        with self._flock:
+            f = self._results.get(seq)
+            if f is None:
+                f = self._results[seq] = cf.Future()
+            return f
+
+    async def _schedule(self) -> None:
+        loop = asyncio.get_running_loop()
+        seq = 0
+        while not self._closed:
+            slot = await self._free.get()
+            if self._closed:
+                break
+            fut = self._future(seq)
+            entry = self.entries[seq % len(self.entries)]
+            try:
+                task = loop.run_in_executor(self.pool, self._stage, seq, entry, slot)
+            except RuntimeError:  # the pool was shut down (close() or interpreter exit)
+                break
+            task.add_done_callback(lambda t, f=fut: _settle(f, t))
+            seq += 1
+
+    # ---- staging (runs in an I/O thread) ----------------------------------
+    def _stage(self, seq: int, entry: FileEntry, slot: int) -> StagedLayer:
+        t0 = time.perf_counter()
+        if self._mmap_reader is not None and not self.cuda:
+            # mmap: no slot, tensors view the mapping; touching the pages now faults them in ahead of compute.
+            w, rs = self._mmap_reader.read(entry)
+            mm = self._mmap_reader._maps[entry.name][0]
+            if hasattr(mm, "madvise"):
+                import mmap as _mmap
+
+                mm.madvise(_mmap.MADV_WILLNEED)
+            rec = ReadRecord(entry.layer if entry.layer is not None else -1, rs.bytes, t0, time.perf_counter())
+            return StagedLayer(rec.layer, self.prepare(w), slot, rec, seq, None)
+        n = self.reader.read(entry, self.slots[slot])
+        t1 = time.perf_counter()
+        rec = ReadRecord(entry.layer if entry.layer is not None else -1, n, t0, t1)
+        base = entry.data_start
+        event = None
+        if self.cuda:
+            with torch.cuda.stream(self.copy_stream):
+                self.dev_slots[slot][:n].copy_(self.slots[slot][:n], non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(self.copy_stream)
+            w = views(entry, self.dev_slots[slot], base)
+            rec.copy_s = 0.0  # measured by the consumer when it waits on the event
+        else:
+            w = views(entry, self.slots[slot], base)
+        return StagedLayer(rec.layer, self.prepare(w), slot, rec, seq, event)
+
+    # ---- the compute side ---------------------------------------------------
+    def next(self) -> StagedLayer:
+        """The next layer in sequence, waiting for its read if needed (the wait is counted as stall)."""
+        seq = self._next_consume
+        self._next_consume += 1
+        t0 = time.perf_counter()
+        if self._loop is None:  # depth 0: read synchronously into the single slot
+            staged = self._stage(seq, self.entries[seq % len(self.entries)], 0)
+        else:
+            staged = self._future(seq).result()
+            self._results.pop(seq, None)
+        if staged.event is not None:
+            tc = time.perf_counter()
+            torch.cuda.current_stream(self.device).wait_event(staged.event)
+            staged.record.copy_s = time.perf_counter() - tc
+        wait = time.perf_counter() - t0
+        if self._loop is not None:
+            self.stats.stall_s += wait
+        else:
+            self.stats.stall_s += wait  # no overlap at depth 0: every read is a stall
+        self.stats.reads.append(staged.record)
+        return staged
+
+    def release(self, staged: StagedLayer) -> None:
+        """Hand the slot back; the pipeline refills it with the next layer at once."""
+        if self._loop is None:
+            return
+        if staged.event is not None:
+            # The device copy must finish before the host slot is overwritten; the
+            # device slot is reused only after compute on it was queued, and the
+            # copy stream waits for the compute stream below.
+            staged.event.synchronize()
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+        self._loop.call_soon_threadsafe(self._free.put_nowait, staged.slot)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._loop is not None:
+            def stop():
+                self._task.cancel()
+            try:
+                self._loop.call_soon_threadsafe(stop)
+            except RuntimeError:
+                pass
+            self._thread.join(timeout=5)
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.reader.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown
+            pass
+
+
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    # Stop prefetching before the interpreter tears down thread pools.
+    for s in list(_LIVE):
+        s.close()
+
+
+def _settle(fut: cf.Future, task: asyncio.Future) -> None:
+    if fut.done():
+        return
+    if task.cancelled():
+        fut.cancel()
+    elif task.exception() is not None:
+        fut.set_exception(task.exception())
+    else:
+        fut.set_result(task.result())
