@@ -24,6 +24,44 @@ SPECS: dict[str, dict] = {
     # qwen2 with q/k/v bias, GQA 4:1... stored in bf16
     "qwen2_bf16": dict(model_type="qwen2", overrides=dict(num_key_value_heads=2, tie_word_embeddings=True), dtype="bfloat16"),
     "qwen2": dict(model_type="qwen2", overrides=dict(num_key_value_heads=2, tie_word_embeddings=False)),
+    # ---- families beyond Llama (tests/test_families.py) ----
+    # gemma: head_dim 24 != 64/4, full MHA, tied, odd vocab
+    "gemma": dict(model_type="gemma", overrides=dict(num_key_value_heads=4, head_dim=24, vocab_size=321)),
+    # gemma2: GQA 6:2 (ratio 3), head_dim 16 != 48/6, even/odd sliding rule, window 8, caps that bite
+    "gemma2": dict(model_type="gemma2", overrides=dict(
+        hidden_size=48, num_attention_heads=6, num_key_value_heads=2, head_dim=16, num_hidden_layers=4, sliding_window=8,
+        query_pre_attn_scalar=20, attn_logit_softcapping=2.0, final_logit_softcapping=4.0)),
+    # gemma2: explicit layer_types, MQA (4:1), untied, odd vocab, window 5
+    "gemma2_layer_types": dict(model_type="gemma2", overrides=dict(
+        num_key_value_heads=1, head_dim=32, vocab_size=317, tie_word_embeddings=False, sliding_window=5,
+        layer_types=["full_attention", "sliding_attention", "sliding_attention"])),
+    # gemma3 text: q/k norm, pattern 2 (S F S F), local/global RoPE bases, linear scaling on global, final cap
+    "gemma3": dict(model_type="gemma3_text", overrides=dict(
+        num_key_value_heads=2, head_dim=32, num_hidden_layers=4, sliding_window=8, sliding_window_pattern=2,
+        rope_theta=100000.0, rope_local_base_freq=5000.0, rope_scaling={"rope_type": "linear", "factor": 4.0},
+        query_pre_attn_scalar=24, final_logit_softcapping=4.0)),
+    # gemma3 text: explicit layer_types, MHA, untied; attn_logit_softcapping set (transformers ignores it)
+    "gemma3_layer_types": dict(model_type="gemma3_text", overrides=dict(
+        num_key_value_heads=4, head_dim=16, tie_word_embeddings=False, sliding_window=6, attn_logit_softcapping=2.0,
+        layer_types=["full_attention", "sliding_attention", "sliding_attention"])),
+    # qwen3: GQA 6:2 (ratio 3), head_dim 24, untied
+    "qwen3": dict(model_type="qwen3", overrides=dict(
+        num_attention_heads=6, num_key_value_heads=2, head_dim=24, tie_word_embeddings=False)),
+    # qwen3: sliding window from layer 1 on (max_window_layers), MHA, tied, odd vocab
+    "qwen3_sliding": dict(model_type="qwen3", overrides=dict(
+        num_key_value_heads=4, head_dim=16, tie_word_embeddings=True, vocab_size=319,
+        use_sliding_window=True, sliding_window=8, max_window_layers=1)),
+    # phi3: fused qkv / gate_up, LongRoPE switching from short to long factors past position 24
+    "phi3": dict(model_type="phi3", overrides=dict(
+        num_key_value_heads=4, tie_word_embeddings=False, pad_token_id=0, original_max_position_embeddings=24,
+        rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.5, 3.0, 4.0],
+                      "long_factor": [1.0, 1.5, 2.0, 3.0, 4.5, 6.0, 9.0, 12.0]})),
+    # phi3 (Phi-4-mini style): partial RoPE (0.75), GQA 4:2, tied, global sliding window 8
+    "phi3_partial": dict(model_type="phi3", overrides=dict(
+        num_key_value_heads=2, tie_word_embeddings=True, pad_token_id=0, partial_rotary_factor=0.75, sliding_window=8)),
+    # llama with dynamic NTK RoPE and a short max_position_embeddings, so the scaling kicks in
+    "llama_dynamic": dict(model_type="llama", overrides=dict(
+        num_key_value_heads=2, max_position_embeddings=16, rope_scaling={"rope_type": "dynamic", "factor": 2.0})),
 }
 
 BASE = dict(
@@ -34,6 +72,7 @@ BASE = dict(
     vocab_size=320,
     max_position_embeddings=256,
     rms_norm_eps=1e-6,
+    initializer_range=0.1,  # larger than the default 0.02, so random models do not just repeat a token
 )
 
 CHAT_TEMPLATE = (

@@ -24,6 +24,11 @@ from layerrun.errors import UnsupportedModelError
 # model_type -> module in layerrun.models
 REGISTRY: dict[str, str] = {
     "llama": "llama",
+    "gemma": "gemma",
+    "gemma2": "gemma2",
+    "gemma3_text": "gemma3",
+    "qwen3": "qwen3",
+    "phi3": "phi3",
 }
 # model_type -> model_type whose code it shares
 ALIASES: dict[str, str] = {

@@ -161,3 +161,40 @@ def attention(q, k, v, ctx_mask, is_causal: bool, scale: float, softcap: float |
 
 def accepts(fn, name: str) -> bool:
     return name in inspect.signature(fn).parameters
+
+
+# ---- helpers for families whose layers differ by attention type (Gemma 2/3, Qwen 3, Phi-3) ----
+
+
+def step_context(
+    positions: torch.Tensor,
+    key_valid: torch.Tensor | None,
+    k_len: int,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    window: int | None = None,
+) -> AttnContext:
+    """An AttnContext with RoPE tables ``{"cos", "sin"}`` and the mask for one attention type.
+
+    The mask is None (plain causal SDPA) when no padding, window or partial prefill needs one.
+    A window no shorter than the keys changes nothing and is dropped. A query row that sees no key
+    at all (a left-padding position) is let see every key: its output is never used, and this keeps
+    the explicit soft-capped softmax finite (an all -inf row would be NaN and poison later layers).
+    """
+    T = positions.shape[1]
+    if window is not None and k_len <= window:
+        window = None
+    rope = {"cos": cos, "sin": sin}
+    if key_valid is None and window is None and (T == 1 or T == k_len):
+        return AttnContext(positions, None, T > 1, rope)
+    mask = build_mask(key_valid, T, k_len, window, device=positions.device)  # (B|1, 1, T, S)
+    if key_valid is not None:
+        mask = mask | ~mask.any(-1, keepdim=True)
+    return AttnContext(positions, mask, False, rope)
+
+
+def dynamic_ntk_inv_freq(dim: int, base: float, factor: float, seq_len: int, max_pos: int) -> torch.Tensor:
+    """Dynamic NTK RoPE: the base grows once the sequence passes ``max_pos`` (as transformers' "dynamic")."""
+    seq_len = max(seq_len, max_pos)
+    base = base * ((factor * seq_len / max_pos) - (factor - 1)) ** (dim / (dim - 2))
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))

@@ -17,6 +17,7 @@ from layerrun.models.base import (
     apply_rope,
     attention,
     build_mask,
+    dynamic_ntk_inv_freq,
     rms_norm,
     rope_cos_sin,
     rope_inv_freq,
@@ -52,8 +53,13 @@ class Model:
 
     def __init__(self, args: ModelArgs):
         self.args = args
+        scaling = args.rope_scaling
+        self.dynamic_factor = None
+        if scaling and scaling.get("rope_type", scaling.get("type")) == "dynamic":
+            # Dynamic NTK: plain RoPE until a step reaches past max_position_embeddings (see step_inv_freq).
+            self.dynamic_factor, scaling = float(scaling["factor"]), None
         self.inv_freq, self.rope_scale = rope_inv_freq(
-            args.head_dim, args.rope_theta, args.rope_scaling, args.max_position_embeddings
+            args.head_dim, args.rope_theta, scaling, args.max_position_embeddings
         )
         self.act = ACTIVATIONS[args.hidden_act]
 
@@ -96,12 +102,21 @@ class Model:
     def prepare(self, positions: torch.Tensor, key_valid: torch.Tensor | None, k_len: int, dtype) -> AttnContext:
         """Per-step tables shared by all layers: RoPE cos/sin and the attention mask."""
         B, T = positions.shape
-        cos, sin = rope_cos_sin(self.inv_freq.to(positions.device), positions, dtype, self.rope_scale)
+        cos, sin = rope_cos_sin(self.step_inv_freq(positions), positions, dtype, self.rope_scale)
         window = self.args.sliding_window if self.args.sliding_window and k_len > self.args.sliding_window else None
         if key_valid is None and window is None and (T == 1 or T == k_len):
             return AttnContext(positions, None, T > 1, {"cos": cos, "sin": sin})
         mask = build_mask(key_valid, T, k_len, window, device=positions.device)
         return AttnContext(positions, mask, False, {"cos": cos, "sin": sin})
+
+    def step_inv_freq(self, positions: torch.Tensor) -> torch.Tensor:
+        """RoPE inverse frequencies for this step; only dynamic NTK scaling depends on the positions."""
+        if self.dynamic_factor is None:
+            return self.inv_freq.to(positions.device)
+        a = self.args
+        seq_len = int(positions.max()) + 1  # as transformers: the step's furthest position decides the base
+        inv = dynamic_ntk_inv_freq(a.head_dim, a.rope_theta, self.dynamic_factor, seq_len, a.max_position_embeddings)
+        return inv.to(positions.device)
 
     def embed(self, w: dict[str, torch.Tensor], input_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(input_ids, w["embed_tokens.weight"])  # (B, T, H)
