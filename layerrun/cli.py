@@ -160,8 +160,76 @@ def cmd_generate(a) -> int:
     import layerrun
 
     model, prompt = _resolve_generate_args(a)
-    with layerrun.load(model, mode=a.mode, reader=a.reader, dtype=a.compute_dtype) as engine:
-        return _generate(engine, prompt, a)
+    with layerrun.load(model, **engine_options(a)) as engine:
+        if a.explain:
+            print("\n".join(engine.plan.lines), file=sys.stderr)
+        try:
+            return _generate(engine, prompt, a)
+        finally:
+            if a.trace:
+                engine.trace.write(a.trace)
+                print(f"trace written to {a.trace} (open it at ui.perfetto.dev)", file=sys.stderr)
+
+
+def engine_options(a) -> dict:
+    return dict(
+        mode=a.mode, max_memory=a.max_memory, prefetch=a.prefetch, throttle=a.throttle, device=a.device,
+        reader=a.reader, dtype=a.compute_dtype, context=a.context,
+    )
+
+
+def add_engine_flags(c) -> None:
+    c.add_argument("--mode", default="auto", choices=["auto", "stream", "partial", "full"],
+                   help="auto: the governor picks from free memory; stream: one layer at a time from disk; "
+                        "partial: some layers resident; full: every layer resident")
+    c.add_argument("--max-memory", default=None, help="memory budget for the whole process, e.g. 1.5GiB or 800MB")
+    c.add_argument("--prefetch", type=int, default=2, help="layers read ahead of compute (0 = no overlap)")
+    c.add_argument("--throttle", default=None, help="limit read bandwidth to simulate a slow disk, e.g. 200MB/s")
+    c.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="compute device")
+    c.add_argument("--reader", default="pread", choices=["pread", "direct", "mmap"],
+                   help="how layer files are read: pread (page cache), direct (O_DIRECT), mmap")
+    c.add_argument("--compute-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="compute dtype (default: the stored dtype; float16 is computed as float32 on CPU)")
+    c.add_argument("--context", type=int, default=None,
+                   help="context length the KV cache is planned for (default: the model's, at most 4096)")
+
+
+def print_stats(stats, file=sys.stderr) -> None:
+    """The --stats table: pipeline figures and per-layer medians."""
+    import statistics
+
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="layerrun --stats", show_header=False, title_justify="left")
+    t.add_column("what", style="bold")
+    t.add_column("value")
+    rows = [
+        ("mode", f"{stats.mode} ({stats.resident_layers} resident, {stats.streamed_layers} streamed, prefetch {stats.prefetch})"),
+        ("reader", f"{stats.reader}{' (O_DIRECT)' if stats.direct_io else ''}"),
+        ("device / dtype", f"{stats.device} / {stats.dtype}"),
+        ("tokens", f"prompt {stats.prompt_tokens}, generated {stats.generated_tokens}"),
+        ("prefill", f"{stats.prefill_s:.3f} s"),
+        ("decode", f"{stats.decode_tokens_per_s:.2f} tok/s"),
+        ("forward steps", f"{stats.steps}, {stats.step_s:.3f} s"),
+        ("read", f"{stats.bytes_read / 1e9:.3f} GB, disk busy {stats.read_busy_s:.3f} s ({stats.read_gb_s:.2f} GB/s)"),
+        ("compute", f"{stats.compute_s:.3f} s"),
+        ("stall (compute waited for I/O)", f"{stats.stall_s:.3f} s = {stats.stall_pct:.1f}% of step time"),
+        ("overlap efficiency", f"{stats.overlap_efficiency:.3f} (step time / max(reads, computes); 1.0 is ideal)"),
+        ("peak RSS", _human_bytes(stats.peak_rss_bytes)),
+    ]
+    if stats.peak_vram_bytes:
+        rows.append(("peak VRAM", _human_bytes(stats.peak_vram_bytes)))
+    if stats.layer_compute_s and stats.steps:
+        per = [v / stats.steps for v in stats.layer_compute_s.values()]
+        rows.append(("compute per layer (median)", f"{statistics.median(per) * 1e3:.3f} ms"))
+    for k, v in rows:
+        t.add_row(k, v)
+    for line in stats.plan:
+        t.add_row("governor", line)
+    for n in stats.notes:
+        t.add_row("note", n)
+    Console(file=file).print(t)
 
 
 def _generate(engine, prompt, a) -> int:
@@ -172,6 +240,8 @@ def _generate(engine, prompt, a) -> int:
     if a.json:
         g = engine.generate(prompt, **kwargs)
         print(json.dumps(g.to_dict(), ensure_ascii=False))
+        if a.stats:
+            print_stats(g.stats)
         return 0
     stats = None
     for chunk in engine.stream(prompt, **kwargs):
@@ -185,6 +255,8 @@ def _generate(engine, prompt, a) -> int:
     sys.stdout.flush()
     if stats is not None:
         print(f"[{finish}] {stats.summary()}", file=sys.stderr)
+        if a.stats:
+            print_stats(stats)
         for note in stats.notes:
             print(f"note: {note}", file=sys.stderr)
     return 0
@@ -269,11 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--stop", action="append", default=None, help="stop when this text appears (repeatable)")
     c.add_argument("--raw", action="store_true", help="do not apply the chat template")
     c.add_argument("--system", default=None, help="system message (chat models)")
-    c.add_argument("--mode", default="stream", choices=["stream", "full"],
-                   help="stream: one layer in memory at a time; full: load every layer once")
-    c.add_argument("--reader", default="pread", choices=["pread", "direct", "mmap"], help="how layer files are read")
-    c.add_argument("--compute-dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="compute dtype (default: the stored dtype; float16 is computed as float32 on CPU)")
+    add_engine_flags(c)
+    c.add_argument("--stats", action="store_true", help="print a table of pipeline figures at the end")
+    c.add_argument("--explain", action="store_true", help="print the memory governor's decision and arithmetic")
+    c.add_argument("--trace", default=None, metavar="FILE", help="write a Chrome/Perfetto trace JSON of the pipeline")
     c.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, finish_reason, stats")
     c.set_defaults(fn=cmd_generate)
 

@@ -237,6 +237,7 @@ class Engine:
                     rec = staged.record
                     stats.bytes_read += rec.bytes
                     stats.read_s += rec.end - rec.start
+                    stats.read_intervals.append((rec.start, rec.end))
                     stats.stall_s += stall
                     self.trace.read(i, f"layer_{i:03d}", rec.start, rec.end, rec.bytes)
                     if stall > 1e-4:

@@ -42,6 +42,31 @@ class Plan:
         return "\n".join(self.lines)
 
 
+def cgroup_memory_limit() -> int | None:
+    """This process's cgroup memory limit (v1 or v2), or None when unlimited / not in one."""
+    try:
+        lines = open("/proc/self/cgroup").read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        cands = []
+        if "memory" in controllers.split(","):
+            cands.append(f"/sys/fs/cgroup/memory{path}/memory.limit_in_bytes")
+        if controllers == "":
+            cands.append(f"/sys/fs/cgroup{path}/memory.max")
+        for c in cands:
+            try:
+                raw = open(c).read().strip()
+            except OSError:
+                continue
+            if raw == "max":
+                return None
+            v = int(raw)
+            return v if v < 2**60 else None
+    return None
+
+
 def kv_bytes(args, batch: int, context: int, elem: int) -> int:
     return 2 * args.num_hidden_layers * batch * context * args.num_key_value_heads * args.head_dim * elem
 
@@ -90,6 +115,10 @@ def plan_memory(
         vm = psutil.virtual_memory()
         avail = vm.available - RAM_SAFETY
         lines.append(f"RAM available {fmt(vm.available)} of {fmt(vm.total)} (minus {fmt(RAM_SAFETY)} safety)")
+        limit = cgroup_memory_limit()
+        if limit is not None and limit - base - RAM_SAFETY < avail:
+            avail = limit - base - RAM_SAFETY
+            lines.append(f"cgroup memory limit {fmt(limit)} minus process resident {fmt(base)}, minus safety = {fmt(avail)}")
     budget = avail
     if max_memory is not None:
         # The budget covers the whole process: what it already uses counts against it.

@@ -8,7 +8,18 @@ from dataclasses import asdict, dataclass, field
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far."""
+    """Peak resident set size of this process so far.
+
+    On Linux this is VmHWM: getrusage's ru_maxrss survives exec, so a child
+    started from a large parent would report the parent's peak.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r if sys.platform == "darwin" else r * 1024
 
@@ -41,6 +52,7 @@ class GenerationStats:
     streamed_layers: int = 0
     direct_io: bool = False
     plan: list[str] = field(default_factory=list)
+    read_intervals: list = field(default_factory=list, repr=False)
     mode: str = "stream"
     reader: str = "pread"
     device: str = "cpu"
@@ -55,7 +67,20 @@ class GenerationStats:
 
     @property
     def read_gb_s(self) -> float:
-        return self.bytes_read / self.read_s / 1e9 if self.read_s > 0 else 0.0
+        """Aggregate read throughput: bytes over the time the disk was busy."""
+        busy = self.read_busy_s or self.read_s
+        return self.bytes_read / busy / 1e9 if busy > 0 else 0.0
+
+    @property
+    def read_busy_s(self) -> float:
+        """Time the disk was busy: the union of read intervals (reads overlap each other when prefetching)."""
+        total, end = 0.0, float("-inf")
+        for a, b in sorted(self.read_intervals):
+            if b <= end:
+                continue
+            total += b - max(a, end)
+            end = b
+        return total
 
     @property
     def stall_pct(self) -> float:
@@ -64,11 +89,13 @@ class GenerationStats:
     @property
     def overlap_efficiency(self) -> float:
         """Step time / max(sum of reads, sum of computes): 1.0 means I/O fully hidden behind compute (or vice versa)."""
-        bound = max(self.read_s, self.compute_s)
+        bound = max(self.read_busy_s, self.compute_s)
         return self.step_s / bound if bound > 0 else 0.0
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        d.pop("read_intervals")
+        d["read_busy_s"] = round(self.read_busy_s, 4)
         d["stall_pct"] = round(self.stall_pct, 2)
         d["overlap_efficiency"] = round(self.overlap_efficiency, 3)
         d["layer_compute_s"] = {str(k): round(v, 5) for k, v in self.layer_compute_s.items()}

@@ -151,19 +151,19 @@ def _check_expected(groups, model, tie: bool) -> None:
 
 
 def convert(
-    src: str | Path,
+    src,
     dst: str | Path,
     dtype: str = "auto",
     force: bool = False,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> Manifest:
-    """Convert ``src`` (HF folder or GGUF) into the layered folder ``dst``."""
+    """Convert ``src`` (HF folder, GGUF file, or a ModelSource object) into the layered folder ``dst``."""
     from layerrun.models import build_model
 
     log = log or (lambda s: None)
     dst = Path(dst)
-    source = open_source(src)
+    source = src if hasattr(src, "tensor_names") else open_source(src)
     try:
         config = source.config
         model = build_model(config)

@@ -1,0 +1,106 @@
+"""A synthetic random-weight Llama of any size, written straight to the layered format.
+
+For testing "a model bigger than memory" and for I/O benchmarks: the weights
+are deterministic pseudo-random tensors generated one at a time (the converter
+streams them), so a multi-GB model is built without ever holding it.
+
+    python tools/synthetic_model.py OUT [--preset 3gb|1gb|tiny] [--dtype float32|bfloat16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+PRESETS = {
+    # ~3.4 GB in fp32: 16 layers of ~180 MB
+    "3gb": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16,
+                num_key_value_heads=4, vocab_size=16000),
+    # ~0.9 GB in fp32: 12 layers of ~61 MB
+    "1gb": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=12, num_attention_heads=8,
+                num_key_value_heads=2, vocab_size=16000),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512),
+}
+
+
+class SyntheticSource:
+    """A ModelSource (see layerrun.formats.source) producing seeded random weights on demand."""
+
+    def __init__(self, preset: str = "3gb", seed: int = 0):
+        p = PRESETS[preset]
+        self.config = {
+            "model_type": "llama", "architectures": ["LlamaForCausalLM"], "rms_norm_eps": 1e-5,
+            "max_position_embeddings": 2048, "rope_theta": 10000.0, "tie_word_embeddings": False,
+            "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2, **p,
+        }
+        self.seed = seed
+        H, I, V = p["hidden_size"], p["intermediate_size"], p["vocab_size"]
+        D = H // p["num_attention_heads"]
+        KV = p["num_key_value_heads"] * D
+        self.shapes = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,), "lm_head.weight": (V, H)}
+        for i in range(p["num_hidden_layers"]):
+            pre = f"model.layers.{i}."
+            self.shapes.update({
+                pre + "input_layernorm.weight": (H,), pre + "post_attention_layernorm.weight": (H,),
+                pre + "self_attn.q_proj.weight": (H, H), pre + "self_attn.k_proj.weight": (KV, H),
+                pre + "self_attn.v_proj.weight": (KV, H), pre + "self_attn.o_proj.weight": (H, H),
+                pre + "mlp.gate_proj.weight": (I, H), pre + "mlp.up_proj.weight": (I, H),
+                pre + "mlp.down_proj.weight": (H, I),
+            })
+
+    def description(self) -> dict:
+        return {"kind": "synthetic", "seed": self.seed, "config": {k: self.config[k] for k in PRESETS["tiny"]}}
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps([self.config, self.seed]).encode()).hexdigest()[:16]
+
+    def tensor_names(self) -> list[str]:
+        return sorted(self.shapes)
+
+    def tensor_shape(self, name: str) -> tuple[int, ...]:
+        return self.shapes[name]
+
+    def tensor_dtype(self, name: str) -> torch.dtype:
+        return torch.float32
+
+    def get(self, name: str) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + int(hashlib.md5(name.encode()).hexdigest()[:8], 16))
+        shape = self.shapes[name]
+        if name.endswith("norm.weight"):
+            return 1.0 + 0.1 * torch.randn(shape, generator=g)
+        return torch.randn(shape, generator=g) * (1.0 / shape[-1] ** 0.5)
+
+    def write_aux_files(self, dst: Path) -> list[str]:
+        (dst / "config.json").write_text(json.dumps(self.config, indent=2))
+        return ["config.json"]
+
+    def close(self) -> None:
+        pass
+
+
+def build(out: Path, preset: str = "3gb", dtype: str = "float32", progress: bool = False, seed: int = 0) -> Path:
+    from layerrun.formats.convert import convert
+
+    convert(SyntheticSource(preset, seed), out, dtype=dtype, progress=progress, force=True)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", type=Path, help="destination layered folder")
+    ap.add_argument("--preset", default="3gb", choices=sorted(PRESETS), help="model size")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="storage dtype")
+    ap.add_argument("--seed", type=int, default=0, help="weights seed")
+    a = ap.parse_args()
+    build(a.out, a.preset, a.dtype, progress=sys.stderr.isatty(), seed=a.seed)
+    print(a.out)
+
+
+if __name__ == "__main__":
+    main()
