@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from layerrun.errors import FormatError, UnsupportedModelError
+from layerrun.formats.aligned import TensorInfo, read_header
 
 # Files copied verbatim into a layered folder when present.
 AUX_FILES = (
@@ -85,7 +86,12 @@ def find_weight_files(folder: Path) -> list[Path]:
 
 
 class HFSource:
-    """A Hugging Face folder, read one tensor at a time through safetensors' mmap."""
+    """A Hugging Face folder, read one tensor at a time.
+
+    Tensors are read with ``pread`` into fresh buffers rather than through
+    safetensors' mmap: mapped pages count as resident memory, so an mmap-based
+    conversion of a model would show the whole model's size as its peak RSS.
+    """
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
@@ -93,22 +99,21 @@ class HFSource:
             raise FormatError(f"{self.folder}: no such folder")
         self.config = read_config(self.folder)
         self.files = find_weight_files(self.folder)
-        self._handles = {}
-        self._where: dict[str, Path] = {}
-        self._meta: dict[str, tuple[str, tuple[int, ...]]] = {}
+        self._fds: dict[Path, int] = {}
+        self._infos: dict[str, tuple[Path, TensorInfo]] = {}
         for p in self.files:
-            try:
-                h = safe_open(str(p), framework="pt")
-            except Exception as e:  # safetensors raises its own error types
-                raise FormatError(f"{p}: cannot read safetensors file ({e})") from None
-            self._handles[p] = h
-            for name in h.keys():
-                self._where[name] = p
-                sl = h.get_slice(name)
-                self._meta[name] = (sl.get_dtype(), tuple(sl.get_shape()))
+            size = p.stat().st_size
+            with open(p, "rb") as f:
+                infos, _ = read_header(f, p, size)
+            for name, info in infos.items():
+                if info.end > size:
+                    raise FormatError(f"{p}: tensor {name} runs past the end of the file; the file is truncated")
+                if info.dtype not in _ST_TO_TORCH:
+                    raise UnsupportedModelError(f"{p}: tensor {name} has unsupported dtype {info.dtype}")
+                self._infos[name] = (p, info)
 
     def description(self) -> dict:
-        dtypes = sorted({m[0] for m in self._meta.values()})
+        dtypes = sorted({i.dtype for _, i in self._infos.values()})
         return {"kind": "huggingface", "path": str(self.folder.resolve()), "files": [p.name for p in self.files], "dtypes": dtypes}
 
     def fingerprint(self) -> str:
@@ -119,16 +124,28 @@ class HFSource:
         return h.hexdigest()[:16]
 
     def tensor_names(self) -> list[str]:
-        return sorted(self._where)
+        return sorted(self._infos)
 
     def tensor_shape(self, name: str) -> tuple[int, ...]:
-        return self._meta[name][1]
+        return self._infos[name][1].shape
 
     def tensor_dtype(self, name: str) -> torch.dtype:
-        return _ST_TO_TORCH.get(self._meta[name][0], torch.float32)
+        return _ST_TO_TORCH[self._infos[name][1].dtype]
 
     def get(self, name: str) -> torch.Tensor:
-        return self._handles[self._where[name]].get_tensor(name)
+        path, info = self._infos[name]
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        view = memoryview(buf.numpy())
+        pos = 0
+        while pos < info.nbytes:
+            got = os.preadv(fd, [view[pos:]], info.start + pos)
+            if got <= 0:
+                raise FormatError(f"{path}: unexpected end of file while reading {name}")
+            pos += got
+        return buf.view(_ST_TO_TORCH[info.dtype]).reshape(info.shape)
 
     def write_aux_files(self, dst: Path) -> list[str]:
         copied = []
@@ -140,4 +157,6 @@ class HFSource:
         return copied
 
     def close(self) -> None:
-        self._handles.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
