@@ -181,10 +181,23 @@ class Engine:
             self._stream = LayerStream(
                 self.path, [self.manifest.layer(i) for i in self.plan.streamed], depth=self.plan.prefetch,
                 backend=self.reader_backend, throttle=self.throttle, device=self.device,
-                prepare=lambda w: self.model.sanitize(self._cast(w)), clock_origin=self.trace.origin,
+                prepare=self._prepare_weights, clock_origin=self.trace.origin,
             )
 
     # ---- weights ---------------------------------------------------------
+    def _prepare_weights(self, w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Turn one file's raw tensors into what the model computes with.
+
+        Runs right after the read (in an I/O thread for streamed layers, so it
+        overlaps compute): dequantizes quantized layers, casts to the compute
+        dtype, and applies the family's ``sanitize``.
+        """
+        if self.manifest.quantization:
+            from layerrun.formats.quant import dequantize_weights
+
+            w = dequantize_weights(w, self.manifest.quantization, self.dtype)
+        return self.model.sanitize(self._cast(w))
+
     def _cast(self, w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: (v.to(self.dtype) if v.is_floating_point() and v.dtype != self.dtype else v) for k, v in w.items()}
 
@@ -195,7 +208,7 @@ class Engine:
             self.throttle.wait(rs.bytes, t0)
         w = {k: v.to(self.device) for k, v in w.items()} if self.device.type != "cpu" else w
         self.trace.read(entry.layer if entry.layer is not None else -1, entry.name, t0, time.perf_counter(), rs.bytes, resident=True)
-        return self.model.sanitize(self._cast(w))
+        return self._prepare_weights(w)
 
     @property
     def tokenizer(self) -> Tokenizer:
