@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from layerrun import __version__
 from layerrun.errors import LayerRunError
@@ -145,7 +146,18 @@ def cmd_tokenize(a) -> int:
 
 
 # ---- generate -----------------------------------------------------------------
-def _resolve_generate_args(a) -> tuple[str, str]:
+def _resolve_generate_args(a) -> tuple[str, str | None]:
+    if a.prompts_file:
+        if len(a.args) > 1:
+            raise LayerRunError("with --prompts-file give only the model (or nothing for the default model)")
+        if a.args:
+            return a.args[0], None
+        from layerrun.formats.store import DEFAULT_MODEL, ensure_default
+
+        ensure_default(log=lambda s: print(s, file=sys.stderr))
+        return DEFAULT_MODEL, None
+    if len(a.args) == 0:
+        raise LayerRunError("usage: layerrun generate [MODEL] PROMPT (or --prompts-file FILE)")
     if len(a.args) == 1:
         from layerrun.formats.store import DEFAULT_MODEL, ensure_default
 
@@ -164,6 +176,8 @@ def cmd_generate(a) -> int:
         if a.explain:
             print("\n".join(engine.plan.lines), file=sys.stderr)
         try:
+            if a.prompts_file:
+                return _generate_file(engine, a)
             return _generate(engine, prompt, a)
         finally:
             if a.trace:
@@ -174,8 +188,75 @@ def cmd_generate(a) -> int:
 def engine_options(a) -> dict:
     return dict(
         mode=a.mode, max_memory=a.max_memory, prefetch=a.prefetch, throttle=a.throttle, device=a.device,
-        reader=a.reader, dtype=a.compute_dtype, context=a.context,
+        reader=a.reader, dtype=a.compute_dtype, context=a.context, batch_size=a.batch_size,
     )
+
+
+def _read_prompts(path: str) -> list[dict]:
+    prompts = []
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as e:
+        raise LayerRunError(f"--prompts-file {path}: {e.strerror}") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise LayerRunError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        if isinstance(obj, str):
+            obj = {"prompt": obj}
+        if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), (str, list)):
+            raise LayerRunError(f"{path}:{n}: expected an object with a \"prompt\" string")
+        prompts.append(obj)
+    if not prompts:
+        raise LayerRunError(f"{path}: no prompts")
+    return prompts
+
+
+def _generate_file(engine, a) -> int:
+    """--prompts-file IN --output OUT: batched generation, results in input order."""
+    import time
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    prompts = _read_prompts(a.prompts_file)
+    out_path = Path(a.output) if a.output else None
+    sampling = dict(
+        max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+        seed=a.seed, stop=a.stop, chat=False if a.raw else None, system=a.system,
+    )
+    t0 = time.perf_counter()
+    tokens = 0
+    with Progress(TextColumn("[bold]generating"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
+                  TimeElapsedColumn(), console=Console(stderr=True), disable=a.quiet) as bar:
+        task = bar.add_task("gen", total=len(prompts), rate="")
+
+        def on_event(ev):
+            nonlocal tokens
+            tokens += 1 if ev.token_id is not None else 0
+            rate = f"{tokens / max(time.perf_counter() - t0, 1e-9):.1f} tok/s"
+            bar.update(task, advance=1 if ev.finish_reason else 0, rate=rate)
+
+        results = engine.generate_batch(prompts, on_event=on_event, **sampling)
+    elapsed = time.perf_counter() - t0
+    lines = [
+        json.dumps({"prompt": p["prompt"], "text": g.text, "token_ids": g.token_ids, "finish_reason": g.finish_reason},
+                   ensure_ascii=False)
+        for p, g in zip(prompts, results)
+    ]
+    if out_path:
+        tmp = out_path.with_name(out_path.name + ".tmp")
+        tmp.write_text("\n".join(lines) + "\n")
+        tmp.replace(out_path)
+    else:
+        print("\n".join(lines))
+    total = sum(len(g.token_ids) for g in results)
+    print(f"{len(results)} sequences, {total} tokens in {elapsed:.2f} s = {total / elapsed:.2f} tok/s aggregate "
+          f"(batch size {engine.batch_size}, {engine.mode})", file=sys.stderr)
+    return 0
 
 
 def add_engine_flags(c) -> None:
@@ -192,6 +273,7 @@ def add_engine_flags(c) -> None:
                    help="compute dtype (default: the stored dtype; float16 is computed as float32 on CPU)")
     c.add_argument("--context", type=int, default=None,
                    help="context length the KV cache is planned for (default: the model's, at most 4096)")
+    c.add_argument("--batch-size", type=int, default=8, help="most sequences generated at once (batch mode, server)")
 
 
 def print_stats(stats, file=sys.stderr) -> None:
@@ -331,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=cmd_tokenize)
 
     c = sub.add_parser("generate", help="generate text: layerrun generate [MODEL] PROMPT")
-    c.add_argument("args", nargs="+", metavar="[MODEL] PROMPT",
+    c.add_argument("args", nargs="*", metavar="[MODEL] PROMPT",
                    help="model folder or local model name (default: the default model), then the prompt")
     c.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="most tokens to generate")
     c.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
@@ -342,6 +424,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--raw", action="store_true", help="do not apply the chat template")
     c.add_argument("--system", default=None, help="system message (chat models)")
     add_engine_flags(c)
+    c.add_argument("--prompts-file", default=None, metavar="JSONL",
+                   help='batch mode: one JSON object per line, {"prompt": ...} with optional sampling fields')
+    c.add_argument("--output", default=None, metavar="JSONL", help="batch mode: write results here (default: stdout)")
+    c.add_argument("--quiet", action="store_true", help="batch mode: no progress bar")
     c.add_argument("--stats", action="store_true", help="print a table of pipeline figures at the end")
     c.add_argument("--explain", action="store_true", help="print the memory governor's decision and arithmetic")
     c.add_argument("--trace", default=None, metavar="FILE", help="write a Chrome/Perfetto trace JSON of the pipeline")

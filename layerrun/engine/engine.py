@@ -29,6 +29,7 @@ from layerrun.io.reader import FileReader
 from layerrun.models import build_model
 
 DEFAULT_MAX_NEW_TOKENS = 256
+BATCH_FIELDS = {"max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "chat", "system", "ignore_eos"}
 DEFAULT_PREFETCH = 2
 DEFAULT_CONTEXT = 4096  # KV reservation when the caller does not say
 
@@ -152,6 +153,9 @@ class Engine:
         budget = parse_size(max_memory, "--max-memory") if max_memory is not None else None
         self.throttle = Throttle(parse_size(throttle, "--throttle")) if throttle else None
         self.context = int(context or min(self.args.max_position_embeddings, DEFAULT_CONTEXT))
+        if batch_size < 1:
+            raise LayerRunError(f"--batch-size must be >= 1, got {batch_size}")
+        self.batch_size = int(batch_size)
         cast_factor = self.dtype.itemsize / stored.itemsize if self.dtype != stored else 1.0
         self.plan = plan_memory(
             self.manifest, self.args, mode=mode, max_memory=budget, prefetch=prefetch, batch=batch_size,
@@ -467,6 +471,57 @@ class Engine:
         finally:
             cancelled.set()
             await loop.run_in_executor(None, t.join)
+
+    @property
+    def has_tokenizer(self) -> bool:
+        return self._tokenizer is not None or (self.path / "tokenizer.json").is_file()
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        return self.tokenizer.eos_token_ids if self.has_tokenizer else _config_eos(self.config)
+
+    def batch_generator(self, batch_size: int | None = None):
+        """A :class:`~layerrun.engine.batch.BatchGenerator` for continuous batching (the server uses it)."""
+        from layerrun.engine.batch import BatchGenerator
+
+        return BatchGenerator(self, batch_size or self.batch_size)
+
+    def generate_batch(self, prompts: Sequence, batch_size: int | None = None, on_event=None, **sampling) -> list[Generation]:
+        """Generate for many prompts, sharing each layer load across the live batch.
+
+        Each prompt is a string, a list of ids, chat messages, or a dict with
+        ``prompt`` and per-prompt sampling fields (``max_new_tokens`` or
+        ``max_tokens``, ``temperature``, ``top_k``, ``top_p``, ``seed``,
+        ``stop``). Results come back in the order of ``prompts``. At most
+        ``batch_size`` sequences run at once; a finished one makes room for
+        the next at the following step.
+        """
+        bg = self.batch_generator(batch_size)
+        reqs = []
+        for p in prompts:
+            kw = dict(sampling)
+            if isinstance(p, dict):
+                if "prompt" not in p and "messages" not in p:
+                    raise LayerRunError(f"each prompt object needs a 'prompt' field; got keys {sorted(p)}")
+                extra = {k: v for k, v in p.items() if k not in ("prompt", "messages")}
+                if "max_tokens" in extra:
+                    extra["max_new_tokens"] = extra.pop("max_tokens")
+                unknown = set(extra) - BATCH_FIELDS
+                if unknown:
+                    raise LayerRunError(f"unknown prompt field(s) {sorted(unknown)}; known: {sorted(BATCH_FIELDS)}")
+                kw.update(extra)
+                p = p.get("prompt", p.get("messages"))
+            reqs.append(bg.request(p, **kw))
+        with self._lock:
+            bg.run(on_event)
+        return [Generation(r.text, r.token_ids, r.finish_reason, r.stats, r.prompt_ids) for r in reqs]
+
+    async def agenerate_batch(self, prompts: Sequence, **kwargs) -> list[Generation]:
+        """``generate_batch`` off the caller's event loop."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, lambda: self.generate_batch(prompts, **kwargs))
 
     async def agenerate(self, prompt, **kwargs) -> Generation:
         text, ids = [], []

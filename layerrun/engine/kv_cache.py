@@ -60,3 +60,37 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return sum(layer.nbytes for layer in self.layers)
+
+
+def _rows(t: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
+    return None if t is None else t.index_select(0, idx.to(t.device))
+
+
+def layer_select_rows(layer: LayerKV, idx: torch.Tensor) -> None:
+    """Keep only the batch rows ``idx`` (a finished sequence leaves the batch)."""
+    layer.k, layer.v = _rows(layer.k, idx), _rows(layer.v, idx)
+
+
+def layer_add_rows(layer: LayerKV, n: int) -> None:
+    """Append ``n`` empty rows (sequences joining the batch); their keys are masked until written."""
+    if layer.k is None or n == 0:
+        return
+    B, H, C, D = layer.k.shape
+    z = torch.zeros((n, H, C, D), dtype=layer.k.dtype, device=layer.k.device)
+    layer.k = torch.cat([layer.k, z])
+    layer.v = torch.cat([layer.v, z.clone()])
+
+
+def layer_drop_prefix(layer: LayerKV, n: int) -> None:
+    """Drop the first ``n`` columns (padding that no live sequence uses any more)."""
+    if layer.k is None or n == 0:
+        return
+    keep = layer.length - n
+    k = layer.k[:, :, n : layer.length].clone()
+    v = layer.v[:, :, n : layer.length].clone()
+    layer.k, layer.v, layer.length = None, None, 0
+    if keep:
+        layer._grow(k, keep)
+        layer.k[:, :, :keep] = k
+        layer.v[:, :, :keep] = v
+        layer.length = keep

@@ -124,16 +124,29 @@ def build_mask(
     k_len: int,
     window: int | None = None,
     device=None,
+    q_positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Boolean (B or 1, 1, T, S) mask: causal, optional sliding window, padding keys masked."""
-    q_pos = torch.arange(k_len - q_len, k_len, device=device)[:, None]  # (T, 1)
-    k_pos = torch.arange(k_len, device=device)[None, :]  # (1, S)
-    m = k_pos <= q_pos
+    """Boolean (B or 1, 1, T, S) mask: causal, optional sliding window, padding keys masked.
+
+    ``key_valid`` is either a bool (B, S) mask or, from the batch generator, an
+    integer (B, S) tensor of each key's token position with -1 for padding. A
+    batch can hold padding gaps mid-sequence (a sequence that joined later), so
+    the sliding window is then measured in token positions, not columns.
+    """
+    q_col = torch.arange(k_len - q_len, k_len, device=device)[:, None]  # (T, 1)
+    k_col = torch.arange(k_len, device=device)[None, :]  # (1, S)
+    m = (k_col <= q_col)[None, None]  # (1, 1, T, S)
+    if key_valid is not None and not key_valid.dtype == torch.bool and q_positions is not None:
+        kp = key_valid[:, None, None, :]  # (B, 1, 1, S)
+        m = m & (kp >= 0)
+        if window is not None:
+            m = m & (q_positions[:, None, :, None] - kp < window)
+        return m
     if window is not None:
-        m = m & (q_pos - k_pos < window)
-    m = m[None, None]  # (1, 1, T, S)
+        m = m & (q_col - k_col < window)[None, None]
     if key_valid is not None:
-        m = m & key_valid[:, None, None, :].bool()
+        kv = key_valid if key_valid.dtype == torch.bool else key_valid >= 0
+        m = m & kv[:, None, None, :]
     return m
 
 
@@ -187,7 +200,7 @@ def step_context(
     rope = {"cos": cos, "sin": sin}
     if key_valid is None and window is None and (T == 1 or T == k_len):
         return AttnContext(positions, None, T > 1, rope)
-    mask = build_mask(key_valid, T, k_len, window, device=positions.device)  # (B|1, 1, T, S)
+    mask = build_mask(key_valid, T, k_len, window, device=positions.device, q_positions=positions)  # (B|1, 1, T, S)
     if key_valid is not None:
         mask = mask | ~mask.any(-1, keepdim=True)
     return AttnContext(positions, mask, False, rope)

@@ -16,11 +16,11 @@ from layerrun.models.base import (
     BaseArgs,
     apply_rope,
     attention,
-    build_mask,
     dynamic_ntk_inv_freq,
     rms_norm,
     rope_cos_sin,
     rope_inv_freq,
+    step_context,
 )
 
 ACTIVATIONS = {
@@ -103,11 +103,7 @@ class Model:
         """Per-step tables shared by all layers: RoPE cos/sin and the attention mask."""
         B, T = positions.shape
         cos, sin = rope_cos_sin(self.step_inv_freq(positions), positions, dtype, self.rope_scale)
-        window = self.args.sliding_window if self.args.sliding_window and k_len > self.args.sliding_window else None
-        if key_valid is None and window is None and (T == 1 or T == k_len):
-            return AttnContext(positions, None, T > 1, {"cos": cos, "sin": sin})
-        mask = build_mask(key_valid, T, k_len, window, device=positions.device)
-        return AttnContext(positions, mask, False, {"cos": cos, "sin": sin})
+        return step_context(positions, key_valid, k_len, cos, sin, self.args.sliding_window or None)
 
     def step_inv_freq(self, positions: torch.Tensor) -> torch.Tensor:
         """RoPE inverse frequencies for this step; only dynamic NTK scaling depends on the positions."""

@@ -1,0 +1,268 @@
+"""Batched generation: one layer load serves many sequences.
+
+In stream mode every decode step reads the whole model, so tokens/s past the
+disk's limit come only from running many sequences through each layer while it
+is loaded. :class:`BatchGenerator` keeps a live batch of up to ``max_batch``
+sequences; at every step boundary finished sequences leave and waiting ones
+join (continuous batching).
+
+Layout: every row is right-aligned, so each row's newest token is in the last
+column. A step feeds live rows their last sampled token and joining rows their
+whole prompt, left-padded to the longest; ``key_pos`` (B, S) holds each cached
+key's token position, -1 for padding, which gives both the attention mask and
+sliding windows measured in tokens even across padding gaps.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from layerrun.engine.kv_cache import KVCache, layer_add_rows, layer_drop_prefix, layer_select_rows
+from layerrun.engine.sampling import SamplingParams, make_sampler
+from layerrun.engine.telemetry import GenerationStats
+from layerrun.engine.tokenizer import StreamDecoder
+from layerrun.errors import LayerRunError
+
+COMPACT_AT = 64  # drop leading all-padding cache columns once there are this many
+_ids = itertools.count()
+
+
+@dataclass
+class Request:
+    """One sequence: its prompt, sampling settings, and (as it runs) its output."""
+
+    prompt_ids: list[int]
+    max_new_tokens: int = 256
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+    id: int = field(default_factory=lambda: next(_ids))
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    stats: GenerationStats | None = None
+    cancelled: bool = False
+    # runtime
+    _sampler: Callable | None = None
+    _decoder: StreamDecoder | None = None
+    _held: str = ""
+    _pos: int = 0  # position of the next token to feed
+    _next: int | None = None  # token to feed at the next step
+    _joined_at: float = 0.0
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class Event:
+    """What one step produced for one request: new text, the token, and whether it finished."""
+
+    request: Request
+    text: str
+    token_id: int | None
+    finish_reason: str | None = None
+
+
+class BatchGenerator:
+    def __init__(self, engine, max_batch: int = 8):
+        if max_batch < 1:
+            raise LayerRunError(f"--batch-size must be >= 1, got {max_batch}")
+        self.engine = engine
+        self.max_batch = max_batch
+        self.rows: list[Request] = []
+        self.waiting: deque[Request] = deque()
+        self.cache = KVCache(engine.args.num_hidden_layers)
+        self.key_pos: torch.Tensor | None = None  # (B, S) int64, -1 = padding
+        self.steps = 0
+
+    # ---- requests ---------------------------------------------------------
+    def request(
+        self,
+        prompt,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] | str | None = None,
+        chat: bool | None = None,
+        system: str | None = None,
+        ignore_eos: bool = False,
+    ) -> Request:
+        """Build and check a request (raises LayerRunError on bad input) and queue it."""
+        eng = self.engine
+        params = SamplingParams(temperature, top_k, top_p, seed)
+        sampler = make_sampler(params)
+        if max_new_tokens < 1:
+            raise LayerRunError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        ids = eng.encode_prompt(prompt, chat=chat, system=system)
+        if not ids:
+            raise LayerRunError("the prompt is empty")
+        ctx = eng.args.max_position_embeddings
+        if len(ids) >= ctx:
+            raise LayerRunError(f"the prompt has {len(ids)} tokens; the model's context is {ctx}")
+        stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
+        req = Request(list(ids), min(max_new_tokens, ctx - len(ids)), params, stops, ignore_eos)
+        req._sampler = sampler
+        req._decoder = StreamDecoder(eng.tokenizer) if eng.has_tokenizer else None
+        req.stats = eng._new_stats(len(ids))
+        self.waiting.append(req)
+        return req
+
+    def cancel(self, req: Request) -> None:
+        """Stop a request; it leaves the batch at the next step boundary."""
+        req.cancelled = True
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.rows or self.waiting)
+
+    # ---- one step ---------------------------------------------------------
+    def _remove_finished(self) -> None:
+        keep = [i for i, r in enumerate(self.rows) if not r.done and not r.cancelled]
+        if len(keep) == len(self.rows):
+            return
+        for r in self.rows:
+            if r.cancelled and not r.done:
+                r.finish_reason = "cancelled"
+        self.rows = [self.rows[i] for i in keep]
+        if not self.rows:
+            self.cache = KVCache(self.engine.args.num_hidden_layers)
+            self.key_pos = None
+            return
+        idx = torch.tensor(keep, dtype=torch.long)
+        for layer in self.cache.layers:
+            layer_select_rows(layer, idx)
+        self.key_pos = self.key_pos.index_select(0, idx)
+        used = (self.key_pos >= 0).any(0).nonzero()
+        first = int(used[0]) if len(used) else self.key_pos.shape[1]
+        if first >= COMPACT_AT:
+            for layer in self.cache.layers:
+                layer_drop_prefix(layer, first)
+            self.key_pos = self.key_pos[:, first:]
+
+    def step(self) -> list[Event]:
+        """Run one forward pass over the live batch (joining waiting requests first)."""
+        self.waiting = deque(r for r in self.waiting if not r.cancelled or _cancel(r))
+        self._remove_finished()
+        joined = []
+        while self.waiting and len(self.rows) + len(joined) < self.max_batch:
+            r = self.waiting.popleft()
+            r._joined_at = time.perf_counter()
+            joined.append(r)
+        if not self.rows and not joined:
+            return []
+        feeds = [[r._next] for r in self.rows] + [r.prompt_ids for r in joined]
+        starts = [r._pos for r in self.rows] + [0] * len(joined)
+        B, T = len(feeds), max(len(f) for f in feeds)
+        ids = torch.zeros((B, T), dtype=torch.long)
+        pos = torch.full((B, T), -1, dtype=torch.long)
+        for b, (f, s) in enumerate(zip(feeds, starts)):
+            ids[b, T - len(f) :] = torch.tensor(f)
+            pos[b, T - len(f) :] = torch.arange(s, s + len(f))
+        if joined:
+            for layer in self.cache.layers:
+                layer_add_rows(layer, len(joined))
+            if self.key_pos is not None:
+                pad = torch.full((len(joined), self.key_pos.shape[1]), -1, dtype=torch.long)
+                self.key_pos = torch.cat([self.key_pos, pad])
+        self.key_pos = pos.clone() if self.key_pos is None else torch.cat([self.key_pos, pos], dim=1)
+        self.rows = self.rows + joined
+        key_valid = None if bool((self.key_pos >= 0).all()) else self.key_pos
+        step_stats = GenerationStats()
+        t0 = time.perf_counter()
+        logits = self.engine._forward(ids, self.cache, pos.clamp(min=0), key_valid, step_stats, last_only=True)
+        dt = time.perf_counter() - t0
+        self.steps += 1
+        events = []
+        tokens = _sample_rows(self.rows, logits[:, -1])
+        for r, tok in zip(self.rows, tokens):
+            _account(r, step_stats, dt, first=r in joined)
+            events.append(self._advance(r, tok))
+        return events
+
+    def _advance(self, r: Request, tok: int) -> Event:
+        r.stats.generated_tokens += 1
+        r._pos += len(r.prompt_ids) if r._next is None else 1
+        eos = set() if r.ignore_eos else self.engine.eos_token_ids
+        if tok in eos:
+            return self._finish(r, "stop", None)
+        r.token_ids.append(tok)
+        r._held += r._decoder.push(tok) if r._decoder else ""
+        from layerrun.engine.engine import _split_stop
+
+        out, hit = _split_stop(r._held, r.stop)
+        if hit:
+            r.text += out
+            r._held = ""
+            return self._finish(r, "stop", tok, out)
+        r._held = r._held[len(out) :]
+        r.text += out
+        if len(r.token_ids) >= r.max_new_tokens:
+            return self._finish(r, "length", tok, out)
+        r._next = tok
+        return Event(r, out, tok)
+
+    def _finish(self, r: Request, reason: str, tok: int | None, text: str = "") -> Event:
+        if reason != "stop" or not r.stop or r._held:
+            # flush what was held back for a possible stop string, and any incomplete UTF-8
+            tail = r._held + (r._decoder.flush() if r._decoder else "")
+            from layerrun.engine.engine import _split_stop
+
+            out, hit = _split_stop(tail, r.stop)
+            tail = out if hit else tail
+            r.text += tail
+            text += tail
+            r._held = ""
+        r.finish_reason = reason
+        self.engine._finish_stats(r.stats)
+        return Event(r, text, tok, reason)
+
+    def run(self, on_event: Callable[[Event], None] | None = None) -> None:
+        """Step until every request has finished."""
+        while self.busy:
+            for ev in self.step():
+                if on_event:
+                    on_event(ev)
+
+
+def _cancel(r: Request) -> bool:
+    r.finish_reason = "cancelled"
+    return False
+
+
+def _sample_rows(rows: list[Request], logits: torch.Tensor) -> list[int]:
+    """Sample each row with its own sampler; greedy rows share one argmax."""
+    out = [0] * len(rows)
+    greedy = [i for i, r in enumerate(rows) if r.sampling.temperature == 0]
+    if greedy:
+        am = logits[greedy].argmax(-1).tolist()
+        for i, t in zip(greedy, am):
+            out[i] = t
+    for i, r in enumerate(rows):
+        if r.sampling.temperature != 0:
+            out[i] = int(r._sampler(logits[i : i + 1])[0])
+    return out
+
+
+def _account(r: Request, s: GenerationStats, dt: float, first: bool) -> None:
+    st = r.stats
+    if first:
+        st.prefill_s = dt
+    else:
+        st.decode_s += dt
+    st.bytes_read += s.bytes_read
+    st.read_s += s.read_s
+    st.compute_s += s.compute_s
+    st.stall_s += s.stall_s
+    st.steps += s.steps
+    st.step_s += s.step_s
+    st.read_intervals.extend(s.read_intervals)
