@@ -77,7 +77,7 @@ def cmd_inspect(a) -> int:
     for k, v in info.items():
         if k in skip:
             continue
-        if k.startswith("bytes") and isinstance(v, int):
+        if "bytes" in k and isinstance(v, int):
             v = f"{_human_bytes(v)} ({v:,} bytes)"
         elif k == "bytes_per_layer" and isinstance(v, dict):
             v = f"{_human_bytes(v['min'])}" + ("" if v["min"] == v["max"] else f" .. {_human_bytes(v['max'])}")
@@ -87,7 +87,9 @@ def cmd_inspect(a) -> int:
             v = json.dumps(v) if v else "-"
         t.add_row(k.replace("_", " "), str(v))
     if "tensor_types" in info:
-        t.add_row("tensor types", ", ".join(f"{k}: {n}" for k, n in info["tensor_types"].items()))
+        t.add_row("tensor types", ", ".join(
+            f"{k} x{n['count']} ({_human_bytes(n['bytes'])})" if isinstance(n, dict) else f"{k}: {n}"
+            for k, n in info["tensor_types"].items()))
     check = info.get("tensor_check")
     if check is not None:
         ok = not any(check.values())
@@ -354,8 +356,23 @@ def cmd_pull(a) -> int:
 
 
 def cmd_list(a) -> int:
-    from layerrun.formats.store import list_models
+    from layerrun.formats.store import known_models, list_models
 
+    if a.available:
+        avail = known_models()
+        if a.json:
+            print(json.dumps(avail, indent=2, default=str))
+            return 0
+        from rich.table import Table
+
+        t = Table()
+        for col in ("name", "download", "pulled", "description"):
+            t.add_column(col)
+        for m in avail:
+            t.add_row(m["name"] + (" (default)" if m.get("default") else ""), f"{m.get('download_mb', '?')} MB",
+                      "yes" if m.get("pulled") else "no", str(m.get("description", "")))
+        _console().print(t)
+        return 0
     models = list_models()
     if a.json:
         print(json.dumps(models, indent=2, default=str))
@@ -441,6 +458,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=cmd_pull)
 
     c = sub.add_parser("list", help="list local models")
+    c.add_argument("--available", action="store_true", help="list the models `layerrun pull` knows")
     c.add_argument("--json", action="store_true", help="print JSON")
     c.set_defaults(fn=cmd_list)
     return p
