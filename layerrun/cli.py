@@ -107,9 +107,13 @@ def cmd_inspect(a) -> int:
 
 # ---- validate -----------------------------------------------------------------
 def cmd_validate(a) -> int:
+    from layerrun.engine.engine import resolve_model_path
     from layerrun.formats.validate import validate_folder
 
+    a.path = resolve_model_path(a.path)
     problems = validate_folder(a.path, check_sha=not a.no_checksum)
+    if a.reference and not problems:
+        return _validate_reference(a)
     if a.json:
         print(json.dumps({"path": str(a.path), "ok": not problems, "problems": problems}, indent=2))
     else:
@@ -120,6 +124,30 @@ def cmd_validate(a) -> int:
         else:
             print(f"{a.path}: {len(problems)} problem(s)", file=sys.stderr)
     return 0 if not problems else EXIT_ERROR
+
+
+def _validate_reference(a) -> int:
+    import layerrun
+    from layerrun.engine.reference import compare
+
+    with layerrun.load(a.path, mode="full", dtype=a.compute_dtype) as engine:
+        rep = compare(engine, n_tokens=a.tokens, log=lambda s: print(f"reference: {s}", file=sys.stderr))
+    if a.json:
+        print(json.dumps({"path": str(a.path), **rep.to_dict()}, indent=2))
+    else:
+        from rich.table import Table
+
+        t = Table(title=f"{a.path} vs transformers", title_justify="left")
+        t.add_column("check")
+        t.add_column("result")
+        t.add_column("detail")
+        for c in rep.checks:
+            t.add_row(c.name, "[green]pass[/green]" if c.ok else "[red]FAIL[/red]", c.detail)
+        _console().print(t)
+        if rep.first_divergent_layer is not None:
+            print(f"first divergence at layer {rep.first_divergent_layer}", file=sys.stderr)
+        print(f"{a.path}: {'matches transformers' if rep.ok else 'differs from transformers'}")
+    return 0 if rep.ok else EXIT_ERROR
 
 
 # ---- tokenize -----------------------------------------------------------------
@@ -419,6 +447,11 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("validate", help="check a layered folder: files, sizes, sha256, shapes")
     c.add_argument("path", help="layered model folder")
     c.add_argument("--no-checksum", action="store_true", help="skip sha256 (faster)")
+    c.add_argument("--reference", action="store_true",
+                   help="also compare with transformers on the same weights: tokenizer, logits, every layer, greedy tokens")
+    c.add_argument("--tokens", type=int, default=16, help="greedy tokens to compare with --reference")
+    c.add_argument("--compute-dtype", default=None, choices=["float32", "bfloat16"],
+                   help="dtype for --reference (default: the stored dtype)")
     c.add_argument("--json", action="store_true", help="print one JSON object")
     c.set_defaults(fn=cmd_validate)
 

@@ -230,6 +230,7 @@ class Engine:
         key_valid: torch.Tensor | None,
         stats: GenerationStats,
         last_only: bool,
+        collect: list | None = None,
     ) -> torch.Tensor:
         past = cache.length if cache is not None else 0
         ids, positions = ids.to(self.device), positions.to(self.device)
@@ -237,6 +238,8 @@ class Engine:
             key_valid = key_valid.to(self.device)
         step_t0 = time.perf_counter()
         x = self.model.embed(self.embeddings, ids)
+        if collect is not None:
+            collect.append(x.float().cpu())
         ctx = self.model.prepare(positions, key_valid, past + ids.shape[1], self.dtype)
         stream = self._stream
         try:
@@ -267,6 +270,8 @@ class Engine:
                 stats.compute_s += t1 - t0
                 stats.layer_compute_s[i] = stats.layer_compute_s.get(i, 0.0) + (t1 - t0)
                 self.trace.compute(i, t0, t1)
+                if collect is not None:
+                    collect.append(x.float().cpu())
                 if staged is not None:
                     stream.release(staged)
         except BaseException:
@@ -296,6 +301,21 @@ class Engine:
             positions = (key_valid.long().cumsum(-1) - 1).clamp(min=0)
         with self._lock:
             return self._forward(ids, None, positions, key_valid, self._new_stats(ids.shape[1]), last_only=False)
+
+    def hidden_states(self, input_ids) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """(hidden states: the embedding output then each layer's output, logits), all float32.
+
+        For locating where an implementation diverges from a reference, layer by layer.
+        """
+        ids = torch.as_tensor(input_ids, dtype=torch.long)
+        if ids.dim() == 1:
+            ids = ids[None]
+        self._check_ids(ids)
+        positions = torch.arange(ids.shape[1])[None].expand(ids.shape[0], -1)
+        collect: list[torch.Tensor] = []
+        with self._lock:
+            logits = self._forward(ids, None, positions, None, self._new_stats(ids.shape[1]), False, collect)
+        return collect, logits
 
     def _check_ids(self, ids: torch.Tensor) -> None:
         if ids.numel() and (ids.min() < 0 or ids.max() >= self.args.vocab_size):
