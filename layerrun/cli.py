@@ -202,7 +202,7 @@ def cmd_generate(a) -> int:
     import layerrun
 
     model, prompt = _resolve_generate_args(a)
-    with layerrun.load(model, **engine_options(a)) as engine:
+    with layerrun.load(model, **engine_options(a), trace=bool(a.trace)) as engine:
         if a.explain:
             print("\n".join(engine.plan.lines), file=sys.stderr)
         try:
@@ -494,6 +494,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--available", action="store_true", help="list the models `layerrun pull` knows")
     c.add_argument("--json", action="store_true", help="print JSON")
     c.set_defaults(fn=cmd_list)
+
+    from layerrun.server import add_serve_parser
+
+    add_serve_parser(sub)
     return p
 
 

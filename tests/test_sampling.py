@@ -50,3 +50,10 @@ def test_temperature_sharpens():
 def test_bad_parameters_rejected(kw):
     with pytest.raises(LayerRunError):
         make_sampler(SamplingParams(**kw))
+
+
+def test_degenerate_parameters_do_not_crash():
+    logits = torch.tensor([[1.0, 3.0, 2.0]])
+    assert make_sampler(SamplingParams(temperature=1e-300))(logits).tolist() == [1]  # tiny temperature is greedy
+    s = make_sampler(SamplingParams(temperature=1.0, top_p=5e-324, seed=0))  # keeps at least the best token
+    assert s(logits).tolist() == [1]

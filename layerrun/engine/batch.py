@@ -82,6 +82,7 @@ class BatchGenerator:
         self.cache = KVCache(engine.args.num_hidden_layers)
         self.key_pos: torch.Tensor | None = None  # (B, S) int64, -1 = padding
         self.steps = 0
+        self.last_stats: GenerationStats | None = None  # the latest step's figures (bytes read, stall); the server reads them
 
     # ---- requests ---------------------------------------------------------
     def request(
@@ -182,6 +183,7 @@ class BatchGenerator:
         logits = self.engine._forward(ids, self.cache, pos.clamp(min=0), key_valid, step_stats, last_only=True)
         dt = time.perf_counter() - t0
         self.steps += 1
+        self.last_stats = step_stats
         events = []
         tokens = _sample_rows(self.rows, logits[:, -1])
         for r, tok in zip(self.rows, tokens):

@@ -99,7 +99,8 @@ class Engine:
     ``reader`` ("pread", "direct", "mmap"), ``dtype`` (compute dtype; default:
     the stored dtype, float16 -> float32 on CPU), ``context`` and
     ``batch_size`` (what the KV cache reservation is planned for), ``verify``
-    (check every file's sha256 first).
+    (check every file's sha256 first), ``trace`` (record a Perfetto trace of
+    reads and compute, written by ``engine.trace.write(path)``).
     """
 
     def __init__(
@@ -115,6 +116,7 @@ class Engine:
         context: int | None = None,
         batch_size: int = 1,
         verify: bool = False,
+        trace: bool = False,
     ):
         from layerrun.engine.governor import plan_memory
         from layerrun.io.throttle import Throttle, parse_size
@@ -165,7 +167,7 @@ class Engine:
         self.reader_backend = reader
         self.reader = FileReader(self.path, reader)
         self._tokenizer: Tokenizer | None = None
-        self.trace = TraceRecorder()
+        self.trace = TraceRecorder(enabled=trace)
         self._lock = threading.RLock()
 
         # Embeddings and final norm/head are used every step and stay resident.
@@ -333,6 +335,10 @@ class Engine:
         """Token ids for a string (chat template applied when the model has one, unless chat=False),
         a list of chat messages, or a list of ids (used as-is)."""
         if isinstance(prompt, str):
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError:
+                raise LayerRunError("the prompt is not valid Unicode text (it contains lone surrogates)") from None
             use_chat = self.has_chat_template if chat is None else chat
             if use_chat:
                 msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
@@ -342,8 +348,11 @@ class Engine:
             return self.tokenizer.encode_chat(list(prompt))
         if isinstance(prompt, torch.Tensor):
             prompt = prompt.reshape(-1).tolist()
-        ids = [int(i) for i in prompt]
-        self._check_ids(torch.tensor(ids, dtype=torch.long))
+        try:
+            ids = [int(i) for i in prompt]
+            self._check_ids(torch.tensor(ids, dtype=torch.long))
+        except (TypeError, ValueError, OverflowError, RuntimeError):
+            raise LayerRunError(f"a prompt must be text, chat messages or token ids in [0, {self.args.vocab_size})") from None
         return ids
 
     # ---- generation -------------------------------------------------------

@@ -49,15 +49,19 @@ def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
         return logits
     sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
     probs = torch.softmax(sorted_logits, dim=-1)
-    # A token is dropped when the mass before it already reaches p.
+    # A token is dropped when the mass before it already reaches p; the most likely token never is.
     drop = (probs.cumsum(-1) - probs) >= p
+    drop[..., 0] = False
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     return torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
 
 
+GREEDY_BELOW = 1e-5  # temperatures this small are argmax (and would overflow the logits)
+
+
 def make_sampler(params: SamplingParams) -> Sampler:
     params.check()
-    if params.temperature == 0:
+    if params.temperature < GREEDY_BELOW:
         return greedy
     gen = torch.Generator()
     gen.manual_seed(params.seed if params.seed is not None else torch.seed())

@@ -15,13 +15,16 @@ MAX_EVENTS = 2_000_000  # a cap so a long session cannot grow without bound
 
 
 class TraceRecorder:
-    def __init__(self):
+    """Records pipeline events when enabled (``--trace``); off by default so a server's memory stays flat."""
+
+    def __init__(self, enabled: bool = False):
+        self.enabled = enabled
         self.origin = time.perf_counter()
         self.events: list[dict] = []
         self._lock = threading.Lock()
 
     def _add(self, name: str, cat: str, tid: int, t0: float, t1: float, args: dict | None = None) -> None:
-        if len(self.events) >= MAX_EVENTS:
+        if not self.enabled or len(self.events) >= MAX_EVENTS:
             return
         ev = {"name": name, "cat": cat, "ph": "X", "pid": 1, "tid": tid,
               "ts": round((t0 - self.origin) * 1e6, 1), "dur": round(max(t1 - t0, 0) * 1e6, 1)}

@@ -1,0 +1,404 @@
+"""The OpenAI-compatible server, tested over loopback HTTP with the official openai client.
+
+Every server binds 127.0.0.1 on a free port. The model is the tiny random
+"qwen2" (tokenizer and chat template included), so the generated text is
+gibberish; what is checked is that it is exactly what the engine gives alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+import layerrun
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from layerrun.server import running_server  # noqa: E402
+from layerrun.server.run import exposure_warning  # noqa: E402
+
+MODEL = "qwen2"
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_layered):
+    eng = layerrun.load(tiny_layered("qwen2"), mode="stream", prefetch=1, batch_size=8)
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    with running_server(engine, model_name=MODEL) as s:
+        yield s
+
+
+def client(server, **kw) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.base_url, api_key=kw.pop("api_key", "unused"), max_retries=0, **kw)
+
+
+def metric(server, name: str) -> float:
+    """A sample's value from GET /metrics (name with labels, exactly as exposed)."""
+    for line in httpx.get(server.url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def wait_for(cond, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return cond()
+
+
+def sse_lines(resp: httpx.Response):
+    for line in resp.iter_lines():
+        if line.startswith("data: "):
+            yield line[6:]
+
+
+def extra(obj, key: str, default=None):
+    return (obj.model_extra or {}).get(key, default)
+
+
+# ---- the API with the openai client --------------------------------------------------
+def test_models_health_and_plain_requests(server, engine):
+    c = client(server)
+    assert [m.id for m in c.models.list().data] == [MODEL]
+    assert c.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError) as e:
+        c.models.retrieve("gpt-4")
+    assert e.value.body["code"] == "model_not_found"
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+
+    want = engine.generate("Hello there", max_new_tokens=12, chat=False)
+    r = c.completions.create(model=MODEL, prompt="Hello there", max_tokens=12, temperature=0,
+                             extra_body={"return_token_ids": True})
+    ch = r.choices[0]
+    assert ch.text == want.text and extra(ch, "token_ids") == want.token_ids
+    assert ch.finish_reason == want.finish_reason
+    assert r.usage.prompt_tokens == len(engine.encode_prompt("Hello there", chat=False))
+    assert r.usage.completion_tokens == want.stats.generated_tokens
+
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why is the sky blue?"}]
+    want = engine.generate(msgs, max_new_tokens=10)
+    r = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=10, temperature=0)
+    assert r.choices[0].message.content == want.text and r.choices[0].message.role == "assistant"
+    assert r.usage.prompt_tokens == len(engine.encode_prompt(msgs))
+
+    # streaming chat: a role chunk, content chunks, a finish reason, then usage when asked for
+    chunks = list(c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=10, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == want.text
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == want.finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == want.stats.generated_tokens
+
+    # n choices for each of several prompts, stop strings, seeded sampling
+    r = c.completions.create(model=MODEL, prompt=["ab", "cd"], n=2, max_tokens=5, temperature=0)
+    assert [x.index for x in r.choices] == [0, 1, 2, 3] and r.choices[0].text == r.choices[1].text
+    full = engine.generate("Hello there", max_new_tokens=12, chat=False, ignore_eos=True).text
+    stop = full[3:5]
+    r = c.completions.create(model=MODEL, prompt="Hello there", max_tokens=12, temperature=0, stop=[stop],
+                             extra_body={"ignore_eos": True})
+    assert r.choices[0].text == full[: full.index(stop)] and r.choices[0].finish_reason == "stop"
+    seeded = [c.completions.create(model=MODEL, prompt="Hi", max_tokens=8, temperature=0.9, seed=3).choices[0].text
+              for _ in range(2)]
+    assert seeded[0] == seeded[1] == engine.generate("Hi", max_new_tokens=8, chat=False, temperature=0.9, seed=3).text
+
+
+def test_32_concurrent_streams_each_match_running_alone(server, engine):
+    """Continuous batching: 32 greedy streams (8 at a time) give exactly the tokens of each prompt alone."""
+    n = 32
+    jobs = []
+    for i in range(n):
+        max_tokens = 4 + (i * 7) % 17
+        if i % 4 == 3:
+            prompt = [{"role": "user", "content": f"Question {i}: " + "why " * (i % 5)}]
+            want = engine.generate(prompt, max_new_tokens=max_tokens)
+        else:
+            prompt = f"Story {i}:" + " once" * (i % 9)
+            want = engine.generate(prompt, max_new_tokens=max_tokens, chat=False)
+        jobs.append((prompt, max_tokens, want))
+
+    async def one(c: openai.AsyncOpenAI, prompt, max_tokens: int):
+        kw = dict(model=MODEL, max_tokens=max_tokens, temperature=0, stream=True, extra_body={"return_token_ids": True})
+        if isinstance(prompt, list):
+            stream, pick = await c.chat.completions.create(messages=prompt, **kw), (lambda ch: ch.delta.content)
+        else:
+            stream, pick = await c.completions.create(prompt=prompt, **kw), (lambda ch: ch.text)
+        ids, text, finish = [], [], None
+        async for chunk in stream:
+            ch = chunk.choices[0]
+            ids += extra(ch, "token_ids", [])
+            text.append(pick(ch) or "")
+            finish = ch.finish_reason or finish
+        return ids, "".join(text), finish
+
+    async def run_all():
+        async with openai.AsyncOpenAI(base_url=server.base_url, api_key="unused", max_retries=0) as c:
+            return await asyncio.gather(*(one(c, p, m) for p, m, _ in jobs))
+
+    steps0 = metric(server, "layerrun_steps_total")
+    results = asyncio.run(run_all())
+    for (prompt, _, want), (ids, text, finish) in zip(jobs, results):
+        assert ids == want.token_ids, prompt
+        assert text == want.text and finish == want.finish_reason
+    # they shared steps: far fewer forward passes than tokens
+    steps = metric(server, "layerrun_steps_total") - steps0
+    assert steps < sum(len(w.token_ids) + 1 for *_, w in jobs) / 3
+    assert server.app.state.worker.bg.rows == [] or wait_for(lambda: metric(server, "layerrun_requests_running") == 0)
+
+
+def test_health_answers_fast_while_8_streams_generate(server):
+    stop = threading.Event()
+    started = threading.Barrier(9)
+
+    def stream_one(i: int):
+        body = {"model": MODEL, "prompt": f"Tell me {i}", "max_tokens": 240, "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as r:
+            lines = sse_lines(r)
+            next(lines)
+            started.wait()
+            for _ in lines:
+                if stop.is_set():
+                    return
+
+    threads = [threading.Thread(target=stream_one, args=(i,), daemon=True) for i in range(8)]
+    for t in threads:
+        t.start()
+    started.wait(timeout=20)
+    latencies, running = [], []
+    with httpx.Client() as h:
+        for _ in range(25):
+            t0 = time.perf_counter()
+            assert h.get(server.url + "/health").status_code == 200
+            latencies.append(time.perf_counter() - t0)
+            running.append(metric(server, "layerrun_requests_running"))
+            time.sleep(0.01)
+    stop.set()
+    for t in threads:
+        t.join(timeout=20)
+    assert max(running) == 8, running  # the probes did run while all 8 were in the batch
+    print(f"health latency under 8 streams: median {sorted(latencies)[12]*1e3:.1f} ms, max {max(latencies)*1e3:.1f} ms")
+    assert max(latencies) < 0.1, sorted(latencies)[-5:]
+    # the clients left mid-stream: their sequences were cancelled and left the batch
+    assert wait_for(lambda: metric(server, "layerrun_requests_running") == 0)
+
+
+def test_client_disconnect_frees_the_sequence(server):
+    cancelled = 'layerrun_requests_finished_total{finish_reason="cancelled"}'
+    before = metric(server, cancelled)
+    body = {"model": MODEL, "prompt": "Go on", "max_tokens": 200, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as r:
+        lines = sse_lines(r)
+        got = [json.loads(next(lines)) for _ in range(3)]
+        assert all(g["choices"][0]["finish_reason"] is None for g in got)
+        assert metric(server, "layerrun_requests_running") == 1
+    # closing the response drops the connection; the sequence leaves the batch at the next step
+    assert wait_for(lambda: metric(server, cancelled) == before + 1)
+    assert wait_for(lambda: not server.app.state.worker.bg.busy and metric(server, "layerrun_requests_running") == 0)
+
+    # the same for a non-streaming request whose client gives up
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json={**body, "stream": False, "max_tokens": 250}, timeout=0.3)
+    assert wait_for(lambda: metric(server, cancelled) == before + 2)
+    assert wait_for(lambda: not server.app.state.worker.bg.busy)
+    assert server.app.state.worker.active == 0
+
+
+def test_metrics(server):
+    text = httpx.get(server.url + "/metrics").text
+    for name in ("layerrun_requests_running", "layerrun_requests_waiting", "layerrun_time_to_first_token_seconds_bucket",
+                 "layerrun_inter_token_latency_seconds_sum", "layerrun_prompt_tokens_total",
+                 "layerrun_generation_tokens_total", "layerrun_disk_read_bytes_total", "layerrun_stall_seconds_total"):
+        assert f"\n{name}" in text, name
+    assert 'layerrun_memory_mode{mode="stream"} 1' in text and 'layerrun_memory_mode{mode="full"} 0' in text
+    assert metric(server, "layerrun_disk_read_bytes_total") > 0  # stream mode reads layers on every step
+    assert metric(server, "layerrun_time_to_first_token_seconds_count") > 0
+
+
+def test_queue_full_is_429(engine):
+    with running_server(engine, model_name=MODEL, batch_size=1, max_waiting=1) as s:
+        body = {"model": MODEL, "prompt": "x", "max_tokens": 200, "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=30) as a:
+            lines = sse_lines(a)  # keep a reference: closing the iterator would close the connection
+            next(lines)  # running
+            with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=30) as b:
+                assert b.status_code == 200  # waiting
+                with pytest.raises(openai.RateLimitError) as e:
+                    client(s).completions.create(model=MODEL, prompt="y", max_tokens=2)
+                assert e.value.body["code"] == "queue_full" and "--max-waiting 1" in e.value.body["message"]
+                assert metric(s, "layerrun_requests_waiting") == 1
+        assert wait_for(lambda: s.app.state.worker.active == 0)
+        assert client(s).completions.create(model=MODEL, prompt="y", max_tokens=2).choices[0].finish_reason
+
+
+@pytest.mark.parametrize("body, status, param", [
+    (b"{not json", 400, None),
+    (b"[1, 2]", 400, None),
+    (b'"a string"', 400, None),
+    (b"", 400, None),
+    ({"prompt": 3}, 400, "prompt"),
+    ({"prompt": "x", "max_tokens": "ten"}, 400, "max_tokens"),
+    ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ({"prompt": "x", "temperature": -1}, 400, "temperature"),
+    ({"prompt": "x", "temperature": 2.5}, 400, "temperature"),
+    ({"prompt": "x", "top_p": 0}, 400, "top_p"),
+    ({"prompt": "x", "n": 0}, 400, "n"),
+    ({"prompt": "x", "stop": [1]}, 400, "stop"),
+    ({"prompt": "x", "seed": 2**70}, 400, "seed"),
+    ({"prompt": "x", "stream": "yes please"}, 400, "stream"),
+    ({"prompt": "x", "logprobs": 3}, 400, "logprobs"),
+    ({"prompt": "x", "presence_penalty": 1.0}, 400, "presence_penalty"),
+    ({"prompt": ""}, 400, "prompt"),
+    ({"prompt": []}, 400, "prompt"),
+    ({"prompt": [10**6]}, 400, "prompt"),
+    ({"prompt": "word " * 400}, 400, "prompt"),
+    ({"prompt": "x", "model": "gpt-4"}, 404, "model"),
+    ({"prompt": ["a", "b", "c", "d", "e"], "n": 16}, 400, "n"),  # more sequences than the server ever holds at once
+    (b'{"prompt": "\\udb54"}', 400, "prompt"),  # a lone surrogate is not text
+    (b'{"prompt": "x", "stop": ["\\udb54"]}', 400, "stop"),
+    (b'{"prompt": "x", "model": "\\udb54"}', 400, "model"),
+    ({}, 400, "prompt"),
+])
+def test_bad_completion_requests_are_4xx_naming_the_field(server, body, status, param):
+    kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) else {"json": body}
+    r = httpx.post(server.url + "/v1/completions", **kw)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["message"] and err["type"]
+    if param:
+        assert param in err["message"]
+
+
+def test_bad_chat_requests(server):
+    c = client(server)
+    for messages, param in [([], "messages"), ([{"role": "robot", "content": "hi"}], "messages.0.role"),
+                            ([{"role": "user", "content": 5}], "messages.0.content"),
+                            ([{"role": "user", "content": "why " * 300}], "messages")]:
+        with pytest.raises(openai.BadRequestError) as e:
+            c.chat.completions.create(model=MODEL, messages=messages)
+        assert e.value.body["param"] == param, e.value.body
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                  tools=[{"type": "function", "function": {"name": "f"}}])
+    assert e.value.body["code"] == "unsupported_parameter"
+    # a lone surrogate (the openai client cannot even send one)
+    r = httpx.post(server.url + "/v1/chat/completions", content=b'{"messages": [{"role": "user", "content": "\\udb54"}]}',
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages.0.content"
+    r = httpx.get(server.url + "/v1/nothing-here")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+
+
+def test_api_key(engine):
+    with running_server(engine, model_name=MODEL, api_key="s3cret") as s:
+        assert httpx.get(s.url + "/v1/models").status_code == 401
+        r = httpx.get(s.url + "/v1/models", headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        with pytest.raises(openai.AuthenticationError):
+            client(s, api_key="nope").models.list()
+        assert client(s, api_key="s3cret").completions.create(model=MODEL, prompt="a", max_tokens=2).choices
+        assert httpx.get(s.url + "/health").status_code == 200  # health and metrics stay open, as in vLLM
+
+
+def test_exposure_warning():
+    assert exposure_warning("127.0.0.1", None) is None and exposure_warning("::1", None) is None
+    assert exposure_warning("localhost", None) is None
+    assert "anyone" in exposure_warning("0.0.0.0", None)
+    assert "reachable" in exposure_warning("192.168.1.5", "key") and "anyone" not in exposure_warning("::", "key")
+
+
+# ---- fuzzing from the OpenAPI schema ---------------------------------------------------
+def test_fuzz_from_openapi_schema_finds_no_server_error(tiny_layered, tmp_path):
+    """Bodies generated from the server's own schema, valid and invalid: never a 500."""
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, given, settings
+
+    # a short context keeps every generated request to a few milliseconds of compute
+    src = tmp_path / "m"
+    shutil.copytree(tiny_layered("qwen2"), src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["max_position_embeddings"] = 24  # the chat template alone takes ~19
+    (src / "config.json").write_text(json.dumps(cfg))
+    eng = layerrun.load(src, mode="full")
+    with running_server(eng, model_name=MODEL, batch_size=8, max_waiting=4) as s:  # at most 12 sequences a request
+        schema = schemathesis.openapi.from_url(s.url + "/openapi.json")
+        ops = [op.ok() for op in schema.get_all_operations()]
+        assert {f"{o.method.upper()} {o.path}" for o in ops} >= {"POST /v1/completions", "POST /v1/chat/completions",
+                                                                 "GET /v1/models", "GET /health", "GET /metrics"}
+        seen = set()
+        for op in ops:
+            # 50 bodies per POST endpoint, 30 valid and 20 invalid; GET operations have no body to make invalid
+            if op.method.upper() == "POST":
+                plan = [(schemathesis.GenerationMode.POSITIVE, 30), (schemathesis.GenerationMode.NEGATIVE, 20)]
+            else:
+                plan = [(schemathesis.GenerationMode.POSITIVE, 5)]
+            for mode, examples in plan:
+
+                @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
+                          suppress_health_check=list(HealthCheck))
+                @given(case=op.as_strategy(generation_mode=mode))
+                def check(case):
+                    r = case.call(base_url=s.url, timeout=30)
+                    assert r.status_code < 500, (case.body, r.text)
+                    seen.add(r.status_code)
+                    if r.status_code >= 400:
+                        assert r.json()["error"]["message"]
+
+                check()
+        assert 200 in seen and 400 in seen
+    eng.close()
+
+
+# ---- the CLI ---------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_serve_command(tiny_layered):
+    """`layerrun serve MODEL --port P` serves, and exits 0 on Ctrl-C."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "layerrun", "serve", str(tiny_layered("qwen2")), "--port", str(port),
+           "--served-model-name", "tiny", "--batch-size", "4", "--log-level", "warning"]
+    env = {**os.environ, "LAYERRUN_API_KEY": ""}
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def up():
+            try:
+                return httpx.get(url + "/health", timeout=1).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        assert wait_for(up, timeout=60), p.stderr.read() if p.poll() is not None else "not up"
+        assert httpx.get(url + "/v1/models").json()["data"][0]["id"] == "tiny"
+        c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        assert c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3).choices
+    finally:
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=30)
+    assert p.returncode == 0, err
+    assert "serving tiny" in err and "batch size 4" in err
