@@ -49,7 +49,7 @@ def cmd_convert(a) -> int:
     from layerrun.formats.convert import convert
 
     m = convert(
-        a.src, a.dst, dtype=a.dtype, force=a.force, progress=not a.quiet,
+        a.src, a.dst, dtype=a.dtype, force=a.force, progress=not a.quiet, quantize=a.quantize,
         log=lambda s: print(s, file=sys.stderr),
     )
     print(
@@ -435,6 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("dst", help="destination folder for the layered model")
     c.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="storage dtype (auto: keep fp32/bf16; fp16 becomes bf16 because fp16 is very slow on CPUs)")
+    c.add_argument("--quantize", default=None, metavar="SCHEME",
+                   help="store the decoder layers' weights quantized: int8 (per output channel) or int4 "
+                        "(groups of 32, scale and zero); a group size may follow, e.g. int4-g64, int8-g128")
     c.add_argument("--force", action="store_true", help="overwrite an existing or non-empty destination")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(fn=cmd_convert)

@@ -97,11 +97,21 @@ def plan_memory(
         raise LayerRunError(f"--mode {mode!r} is not one of: {', '.join(MODES)}")
     if prefetch < 0:
         raise LayerRunError(f"--prefetch must be >= 0, got {prefetch}")
-    layer_bytes = [int((f.bytes - f.data_start) * cast_factor) for f in manifest.layers]
-    max_layer = max(layer_bytes, default=0)
+    q = manifest.quantization
+    if q:
+        # Quantized layers compute from the read buffer (never cast); prefill dequantizes one weight at a time.
+        from layerrun.formats.quant import dequant_workspace_bytes, prepared_extra_bytes
+
+        layer_bytes = [f.bytes - f.data_start for f in manifest.layers]
+        extra = max((prepared_extra_bytes(f, q, device) for f in manifest.layers), default=0)
+        dq = max((dequant_workspace_bytes(f, q, elem_bytes) for f in manifest.layers), default=0)
+    else:
+        layer_bytes = [int((f.bytes - f.data_start) * cast_factor) for f in manifest.layers]
+        extra = dq = 0
+    max_layer = max(layer_bytes, default=0) + extra
     fixed = int((manifest.embeddings.bytes + manifest.final.bytes) * cast_factor)
     kv = kv_bytes(args, batch, context, elem_bytes)
-    work = workspace_bytes(args, batch, context, elem_bytes)
+    work = workspace_bytes(args, batch, context, elem_bytes) + dq
     proc = psutil.Process()
     base = proc.memory_info().rss if baseline is None else baseline
     lines = []
@@ -125,6 +135,9 @@ def plan_memory(
         budget = min(avail, max_memory - base)
         lines.append(f"--max-memory {fmt(max_memory)} minus process already resident {fmt(base)} = {fmt(max_memory - base)}")
     lines.append(f"budget for the model: {fmt(budget)}")
+    if q:
+        lines.append(f"quantized {q.get('method', q)}: layers at file size, +{fmt(extra)} repack per staged layer, "
+                     f"dequant workspace {fmt(dq)}")
     lines.append(
         f"needs: embeddings+final {fmt(fixed)}, KV cache {fmt(kv)} (batch {batch} x context {context}), "
         f"workspace {fmt(work)}, layers {len(layer_bytes)} x {fmt(max_layer)} = {fmt(sum(layer_bytes))}"

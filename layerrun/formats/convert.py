@@ -157,12 +157,23 @@ def convert(
     force: bool = False,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    quantize: str | None = None,
 ) -> Manifest:
-    """Convert ``src`` (HF folder, GGUF file, or a ModelSource object) into the layered folder ``dst``."""
+    """Convert ``src`` (HF folder, GGUF file, or a ModelSource object) into the layered folder ``dst``.
+
+    ``quantize`` ("int8", "int4", or with a group size such as "int4-g32"; see
+    :mod:`layerrun.formats.quant`) stores the decoder layers' weights quantized;
+    everything else keeps ``dtype``.
+    """
     from layerrun.models import build_model
 
     log = log or (lambda s: None)
     dst = Path(dst)
+    scheme = None
+    if quantize:
+        from layerrun.formats.quant import parse_scheme, quantizable, quantize_tensor
+
+        scheme = parse_scheme(quantize)  # a bad --quantize fails before the source is opened
     source = src if hasattr(src, "tensor_names") else open_source(src)
     try:
         config = source.config
@@ -188,6 +199,8 @@ def convert(
                     raise FormatError(f"tensor {full} has shape {list(shp)}, config implies {list(want[short])}")
 
         fingerprint = f"{source.fingerprint()}:{DTYPE_NAMES[out_dtype]}"
+        if scheme is not None:
+            fingerprint += f":{scheme.name}"  # a resumed conversion never mixes schemes
         if (dst / MANIFEST_NAME).exists():
             if not force:
                 raise LayerRunError(f"{dst}: already holds a converted model; pass --force to overwrite it")
@@ -239,8 +252,15 @@ def convert(
                     bar.advance(out_bytes(fname))
                     continue
                 tensors = {}
+                converted = 0  # source bytes at the storage dtype, as the progress total counts them
                 for short, full in groups.get(fname, {}).items():
                     t = source.get(full)
+                    converted += t.numel() * _out_dtype(t.dtype, out_dtype).itemsize
+                    if scheme is not None and kind == KIND_LAYER and quantizable(short, t):
+                        parts = quantize_tensor(t, scheme)  # from the source values, not a storage-dtype cast
+                        if parts is not None:
+                            tensors.update({short + sfx: p for sfx, p in parts.items()})
+                            continue
                     tensors[short] = t.to(_out_dtype(t.dtype, out_dtype))
                 tmp = dst / f".{fname}.tmp"
                 infos, nbytes, sha = write_aligned(tmp, tensors, metadata={"format": "pt", "layerrun": kind})
@@ -249,7 +269,7 @@ def convert(
                 entries.append(entry)
                 state["done"][fname] = entry.to_json()
                 save_state()
-                bar.advance(sum(t.nbytes for t in tensors.values()), desc=f"converting {fname}")
+                bar.advance(converted, desc=f"converting {fname}")
                 del tensors
         finally:
             bar.close()
@@ -266,7 +286,7 @@ def convert(
                     "seconds": round(time.perf_counter() - t0, 2)},
             tie_word_embeddings=tie,
             layer_prefix=layer_prefix_of(names),
-            quantization=None,
+            quantization=scheme.to_json() if scheme is not None else None,
         )
         manifest.write(dst)
         state_path.unlink(missing_ok=True)

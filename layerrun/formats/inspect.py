@@ -75,7 +75,13 @@ def inspect_layered(folder: Path) -> dict:
     m = Manifest.read(folder)
     config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
     layer_bytes = [f.bytes for f in m.layers]
-    params = sum(_numel(t.shape) for f in m.files for t in f.tensors.values())
+    if m.quantization:
+        from layerrun.formats.quant import logical_tensors
+
+        shapes = {f.name: logical_tensors(f.tensors, m.quantization) for f in m.files}
+    else:
+        shapes = {f.name: {n: tuple(t.shape) for n, t in f.tensors.items()} for f in m.files}
+    params = sum(_numel(s) for fs in shapes.values() for s in fs.values())
     dtypes = sorted({t.dtype for f in m.files for t in f.tensors.values()})
     info = {
         "path": str(folder),
@@ -95,8 +101,7 @@ def inspect_layered(folder: Path) -> dict:
     }
     try:
         exp = build_model(config).expected_tensors()
-        have = {f.name: {n: t.shape for n, t in f.tensors.items()} for f in m.files}
-        info["tensor_check"] = _compare(exp, have, m.tie_word_embeddings, m.num_layers)
+        info["tensor_check"] = _compare(exp, shapes, m.tie_word_embeddings, m.num_layers)
     except (LayerRunError, TypeError, ValueError, NotImplementedError):
         pass
     return info

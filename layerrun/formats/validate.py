@@ -95,15 +95,22 @@ def check_shapes(folder: Path, manifest: Manifest) -> list[str]:
         if not _has(manifest, fname):
             problems.append(f"{fname}: not in manifest")
             continue
-        have = manifest.file(fname).tensors
+        stored = manifest.file(fname).tensors
+        if manifest.quantization:
+            from layerrun.formats.quant import check_quantized, logical_tensors
+
+            problems += [f"{fname}: {p}" for p in check_quantized(stored, manifest.quantization)]
+            have = logical_tensors(stored, manifest.quantization)
+        else:
+            have = {n: tuple(t.shape) for n, t in stored.items()}
         for n in sorted(set(want) - set(have)):
             problems.append(f"{fname}: missing tensor {n}")
         for n in sorted(set(have) - set(want)):
             if not (n == "lm_head.weight" and manifest.tie_word_embeddings):
                 problems.append(f"{fname}: unexpected tensor {n}")
         for n in sorted(set(want) & set(have)):
-            if tuple(have[n].shape) != tuple(want[n]):
-                problems.append(f"{fname}: tensor {n} has shape {list(have[n].shape)}, config implies {list(want[n])}")
+            if tuple(have[n]) != tuple(want[n]):
+                problems.append(f"{fname}: tensor {n} has shape {list(have[n])}, config implies {list(want[n])}")
     return problems
 
 
