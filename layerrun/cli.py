@@ -64,7 +64,12 @@ def cmd_convert(a) -> int:
 def cmd_inspect(a) -> int:
     from layerrun.formats.inspect import inspect_path
 
-    info = inspect_path(a.path)
+    path = Path(a.path)
+    if not path.exists():
+        from layerrun.engine.engine import resolve_model_path
+
+        path = resolve_model_path(a.path)  # a name in the local store
+    info = inspect_path(path)
     if a.json:
         print(json.dumps(info, indent=2, default=str))
         return 0

@@ -73,7 +73,7 @@ def test_validate_names_each_problem_and_fails(tiny_layered, tmp_path):
     [
         (["generate", "/no/such/model", "hi"], "/no/such/model: no such model folder"),
         (["convert", "/no/such/src", "/tmp/x"], "/no/such/src: no such file or folder"),
-        (["inspect", "/no/such/thing"], "/no/such/thing: no such file or folder"),
+        (["inspect", "/no/such/thing"], "/no/such/thing: no such model folder"),
         (["validate", "/tmp"], "/tmp: not a LayerRun model, layerrun.json is missing"),
     ],
 )
