@@ -503,9 +503,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="print JSON")
     c.set_defaults(fn=cmd_list)
 
+    from layerrun.bench import add_bench_parser
     from layerrun.server import add_serve_parser
 
     add_serve_parser(sub)
+    add_bench_parser(sub)
     return p
 
 

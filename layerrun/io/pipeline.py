@@ -28,6 +28,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -80,7 +81,7 @@ class ChunkedReader:
     """Reads one layer file's data region into a slot with several concurrent preadv calls."""
 
     def __init__(self, folder, backend: str, throttle: Throttle | None, pool: cf.ThreadPoolExecutor):
-        self.folder = folder
+        self.folder = Path(folder)
         self.backend = backend
         self.throttle = throttle
         self.pool = pool
@@ -190,8 +191,11 @@ class LayerStream:
             self.slots = [torch.empty(0, dtype=torch.uint8) for _ in range(n_slots)]  # views of the mapping instead
         else:
             self.slots = [aligned_empty(slot_bytes, pin=self.cuda) for _ in range(n_slots)]
-        self.pool = cf.ThreadPoolExecutor(max_workers=io_threads or max(4, 2 * n_slots), thread_name_prefix="layerrun-io")
-        self.reader = ChunkedReader(folder, backend, throttle, self.pool)
+        # Two pools: stagers (one per slot) wait on chunk reads, so chunk reads need their own
+        # threads, or a small pool deadlocks with every thread waiting on reads queued behind it.
+        self.pool = cf.ThreadPoolExecutor(max_workers=n_slots, thread_name_prefix="layerrun-stage")
+        self.io_pool = cf.ThreadPoolExecutor(max_workers=io_threads or max(4, 2 * n_slots), thread_name_prefix="layerrun-io")
+        self.reader = ChunkedReader(folder, backend, throttle, self.io_pool)
         self.stats.direct = backend == "direct"
         if self.cuda:
             self.copy_stream = torch.cuda.Stream(device=self.device)
@@ -327,6 +331,7 @@ class LayerStream:
                 pass
             self._thread.join(timeout=5)
         self.pool.shutdown(wait=True, cancel_futures=True)
+        self.io_pool.shutdown(wait=True, cancel_futures=True)
         self.reader.close()
 
     def __del__(self):

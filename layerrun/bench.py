@@ -1,0 +1,866 @@
+"""Benchmarks: ``layerrun bench io MODEL`` and ``layerrun bench generate MODEL``.
+
+``bench io`` measures disk -> host read throughput of the prefetch pipeline
+(:class:`layerrun.io.pipeline.LayerStream`) over a model's layer files, with no
+compute: layers are consumed and released as soon as they arrive. For each
+prefetch depth it measures a cold pass (O_DIRECT, or the page cache dropped per
+file with ``posix_fadvise(DONTNEED)`` for ``--reader pread``) and a warm pass
+(page cache), each next to ``dd`` on the same files, run just before it (the
+physical limit: ``dd iflag=direct`` cold, plain ``dd`` from the page cache
+warm), so every ratio is measured in one run.
+
+``bench generate`` measures decode tokens/s, stall % and overlap efficiency
+(step time / max(sum of reads, sum of computes)) per memory mode, prefetch depth
+and throttle, as the median of ``--repeat`` runs.
+
+Both return plain dicts (also printed with ``--json``); see
+:func:`bench_io` and :func:`bench_generate`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from layerrun.errors import LayerRunError
+
+DEFAULT_IO_DEPTHS = (0, 1, 2, 4, 8)
+DEFAULT_GEN_DEPTHS = (0, 1, 2, 4)
+DD_BS = "16M"  # O_DIRECT reads: the pipeline's chunk size
+DD_BS_CACHED = "1M"  # page-cache reads: dd is fastest with a cache-sized block
+EXIT_OK = 0
+EXIT_INVALID = 2
+
+Log = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+# ---- helpers ------------------------------------------------------------------------
+def machine_info() -> dict:
+    """What a figure was measured on: CPU count, memory, the disk holding the model, versions."""
+    import psutil
+    import torch
+
+    info = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "host": platform.node(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "load_avg": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+    }
+    try:  # CPU time stolen by the hypervisor so far (a VM's noisy neighbours), in clock ticks
+        info["steal_ticks"] = int(open("/proc/stat").readline().split()[8])
+    except (OSError, IndexError, ValueError):
+        pass
+    try:
+        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), None)
+        info["cpu"] = cpu
+    except OSError:
+        pass
+    return info
+
+
+def _disk_of(path: Path) -> str | None:
+    """The device and filesystem type holding ``path`` (from /proc/mounts), e.g. ``/dev/vda ext4``."""
+    try:
+        mounts = [ln.split() for ln in open("/proc/mounts")]
+    except OSError:
+        return None
+    p = str(Path(path).resolve())
+    best = None
+    for m in mounts:
+        if len(m) >= 3 and (p == m[1] or p.startswith(m[1].rstrip("/") + "/")):
+            if best is None or len(m[1]) > len(best[1]):
+                best = m
+    return f"{best[0]} {best[2]} (mounted at {best[1]})" if best else None
+
+
+def parse_int_list(text: str, flag: str = "--depths") -> list[int]:
+    try:
+        vals = [int(x) for x in str(text).split(",") if x.strip() != ""]
+    except ValueError:
+        raise LayerRunError(f"{flag}: expected comma-separated integers like 0,1,2,4, got {text!r}") from None
+    if not vals or any(v < 0 for v in vals):
+        raise LayerRunError(f"{flag}: expected non-negative integers like 0,1,2,4, got {text!r}")
+    return vals
+
+
+def parse_throttles(text: str | Sequence | None) -> list[int | None]:
+    """``none,200MB/s`` -> [None, 200_000_000]."""
+    from layerrun.io.throttle import parse_size
+
+    if text is None:
+        return [None]
+    items = text.split(",") if isinstance(text, str) else list(text)
+    out: list[int | None] = []
+    for it in items:
+        if it is None or (isinstance(it, str) and it.strip().lower() in ("", "none", "off", "0")):
+            out.append(None)
+        else:
+            out.append(parse_size(it, "--throttle"))
+    return out or [None]
+
+
+def _fmt_rate(r: int | None) -> str:
+    return "none" if not r else f"{r / 1e6:g} MB/s"
+
+
+def _union(intervals, lo: float = float("-inf"), hi: float = float("inf")) -> float:
+    """Total length of the union of ``intervals``, clipped to [lo, hi]."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        a, b = max(a, lo), min(b, hi)
+        if b <= a or b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total
+
+
+def drop_page_cache(paths: Sequence[Path]) -> None:
+    """Evict files from the page cache (posix_fadvise DONTNEED; clean pages only)."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def warm_page_cache(paths: Sequence[Path]) -> None:
+    """Read every file once so it sits in the page cache."""
+    buf = bytearray(16 * 2**20)
+    mv = memoryview(buf)
+    for p in paths:
+        with open(p, "rb", buffering=0) as f:
+            while f.readinto(mv):
+                pass
+
+
+_DD_RE = re.compile(r"(\d+) bytes .*copied, ([0-9.]+) s")
+
+
+def dd_read(paths: Sequence[Path], direct: bool, bs: str | None = None) -> dict | None:
+    """Read each file with ``dd`` (``iflag=direct`` when ``direct``): bytes, seconds (dd's own timing), GB/s.
+
+    dd's own elapsed time is used (process start-up is not counted), which makes it
+    the stricter reference. None when dd is not installed.
+    """
+    dd = shutil.which("dd")
+    if dd is None:
+        return None
+    bs = bs or (DD_BS if direct else DD_BS_CACHED)
+    total_b, total_s = 0, 0.0
+    env = dict(os.environ, LC_ALL="C")
+    for p in paths:
+        cmd = [dd, f"if={p}", "of=/dev/null", f"bs={bs}"] + (["iflag=direct"] if direct else [])
+        t0 = time.perf_counter()
+        r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        wall = time.perf_counter() - t0
+        if r.returncode != 0:
+            return {"error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"dd exited {r.returncode}"}
+        m = _DD_RE.search(r.stderr)
+        if m:
+            total_b += int(m.group(1))
+            total_s += float(m.group(2))
+        else:
+            total_b += p.stat().st_size
+            total_s += wall
+    return {"tool": "dd", "command": f"dd if=FILE of=/dev/null bs={bs}" + (" iflag=direct" if direct else ""),
+            "files": len(paths), "bytes": total_b, "seconds": round(total_s, 4),
+            "gb_s": round(total_b / total_s / 1e9, 3) if total_s > 0 else 0.0}
+
+
+def fio_read(paths: Sequence[Path], iodepth: int = 16, bs: str = DD_BS) -> dict | None:
+    """Sequential O_DIRECT read of the files with fio (libaio, ``iodepth`` requests in flight). None without fio."""
+    fio = shutil.which("fio")
+    if fio is None:
+        return None
+    names = ":".join(str(p).replace(":", "\\:") for p in paths)
+    cmd = [fio, "--name=layerrun-bench", f"--filename={names}", "--rw=read", "--direct=1", f"--bs={bs}",
+           f"--iodepth={iodepth}", "--ioengine=libaio", "--size=100%", "--file_service_type=sequential",
+           "--output-format=json"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        return {"error": (r.stderr or r.stdout).strip().splitlines()[-1] if (r.stderr or r.stdout).strip() else "fio failed"}
+    try:
+        rd = json.loads(r.stdout[r.stdout.index("{"):])["jobs"][0]["read"]
+    except (ValueError, KeyError, IndexError):
+        return {"error": "could not read fio's JSON output"}
+    secs = rd["runtime"] / 1000
+    shown = f"fio --rw=read --direct=1 --bs={bs} --iodepth={iodepth} --ioengine=libaio --filename=F1:F2:..."
+    return {"tool": "fio", "command": shown, "files": len(paths), "bytes": rd["io_bytes"], "seconds": round(secs, 4),
+            "gb_s": round(rd["bw_bytes"] / 1e9, 3)}
+
+
+def _bracket(before: dict | None, after: dict | None) -> dict | None:
+    """A reference measured just before and just after: the mean of the two rates (both kept)."""
+    if not before or not after or "error" in before or "error" in after:
+        return before or after
+    return {**before, "bytes": before["bytes"] + after["bytes"], "seconds": round(before["seconds"] + after["seconds"], 4),
+            "gb_s": round((before["gb_s"] + after["gb_s"]) / 2, 3), "before_gb_s": before["gb_s"],
+            "after_gb_s": after["gb_s"]}
+
+
+# ---- bench io -----------------------------------------------------------------------
+def _stream_once(folder: Path, entries, depth: int, backend: str, rate: int | None, passes: int, cold: bool) -> dict:
+    from layerrun.io.pipeline import LayerStream
+    from layerrun.io.throttle import Throttle
+
+    per_pass = sum(e.bytes - e.data_start for e in entries)
+    throttle = Throttle(rate) if rate else None
+    t_begin = time.perf_counter()
+    stream = LayerStream(folder, entries, depth=depth, backend=backend, throttle=throttle)
+    marks = [t_begin]
+    nbytes = 0
+    try:
+        for _ in range(passes):
+            for e in entries:
+                s = stream.next()
+                if s.layer != (e.layer if e.layer is not None else -1):
+                    raise RuntimeError(f"pipeline delivered layer {s.layer}, expected {e.layer}")
+                nbytes += s.record.bytes
+                if cold and stream.reader.backend != "direct" and passes > 1:
+                    # Evict before the slot is released: the next read of this file starts after it.
+                    stream.reader.drop_cache(e)
+                stream.release(s)
+            marks.append(time.perf_counter())
+        reads = [(r.start, r.end) for r in stream.stats.reads]
+        stall = stream.stats.stall_s
+        used = stream.reader.backend
+        note = stream.reader.note
+    finally:
+        stream.close()
+    pass_s = [b - a for a, b in zip(marks[:-1], marks[1:], strict=True)]
+    steady = pass_s[1:] if len(pass_s) > 1 else pass_s
+    steady_s = sum(steady)
+    busy = _union(reads)
+    out = {
+        "reader": used,
+        "passes": passes,
+        "bytes": nbytes,
+        "bytes_per_pass": per_pass,
+        "seconds": round(marks[-1] - marks[0], 4),
+        "pass_gb_s": [round(per_pass / s / 1e9, 3) if s > 0 else 0.0 for s in pass_s],
+        "first_pass_gb_s": round(per_pass / pass_s[0] / 1e9, 3) if pass_s[0] > 0 else 0.0,
+        # Steady state: passes after the first (ring slots already faulted in, prefetch primed).
+        "gb_s": round(per_pass * len(steady) / steady_s / 1e9, 3) if steady_s > 0 else 0.0,
+        "busy_gb_s": round(nbytes / busy / 1e9, 3) if busy > 0 else 0.0,
+        "stall_s": round(stall, 4),
+    }
+    if note:
+        out["note"] = note
+    if cold and used != "direct" and depth >= len(entries) and passes > 1:
+        out["note"] = (out.get("note", "") + "; " if out.get("note") else "") + (
+            f"depth {depth} >= {len(entries)} layers: prefetch wraps before a file is evicted, so later passes "
+            "are partly warm")
+    return out
+
+
+def memcpy_gb_s(nbytes: int = 128 * 2**20, tries: int = 3) -> float:
+    """Memory bandwidth as a copy between two large buffers (torch, all threads): the warm-read limit."""
+    import torch
+
+    src = torch.ones(nbytes, dtype=torch.uint8)
+    dst = torch.zeros(nbytes, dtype=torch.uint8)
+    best = 0.0
+    for _ in range(tries):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = max(best, nbytes / (time.perf_counter() - t0) / 1e9)
+    return round(best, 3)
+
+
+def _combine_rounds(rows: list[dict]) -> dict:
+    """One row per depth: medians over rounds of each rate and ratio (each round's figures kept in ``rounds``)."""
+    if len(rows) == 1:
+        return {**rows[0], "rounds": 1}
+    out: dict = {"depth": rows[0]["depth"], "rounds": len(rows)}
+    for k in ("cold", "warm", "dd_direct", "fio_direct", "dd_cached"):
+        got = [r[k] for r in rows if isinstance(r.get(k), dict) and r[k].get("gb_s") is not None]
+        if not got:
+            continue
+        d = {**got[0], "gb_s": round(statistics.median(g["gb_s"] for g in got), 3),
+             "rounds_gb_s": [g["gb_s"] for g in got]}
+        if "first_pass_gb_s" in got[0]:
+            d["first_pass_gb_s"] = round(statistics.median(g["first_pass_gb_s"] for g in got), 3)
+        for drop in ("pass_gb_s", "before_gb_s", "after_gb_s", "bytes", "seconds", "stall_s", "busy_gb_s"):
+            d.pop(drop, None)
+        if "bytes" in got[0]:
+            d["bytes"] = sum(g["bytes"] for g in got)
+        out[k] = d
+    for k in ("cold_vs_dd", "cold_vs_fio", "warm_vs_dd", "cold_vs_throttle", "warm_vs_throttle"):
+        vals = [r[k] for r in rows if k in r]
+        if vals:
+            out[k] = round(statistics.median(vals), 3)
+            out[k + "_rounds"] = vals
+    out["per_round"] = rows
+    return out
+
+
+def bench_io(
+    path,
+    depths: Sequence[int] = DEFAULT_IO_DEPTHS,
+    passes: int = 2,
+    reader: str = "direct",
+    throttle: int | str | None = None,
+    caches: Sequence[str] = ("cold", "warm"),
+    refs: Sequence[str] = ("dd", "fio"),
+    fio_iodepth: int = 16,
+    rounds: int = 1,
+    log: Log = _quiet,
+) -> dict:
+    """Disk -> host GB/s of the prefetch pipeline per depth, cold and warm, next to dd/fio on the same files.
+
+    Each pipeline measurement is bracketed by the reference tools (run just before and
+    just after it; their mean is the reference), so every ratio comes from one run.
+    Returns ``{"model", "layers", "layer_bytes", "machine", "disk", "reader", "throttle", "passes",
+    "results": [{"depth", "cold": {...}, "warm": {...}, "dd_direct": {...}, "fio_direct": {...},
+    "dd_cached": {...}, "cold_vs_dd", "cold_vs_fio", "warm_vs_dd"}, ...], "best_cold": {...}}``.
+    ``gb_s`` is the steady state (the passes after the first when ``passes > 1``);
+    ``first_pass_gb_s`` includes ring set-up and first-touch page faults of the slots.
+    """
+    from layerrun.engine.engine import resolve_model_path
+    from layerrun.formats.manifest import Manifest
+    from layerrun.io.throttle import parse_size
+
+    if reader not in ("pread", "direct"):
+        raise LayerRunError(f"--reader {reader!r} is not one of: pread, direct")
+    if passes < 1:
+        raise LayerRunError(f"--passes must be >= 1, got {passes}")
+    if rounds < 1:
+        raise LayerRunError(f"--rounds must be >= 1, got {rounds}")
+    bad = [c for c in caches if c not in ("cold", "warm")]
+    if bad or not caches:
+        raise LayerRunError(f"--cache: expected cold and/or warm, got {','.join(caches)!r}")
+    bad = [r for r in refs if r not in ("dd", "fio")]
+    if bad:
+        raise LayerRunError(f"--ref: expected dd and/or fio (or none), got {','.join(refs)!r}")
+    depths = list(depths)
+    if not depths or any(d < 0 for d in depths):
+        raise LayerRunError(f"--depths must be non-negative integers, got {depths}")
+    rate = parse_size(throttle, "--throttle") if throttle not in (None, "", "none") else None
+    folder = resolve_model_path(path)
+    man = Manifest.read(folder)
+    entries = man.layers
+    if not entries:
+        raise LayerRunError(f"{folder}: the model has no layer files")
+    files = [folder / e.name for e in entries]
+    layer_bytes = sum(e.bytes - e.data_start for e in entries)
+    result = {
+        "bench": "io",
+        "model": str(folder),
+        "layers": len(entries),
+        "layer_bytes": layer_bytes,
+        "file_bytes": sum(e.bytes for e in entries),
+        "reader": reader,
+        "throttle": rate,
+        "passes": passes,
+        "rounds": rounds,
+        "machine": machine_info(),
+        "disk": _disk_of(folder),
+        "results": [],
+        "notes": [],
+    }
+    use_dd = "dd" in refs and shutil.which("dd") is not None
+    use_fio = "fio" in refs and shutil.which("fio") is not None
+    for tool, used in (("dd", use_dd), ("fio", use_fio)):
+        if tool in refs and not used:
+            result["notes"].append(f"{tool} is not installed: no {tool} reference")
+
+    def cold_refs() -> dict:
+        out = {}
+        if use_dd:
+            out["dd_direct"] = dd_read(files, direct=True)
+        if use_fio:
+            out["fio_direct"] = fio_read(files, iodepth=fio_iodepth)
+        return out
+
+    log(f"bench io: {folder} — {len(entries)} layers, {layer_bytes / 1e9:.3f} GB per pass, "
+        f"reader {reader}, passes {passes}, rounds {rounds}, throttle {_fmt_rate(rate)}")
+    result["memcpy_gb_s"] = memcpy_gb_s()
+    log(f"  memcpy (memory bandwidth, torch copy of 128 MiB): {result['memcpy_gb_s']:.3f} GB/s")
+
+    def measure(depth: int) -> dict:
+        row: dict = {"depth": depth}
+        if "cold" in caches:
+            before = cold_refs()
+            drop_page_cache(files)
+            row["cold"] = _stream_once(folder, entries, depth, reader, rate, passes, cold=True)
+            after = cold_refs()
+            for k in before:
+                row[k] = _bracket(before[k], after.get(k))
+            msg = f"  depth {depth} cold: {row['cold']['gb_s']:.3f} GB/s ({row['cold']['reader']})"
+            for k, name in (("dd_direct", "dd"), ("fio_direct", "fio")):
+                ref = row.get(k) or {}
+                if ref.get("gb_s"):
+                    row[f"cold_vs_{name}"] = round(row["cold"]["gb_s"] / ref["gb_s"], 3)
+                    msg += f", {name} {ref['gb_s']:.3f} GB/s (ratio {row[f'cold_vs_{name}']:.2f})"
+            log(msg)
+        if "warm" in caches:
+            warm_page_cache(files)
+            before = dd_read(files, direct=False) if use_dd else None
+            row["warm"] = _stream_once(folder, entries, depth, "pread", rate, passes, cold=False)
+            if use_dd:
+                row["dd_cached"] = _bracket(before, dd_read(files, direct=False))
+            ref = row.get("dd_cached") or {}
+            if ref.get("gb_s"):
+                row["warm_vs_dd"] = round(row["warm"]["gb_s"] / ref["gb_s"], 3)
+            log(f"  depth {depth} warm: {row['warm']['gb_s']:.3f} GB/s"
+                + (f", dd (page cache) {ref['gb_s']:.3f} GB/s (ratio {row['warm_vs_dd']:.2f})" if ref.get("gb_s") else ""))
+        if rate:
+            for c in ("cold", "warm"):
+                if c in row:
+                    row[f"{c}_vs_throttle"] = round(row[c]["gb_s"] * 1e9 / rate, 3)
+        return row
+
+    per_depth: dict[int, list[dict]] = {d: [] for d in depths}
+    for rnd in range(rounds):
+        if rounds > 1:
+            log(f" round {rnd + 1} of {rounds}")
+        for depth in depths:
+            per_depth[depth].append(measure(depth))
+    result["results"] = [_combine_rounds(per_depth[d]) for d in dict.fromkeys(depths)]
+    notes = {r[c]["note"] for r in result["results"] for c in ("cold", "warm") if c in r and r[c].get("note")}
+    result["notes"].extend(sorted(notes))
+    result["load_avg_end"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    best = max((r for r in result["results"] if "cold" in r), key=lambda r: r["cold"]["gb_s"], default=None)
+    if best is not None:
+        result["best_cold"] = {"depth": best["depth"], "gb_s": best["cold"]["gb_s"],
+                               "vs_dd": best.get("cold_vs_dd"), "vs_fio": best.get("cold_vs_fio")}
+    return result
+
+
+def _wide_console():
+    from rich.console import Console
+
+    c = Console()
+    return c if c.is_terminal else Console(width=160)
+
+
+def print_io_table(res: dict, console=None) -> None:
+    from rich.table import Table
+
+    c = console or _wide_console()
+    thr = res.get("throttle")
+    rows = res["results"]
+    has_fio = any("fio_direct" in r for r in rows)
+    t = Table(
+        title=(f"layerrun bench io — {res['model']}: {res['layers']} layers, {res['layer_bytes'] / 1e9:.3f} GB/pass, "
+               f"reader {res['reader']}, {res['passes']} pass(es), throttle {_fmt_rate(thr)}"
+               + (f", median of {res['rounds']} rounds" if res.get("rounds", 1) > 1 else "")),
+        title_justify="left",
+        caption=("GB/s = bytes / wall time of the passes after the first (1st: the first pass, with ring set-up and "
+                 "first-touch page faults). dd/fio read the same files just before and just after each measurement "
+                 f"(mean shown): dd bs={DD_BS} iflag=direct cold, bs={DD_BS_CACHED} warm"
+                 + (", fio libaio direct" if has_fio else "") + "."),
+        caption_justify="left",
+    )
+    cols = ["depth", "cold GB/s", "cold 1st", "dd direct", "cold/dd"]
+    if has_fio:
+        cols += ["fio direct", "cold/fio"]
+    cols += ["warm GB/s", "warm 1st", "dd cached", "warm/dd"]
+    if thr:
+        cols += ["cold/throttle", "warm/throttle"]
+    for col in cols:
+        t.add_column(col, justify="right")
+
+    def g(r, *keys):
+        d = r
+        for k in keys:
+            if not isinstance(d, dict) or d.get(k) is None:
+                return "-"
+            d = d[k]
+        return f"{d:.3f}" if isinstance(d, float) else str(d)
+
+    def pct(r, k):
+        return f"{r[k]:.0%}" if k in r else "-"
+
+    for r in rows:
+        cells = [str(r["depth"]), g(r, "cold", "gb_s"), g(r, "cold", "first_pass_gb_s"), g(r, "dd_direct", "gb_s"),
+                 pct(r, "cold_vs_dd")]
+        if has_fio:
+            cells += [g(r, "fio_direct", "gb_s"), pct(r, "cold_vs_fio")]
+        cells += [g(r, "warm", "gb_s"), g(r, "warm", "first_pass_gb_s"), g(r, "dd_cached", "gb_s"), pct(r, "warm_vs_dd")]
+        if thr:
+            cells += [pct(r, "cold_vs_throttle"), pct(r, "warm_vs_throttle")]
+        t.add_row(*cells)
+    c.print(t)
+    m = res["machine"]
+    c.print(f"machine: {m.get('cpu')}, {m['cpus']} cpus, {m['memory_gib']} GiB, load {m.get('load_avg')} at start, "
+            f"{res.get('load_avg_end')} at end; "
+            f"disk {res.get('disk')}; memcpy {res.get('memcpy_gb_s')} GB/s; {m['date']}", highlight=False)
+    for n in res.get("notes", []):
+        c.print(f"note: {n}", highlight=False)
+
+
+# ---- bench generate -----------------------------------------------------------------
+def _prompt_ids(vocab: int, n: int, seed: int) -> list[int]:
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    lo = min(3, vocab - 1)
+    return torch.randint(lo, vocab, (n,), generator=g).tolist()
+
+
+def _median_of(runs: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process (all threads) so far."""
+    t = os.times()
+    return t.user + t.system
+
+
+def _one_generate(engine, ids: list[int], max_new: int) -> dict:
+    c0 = cpu_seconds()
+    t0 = time.perf_counter()
+    g = engine.generate(ids, max_new_tokens=max_new, ignore_eos=True)
+    t1 = time.perf_counter()
+    cpu = cpu_seconds() - c0
+    s = g.stats
+    busy_in_run = _union(s.read_intervals, t0, t1)
+    bound = max(busy_in_run, s.compute_s)
+    return {
+        "generated_tokens": s.generated_tokens,
+        "decode_tokens_per_s": s.decode_tokens_per_s,
+        "prefill_s": s.prefill_s,
+        "decode_s": s.decode_s,
+        "steps": s.steps,
+        "step_s": s.step_s,
+        "compute_s": s.compute_s,
+        "read_busy_s": s.read_busy_s,
+        "read_busy_in_run_s": busy_in_run,
+        "stall_s": s.stall_s,
+        "stall_pct": s.stall_pct,
+        "overlap_efficiency": s.overlap_efficiency,
+        # The same ratio with reads clipped to this call: reads the pipeline did before it (prefetched while
+        # idle) are not counted, so it cannot flatter the figure.
+        "overlap_efficiency_in_run": s.step_s / bound if bound > 0 else 0.0,
+        "bytes_read": s.bytes_read,
+        "read_gb_s": s.read_gb_s,
+        "wall_s": t1 - t0,
+        # CPU seconds this process got per wall second (at most the core count): low values mean
+        # the run waited on I/O or other processes took the cores.
+        "cpu_util": cpu / (t1 - t0) if t1 > t0 else 0.0,
+        "token_ids": g.token_ids,
+    }
+
+
+MEDIAN_KEYS = ("decode_tokens_per_s", "prefill_s", "decode_s", "step_s", "compute_s", "read_busy_s",
+               "read_busy_in_run_s", "stall_s", "stall_pct", "overlap_efficiency", "overlap_efficiency_in_run",
+               "read_gb_s", "wall_s", "cpu_util")
+
+
+def bench_generate(
+    path,
+    modes: Sequence[str] = ("stream", "full"),
+    depths: Sequence[int] = DEFAULT_GEN_DEPTHS,
+    throttles: Sequence[int | str | None] = (None,),
+    max_new_tokens: int = 16,
+    prompt_tokens: int = 16,
+    repeat: int = 3,
+    warmup: int = 1,
+    reader: str = "pread",
+    dtype: str | None = None,
+    max_memory: str | int | None = None,
+    device: str = "auto",
+    seed: int = 0,
+    log: Log = _quiet,
+) -> dict:
+    """Decode tokens/s, stall % and overlap efficiency per mode x throttle x depth (median of ``repeat`` runs).
+
+    Full mode reads nothing while generating, so it runs once (no throttle, depth n/a).
+    Returns ``{"model", "machine", ..., "results": [{"mode", "mode_requested", "depth", "throttle",
+    "median": {...}, "runs": [...]}, ...], "best": [...]}``.
+    """
+    import layerrun
+    from layerrun.engine.engine import resolve_model_path
+
+    if repeat < 1:
+        raise LayerRunError(f"--repeat must be >= 1, got {repeat}")
+    if max_new_tokens < 2:
+        raise LayerRunError("--max-new-tokens must be >= 2 (decode speed needs at least one decode step)")
+    if prompt_tokens < 1:
+        raise LayerRunError(f"--prompt-tokens must be >= 1, got {prompt_tokens}")
+    for m in modes:
+        if m not in ("stream", "partial", "full", "auto"):
+            raise LayerRunError(f"--modes: {m!r} is not one of: stream, partial, full, auto")
+    rates = parse_throttles(throttles)
+    folder = resolve_model_path(path)
+    config = json.loads((folder / "config.json").read_text())
+    vocab = int(config.get("vocab_size") or config.get("text_config", {}).get("vocab_size"))
+    ids = _prompt_ids(vocab, prompt_tokens, seed)
+    context = prompt_tokens + max_new_tokens + 1
+    result = {
+        "bench": "generate",
+        "model": str(folder),
+        "machine": machine_info(),
+        "disk": _disk_of(folder),
+        "reader": reader,
+        "dtype": dtype,
+        "max_new_tokens": max_new_tokens,
+        "prompt_tokens": prompt_tokens,
+        "repeat": repeat,
+        "warmup": warmup,
+        "results": [],
+        "notes": [],
+    }
+    log(f"bench generate: {folder} — modes {','.join(modes)}, depths {','.join(map(str, depths))}, "
+        f"throttle {', '.join(_fmt_rate(r) for r in rates)}, {prompt_tokens} prompt + {max_new_tokens} new tokens, "
+        f"median of {repeat}")
+    configs = []
+    for mode in modes:
+        if mode == "full":
+            configs.append((mode, 0, None))
+            continue
+        for rate in rates:
+            for d in depths:
+                configs.append((mode, d, rate))
+    if "full" in modes and any(rates):
+        result["notes"].append("full mode reads nothing while generating: it runs once, unthrottled")
+    for mode, depth, rate in configs:
+        t0 = time.perf_counter()
+        eng = layerrun.load(folder, mode=mode, prefetch=depth, throttle=rate, context=context, reader=reader,
+                            dtype=dtype, max_memory=max_memory, device=device)
+        load_s = time.perf_counter() - t0
+        try:
+            for _ in range(warmup):
+                eng.generate(ids, max_new_tokens=2, ignore_eos=True)
+            runs = [_one_generate(eng, ids, max_new_tokens) for _ in range(repeat)]
+            row = {
+                "mode_requested": mode,
+                "mode": eng.mode,
+                "depth": eng.plan.prefetch if eng.plan.streamed else None,
+                "depth_requested": depth if mode != "full" else None,
+                "throttle": rate,
+                "resident_layers": len(eng.plan.resident),
+                "streamed_layers": len(eng.plan.streamed),
+                "dtype": str(eng.dtype).replace("torch.", ""),
+                "device": str(eng.device),
+                "load_s": round(load_s, 3),
+                "median": {k: round(_median_of(runs, k), 4) for k in MEDIAN_KEYS},
+                "runs": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items() if k != "token_ids"}
+                         for r in runs],
+                "token_ids": runs[0]["token_ids"],
+                "generated_tokens": runs[0]["generated_tokens"],
+                "bytes_read_per_run": runs[0]["bytes_read"],
+            }
+            if eng.notes:
+                row["notes"] = list(eng.notes)
+        finally:
+            eng.close()
+        med = row["median"]
+        log(f"  {row['mode']:<7} throttle {_fmt_rate(rate):<10} depth {str(row['depth']):<4} "
+            f"{med['decode_tokens_per_s']:.3f} tok/s, stall {med['stall_pct']:.1f}%, "
+            f"overlap {med['overlap_efficiency']:.3f} (in-run {med['overlap_efficiency_in_run']:.3f})")
+        result["results"].append(row)
+    # Best depth per (mode, throttle): the highest decode tokens/s.
+    groups: dict = {}
+    for r in result["results"]:
+        groups.setdefault((r["mode"], r["throttle"]), []).append(r)
+    for (mode, rate), rows in groups.items():
+        b = max(rows, key=lambda r: r["median"]["decode_tokens_per_s"])
+        result["best"] = result.get("best", []) + [{
+            "mode": mode, "throttle": rate, "depth": b["depth"],
+            "decode_tokens_per_s": b["median"]["decode_tokens_per_s"],
+            "overlap_efficiency": b["median"]["overlap_efficiency"],
+            "overlap_efficiency_in_run": b["median"]["overlap_efficiency_in_run"],
+            "stall_pct": b["median"]["stall_pct"],
+        }]
+    result["load_avg_end"] = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+    ref = [r["token_ids"] for r in result["results"]]
+    result["same_tokens_everywhere"] = all(t == ref[0] for t in ref) if ref else True
+    return result
+
+
+def print_generate_table(res: dict, console=None) -> None:
+    from rich.table import Table
+
+    c = console or _wide_console()
+    t = Table(
+        title=(f"layerrun bench generate — {res['model']}: {res['prompt_tokens']} prompt + {res['max_new_tokens']} "
+               f"new tokens, reader {res['reader']}, median of {res['repeat']}"),
+        title_justify="left",
+        caption=("overlap = step time / max(sum of reads, sum of computes), 1.0 is ideal; 'in-run' counts only "
+                 "reads done during the measured call. * = best depth (highest tok/s) for its mode and throttle. "
+                 "cpu util = this process's CPU seconds per wall second (2.0 = both cores of 2)."),
+        caption_justify="left",
+    )
+    for col in ("mode", "throttle", "depth", "decode tok/s", "stall %", "overlap", "overlap in-run", "reads s",
+                "compute s", "steps s", "read GB/s", "cpu util"):
+        t.add_column(col, justify="right")
+    best = {(b["mode"], b["throttle"], b["depth"]) for b in res.get("best", [])}
+    for r in res["results"]:
+        m = r["median"]
+        mark = "*" if (r["mode"], r["throttle"], r["depth"]) in best and r["streamed_layers"] else ""
+        t.add_row(
+            r["mode"] + (f" ({r['resident_layers']} res.)" if r["mode"] == "partial" else ""),
+            _fmt_rate(r["throttle"]), ("-" if r["depth"] is None else str(r["depth"])) + mark,
+            f"{m['decode_tokens_per_s']:.3f}", f"{m['stall_pct']:.1f}",
+            f"{m['overlap_efficiency']:.3f}" if r["streamed_layers"] else "-",
+            f"{m['overlap_efficiency_in_run']:.3f}" if r["streamed_layers"] else "-",
+            f"{m['read_busy_s']:.3f}", f"{m['compute_s']:.3f}", f"{m['step_s']:.3f}",
+            f"{m['read_gb_s']:.3f}" if r["streamed_layers"] else "-",
+            f"{m['cpu_util']:.2f}",
+        )
+    c.print(t)
+    m = res["machine"]
+    c.print(f"machine: {m.get('cpu')}, {m['cpus']} cpus ({m['torch_threads']} torch threads), {m['memory_gib']} GiB, "
+            f"load {m.get('load_avg')} at start, {res.get('load_avg_end')} at end; disk {res.get('disk')}; {m['date']}",
+            highlight=False)
+    if res.get("reader") == "mmap":
+        c.print("note: with --reader mmap pages are faulted in by compute, so 'reads s', 'read GB/s' and the overlap "
+                "columns count only the madvise call; compare decode tok/s", highlight=False)
+    if not res.get("same_tokens_everywhere", True):
+        c.print("[yellow]warning: greedy tokens differ between configurations[/yellow]")
+    for n in res.get("notes", []):
+        c.print(f"note: {n}", highlight=False)
+
+
+# ---- CLI --------------------------------------------------------------------------
+def _stderr_log(quiet: bool) -> Log:
+    if quiet:
+        return _quiet
+    return lambda s: print(s, file=sys.stderr, flush=True)
+
+
+def cmd_bench_io(a) -> int:
+    res = bench_io(
+        a.model, depths=parse_int_list(a.depths), passes=a.passes, reader=a.reader, throttle=a.throttle,
+        caches=[c.strip() for c in a.cache.split(",") if c.strip()],
+        refs=[r.strip() for r in a.ref.split(",") if r.strip() and r.strip() != "none"], fio_iodepth=a.fio_iodepth,
+        rounds=a.rounds,
+        log=_stderr_log(a.quiet or a.json),
+    )
+    if a.json:
+        print(json.dumps(res, indent=1, default=str))
+    else:
+        print_io_table(res)
+    return EXIT_OK
+
+
+def cmd_bench_generate(a) -> int:
+    res = bench_generate(
+        a.model, modes=[m.strip() for m in a.modes.split(",") if m.strip()], depths=parse_int_list(a.depths),
+        throttles=a.throttle, max_new_tokens=a.max_new_tokens, prompt_tokens=a.prompt_tokens, repeat=a.repeat,
+        warmup=a.warmup, reader=a.reader, dtype=a.compute_dtype, max_memory=a.max_memory, device=a.device,
+        seed=a.seed, log=_stderr_log(a.quiet or a.json),
+    )
+    if a.json:
+        print(json.dumps(res, indent=1, default=str))
+    else:
+        print_generate_table(res)
+    return EXIT_OK
+
+
+def add_bench_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``bench`` (with ``io`` and ``generate``) on the ``layerrun`` subparsers; returns the bench parser."""
+    b = subparsers.add_parser("bench", help="benchmarks: disk read throughput (io) and generation speed (generate)",
+                              description="Benchmarks. Every figure comes with the machine it was measured on.")
+    bsub = b.add_subparsers(dest="bench_command", metavar="BENCH")
+
+    def bench_help(_a) -> int:
+        b.print_help()
+        return EXIT_INVALID
+
+    b.set_defaults(fn=bench_help)
+
+    c = bsub.add_parser(
+        "io", help="disk -> host GB/s of the prefetch pipeline per depth, cold and warm, next to dd",
+        description="Reads every layer file through the prefetch pipeline with no compute, per prefetch depth, "
+                    "cold (O_DIRECT, or the page cache dropped) and warm (page cache), each next to dd on the "
+                    "same files (the physical limit).")
+    c.add_argument("model", help="layered model folder or local model name")
+    c.add_argument("--depths", default=",".join(map(str, DEFAULT_IO_DEPTHS)),
+                   help="comma-separated prefetch depths to measure (default: %(default)s)")
+    c.add_argument("--passes", type=int, default=2,
+                   help="passes over all layers per measurement; with 2 or more the first is reported apart "
+                        "(it includes ring set-up and page faults) (default: %(default)s)")
+    c.add_argument("--rounds", type=int, default=1,
+                   help="repeat the whole sweep this many times and report medians (noisy disks) (default: %(default)s)")
+    c.add_argument("--reader", default="direct", choices=["direct", "pread"],
+                   help="cold reads: direct (O_DIRECT) or pread with the page cache dropped per file "
+                        "(posix_fadvise DONTNEED); warm reads always use pread (default: %(default)s)")
+    c.add_argument("--throttle", default=None, help="limit read bandwidth to simulate a slow disk, e.g. 200MB/s")
+    c.add_argument("--cache", default="cold,warm", help="which to measure: cold, warm or cold,warm (default: %(default)s)")
+    c.add_argument("--ref", default="dd,fio",
+                   help="reference tools run on the same files before and after each measurement: dd, fio "
+                        "(skipped when not installed), or none (default: %(default)s)")
+    c.add_argument("--fio-iodepth", type=int, default=16, help="requests fio keeps in flight (default: %(default)s)")
+    c.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    c.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    c.set_defaults(fn=cmd_bench_io)
+
+    c = bsub.add_parser(
+        "generate", help="decode tokens/s, stall %% and overlap efficiency per mode, depth and throttle",
+        description="Generates from a fixed random prompt (ignoring EOS) per memory mode x throttle x prefetch "
+                    "depth and reports the median of --repeat runs.")
+    c.add_argument("model", help="layered model folder or local model name")
+    c.add_argument("--modes", default="stream,full",
+                   help="comma-separated memory modes: stream, partial, full, auto (default: %(default)s)")
+    c.add_argument("--depths", default=",".join(map(str, DEFAULT_GEN_DEPTHS)),
+                   help="comma-separated prefetch depths for streamed modes (default: %(default)s)")
+    c.add_argument("--throttle", default="none",
+                   help="comma-separated read bandwidth limits for streamed modes, e.g. none,200MB/s "
+                        "(default: %(default)s)")
+    c.add_argument("--max-new-tokens", type=int, default=16, help="tokens generated per run (default: %(default)s)")
+    c.add_argument("--prompt-tokens", type=int, default=16, help="prompt length in tokens (default: %(default)s)")
+    c.add_argument("--repeat", type=int, default=3, help="runs per configuration; the median is reported "
+                                                         "(default: %(default)s)")
+    c.add_argument("--warmup", type=int, default=1, help="untimed 2-token runs before the timed ones "
+                                                         "(default: %(default)s)")
+    c.add_argument("--reader", default="pread", choices=["pread", "direct", "mmap"],
+                   help="how streamed layers are read (default: %(default)s; direct = O_DIRECT, cold)")
+    c.add_argument("--compute-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="compute dtype (default: the stored dtype)")
+    c.add_argument("--max-memory", default=None, help="memory budget passed to the governor (for partial mode)")
+    c.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="compute device")
+    c.add_argument("--seed", type=int, default=0, help="seed of the random prompt (default: %(default)s)")
+    c.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    c.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    c.set_defaults(fn=cmd_bench_generate)
+    return b
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m layerrun.bench io|generate MODEL ...`` (the same as ``layerrun bench``)."""
+    p = argparse.ArgumentParser(prog="layerrun")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    add_bench_parser(sub)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    a = p.parse_args(["bench", *[x for x in argv if x != "--debug"]])
+    try:
+        return a.fn(a)
+    except LayerRunError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
