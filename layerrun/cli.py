@@ -302,8 +302,9 @@ def add_engine_flags(c) -> None:
     c.add_argument("--prefetch", type=int, default=2, help="layers read ahead of compute (0 = no overlap)")
     c.add_argument("--throttle", default=None, help="limit read bandwidth to simulate a slow disk, e.g. 200MB/s")
     c.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="compute device")
-    c.add_argument("--reader", default="pread", choices=["pread", "direct", "mmap"],
-                   help="how layer files are read: pread (page cache), direct (O_DIRECT), mmap")
+    c.add_argument("--reader", default="auto", choices=["auto", "pread", "direct", "mmap"],
+                   help="how layer files are read: auto (mmap when the streamed layers fit in the page cache, "
+                        "else pread), pread, direct (O_DIRECT), mmap")
     c.add_argument("--compute-dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="compute dtype (default: the stored dtype; float16 is computed as float32 on CPU)")
     c.add_argument("--context", type=int, default=None,

@@ -111,7 +111,7 @@ class Engine:
         prefetch: int = DEFAULT_PREFETCH,
         throttle: float | str | None = None,
         device: str = "auto",
-        reader: str = "pread",
+        reader: str = "auto",
         dtype: str | None = None,
         context: int | None = None,
         batch_size: int = 1,
@@ -164,8 +164,8 @@ class Engine:
             context=self.context, device=self.device.type, elem_bytes=self.dtype.itemsize, cast_factor=cast_factor,
         )
         self.mode = self.plan.mode
-        self.reader_backend = reader
-        self.reader = FileReader(self.path, reader)
+        self.reader_backend = self._pick_reader(reader)
+        self.reader = FileReader(self.path, "mmap" if self.reader_backend == "mmap" else "pread")
         self._tokenizer: Tokenizer | None = None
         self.trace = TraceRecorder(enabled=trace)
         self._lock = threading.RLock()
@@ -178,6 +178,29 @@ class Engine:
             self._resident[i] = self._load_resident(self.manifest.layer(i))
         self._stream: LayerStream | None = None
         self._open_stream()
+
+    def _pick_reader(self, reader: str) -> str:
+        """``auto``: mmap when the streamed layers fit in the page cache next to everything else
+        (no copy: 2.6-2.7x pread's tokens/s warm, bench/RESULTS.md), pread otherwise (a model
+        bigger than memory is read cold, where pread/O_DIRECT run at the disk's speed)."""
+        if reader != "auto":
+            if reader not in ("pread", "direct", "mmap"):
+                raise LayerRunError(f"--reader {reader!r} is not one of: auto, pread, direct, mmap")
+            return reader
+        import psutil
+
+        from layerrun.engine.governor import cgroup_memory_limit
+
+        streamed = sum(self.manifest.layer(i).bytes for i in self.plan.streamed)
+        if not streamed or self.device.type != "cpu":
+            return "pread"
+        room = psutil.virtual_memory().available
+        limit = cgroup_memory_limit()
+        if limit is not None:
+            room = min(room, limit - psutil.Process().memory_info().rss)
+        if self.plan.budget and self.plan.mode != "full":
+            room = min(room, self.plan.budget)  # a budget below the model means: do not map it all
+        return "mmap" if streamed + self.plan.need < 0.8 * room else "pread"
 
     def _open_stream(self) -> None:
         if self._stream is not None:
@@ -395,6 +418,7 @@ class Engine:
             eos = set() if ignore_eos else _config_eos(self.config)
 
         stats = self._new_stats(len(prompt_ids))
+        call_t0 = time.perf_counter()
         cache = KVCache(self.args.num_hidden_layers)
         ids = torch.tensor([prompt_ids], dtype=torch.long)
         positions = torch.arange(len(prompt_ids))[None]
@@ -435,7 +459,7 @@ class Engine:
             if not _:
                 tail = held
         stats.decode_s = time.perf_counter() - t_decode
-        self._finish_stats(stats)
+        self._finish_stats(stats, since=call_t0)
         yield Chunk(tail, None, stats.generated_tokens, finish_reason=finish, stats=stats)
 
     def generate(self, prompt, **kwargs) -> Generation:
@@ -457,7 +481,10 @@ class Engine:
             plan=list(self.plan.lines),
         )
 
-    def _finish_stats(self, stats: GenerationStats) -> None:
+    def _finish_stats(self, stats: GenerationStats, since: float | None = None) -> None:
+        if since is not None:
+            # Reads prefetched before this call overlapped earlier work: count only their part inside it.
+            stats.read_intervals = [(max(a, since), b) for a, b in stats.read_intervals if b > since]
         stats.peak_rss_bytes = peak_rss_bytes()
         if self.device.type == "cuda":
             stats.peak_vram_bytes = torch.cuda.max_memory_allocated(self.device)
