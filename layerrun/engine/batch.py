@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from layerrun.engine.kv_cache import KVCache, layer_add_rows, layer_drop_prefix, layer_select_rows
-from layerrun.engine.sampling import SamplingParams, make_sampler
+from layerrun.engine.sampling import SamplingParams
 from layerrun.engine.telemetry import GenerationStats
 from layerrun.engine.tokenizer import StreamDecoder
 from layerrun.errors import LayerRunError
@@ -100,18 +100,10 @@ class BatchGenerator:
     ) -> Request:
         """Build and check a request (raises LayerRunError on bad input) and queue it."""
         eng = self.engine
-        params = SamplingParams(temperature, top_k, top_p, seed)
-        sampler = make_sampler(params)
-        if max_new_tokens < 1:
-            raise LayerRunError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        ids = eng.encode_prompt(prompt, chat=chat, system=system)
-        if not ids:
-            raise LayerRunError("the prompt is empty")
-        ctx = eng.args.max_position_embeddings
-        if len(ids) >= ctx:
-            raise LayerRunError(f"the prompt has {len(ids)} tokens; the model's context is {ctx}")
-        stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
-        req = Request(list(ids), min(max_new_tokens, ctx - len(ids)), params, stops, ignore_eos)
+        ids, max_new, params, sampler, stops = eng.check_request(
+            prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, chat, system
+        )
+        req = Request(list(ids), max_new, params, stops, ignore_eos)
         req._sampler = sampler
         req._decoder = StreamDecoder(eng.tokenizer) if eng.has_tokenizer else None
         req.stats = eng._new_stats(len(ids))

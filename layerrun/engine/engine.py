@@ -398,7 +398,9 @@ class Engine:
                 prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, chat, system, ignore_eos
             )
 
-    def _stream_locked(self, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, chat, system, ignore_eos):
+    def check_request(self, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, chat, system):
+        """Validate one request; returns (prompt ids, max new tokens within the context, params,
+        sampler, stop strings). Raises LayerRunError naming what is wrong."""
         params = SamplingParams(temperature, top_k, top_p, seed)
         sampler = make_sampler(params)
         if max_new_tokens < 1:
@@ -409,8 +411,13 @@ class Engine:
         ctx_len = self.args.max_position_embeddings
         if len(prompt_ids) >= ctx_len:
             raise LayerRunError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {ctx_len}")
-        max_new = min(max_new_tokens, ctx_len - len(prompt_ids))
         stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
+        return prompt_ids, min(max_new_tokens, ctx_len - len(prompt_ids)), params, sampler, stops
+
+    def _stream_locked(self, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, chat, system, ignore_eos):
+        prompt_ids, max_new, _, sampler, stops = self.check_request(
+            prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, chat, system
+        )
         text_mode = self._tokenizer is not None or (self.path / "tokenizer.json").is_file()
         decoder = StreamDecoder(self.tokenizer) if text_mode else None
         eos = set() if ignore_eos or not text_mode else self.tokenizer.eos_token_ids

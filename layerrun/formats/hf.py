@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from layerrun.errors import FormatError, UnsupportedModelError
-from layerrun.formats.aligned import TensorInfo, read_header
+from layerrun.formats.aligned import ST_DTYPES, TensorInfo, read_header
 
 # Files copied verbatim into a layered folder when present.
 AUX_FILES = (
@@ -25,18 +25,7 @@ AUX_FILES = (
     "tokenizer.model",
 )
 
-_ST_TO_TORCH = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+_ST_TO_TORCH = ST_DTYPES
 
 
 def read_config(folder: Path) -> dict:
