@@ -12,11 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from layerrun.models import gemma
-from layerrun.models.base import AttnContext, apply_rope, attention, rope_cos_sin, step_context
-from layerrun.models.gemma import rms_norm
+from layerrun.models.base import AttnContext, rope_cos_sin, step_context
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 
@@ -64,36 +62,18 @@ class Model(gemma.Model):
         window = {FULL: None, SLIDING: self.args.sliding_window}
         return {t: step_context(positions, key_valid, k_len, *ropes[t], window[t]) for t in set(self.args.layer_types)}
 
-    def qk_norm(self, w: dict[str, torch.Tensor], q: torch.Tensor, k: torch.Tensor):
-        """Nothing in Gemma 2; Gemma 3 normalises each head's queries and keys here."""
-        return q, k
+    def layer_context(self, i: int, ctx: dict) -> AttnContext:
+        return ctx[self.args.layer_types[i]]
 
     def layer(self, i: int, w: dict[str, torch.Tensor], x: torch.Tensor, cache, ctx: dict) -> torch.Tensor:
-        a = self.args
-        c: AttnContext = ctx[a.layer_types[i]]
-        B, T, _ = x.shape
-        h = rms_norm(x, w["input_layernorm.weight"], a.rms_norm_eps)
-        q = F.linear(h, w["self_attn.q_proj.weight"], w.get("self_attn.q_proj.bias"))
-        k = F.linear(h, w["self_attn.k_proj.weight"], w.get("self_attn.k_proj.bias"))
-        v = F.linear(h, w["self_attn.v_proj.weight"], w.get("self_attn.v_proj.bias"))
-        q = q.view(B, T, a.num_attention_heads, a.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, a.num_key_value_heads, a.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = v.view(B, T, a.num_key_value_heads, a.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        q, k = self.qk_norm(w, q, k)
-        q, k = apply_rope(q, c.rope["cos"], c.rope["sin"]), apply_rope(k, c.rope["cos"], c.rope["sin"])
-        if cache is not None:
-            k, v = cache.update(k, v)  # (B, Hkv, S, D)
+        a, eps = self.args, self.args.rms_norm_eps
+        c = self.layer_context(i, ctx)
         softcap = a.attn_logit_softcapping if self.attn_softcap_applies else None
-        o = attention(q, k, v, c.mask, c.is_causal, a.query_pre_attn_scalar**-0.5, softcap)
-        o = o.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*D)
-        o = F.linear(o, w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"))
-        x = x + rms_norm(o, w["post_attention_layernorm.weight"], a.rms_norm_eps)
-        h = rms_norm(x, w["pre_feedforward_layernorm.weight"], a.rms_norm_eps)
-        h = F.linear(
-            self.act(F.linear(h, w["mlp.gate_proj.weight"])) * F.linear(h, w["mlp.up_proj.weight"]),
-            w["mlp.down_proj.weight"],
-        )
-        return x + rms_norm(h, w["post_feedforward_layernorm.weight"], a.rms_norm_eps)
+        h = self.norm(x, w["input_layernorm.weight"], eps)
+        o = self.self_attn(w, h, cache, c, a.query_pre_attn_scalar**-0.5, softcap)
+        x = x + self.norm(o, w["post_attention_layernorm.weight"], eps)
+        h = self.mlp(w, self.norm(x, w["pre_feedforward_layernorm.weight"], eps))
+        return x + self.norm(h, w["post_feedforward_layernorm.weight"], eps)
 
     def head(self, w: dict[str, torch.Tensor], x: torch.Tensor, embeddings: dict[str, torch.Tensor]) -> torch.Tensor:
         logits = super().head(w, x, embeddings)  # (B, T, vocab)

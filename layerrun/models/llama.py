@@ -117,30 +117,50 @@ class Model:
     def embed(self, w: dict[str, torch.Tensor], input_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(input_ids, w["embed_tokens.weight"])  # (B, T, H)
 
-    def layer(self, i: int, w: dict[str, torch.Tensor], x: torch.Tensor, cache, ctx: AttnContext) -> torch.Tensor:
+    # ---- hooks the other families override --------------------------------
+    norm = staticmethod(rms_norm)  # Gemma: (1 + weight), scaled in fp32
+
+    def qk_norm(self, w: dict[str, torch.Tensor], q: torch.Tensor, k: torch.Tensor):
+        """Nothing in Llama; Qwen 3 and Gemma 3 normalise each head's queries and keys here."""
+        return q, k
+
+    def layer_context(self, i: int, ctx):
+        """The attention context of layer ``i``; families with per-layer-type masks pick theirs."""
+        return ctx
+
+    def self_attn(self, w, h: torch.Tensor, cache, c: AttnContext, scale: float, softcap: float | None = None):
+        """Projections, RoPE, KV cache and attention for normalised input ``h``; returns o_proj's output."""
         a = self.args
-        B, T, _ = x.shape
-        h = rms_norm(x, w["input_layernorm.weight"], a.rms_norm_eps)
+        B, T, _ = h.shape
         q = F.linear(h, w["self_attn.q_proj.weight"], w.get("self_attn.q_proj.bias"))
         k = F.linear(h, w["self_attn.k_proj.weight"], w.get("self_attn.k_proj.bias"))
         v = F.linear(h, w["self_attn.v_proj.weight"], w.get("self_attn.v_proj.bias"))
         q = q.view(B, T, a.num_attention_heads, a.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, a.num_key_value_heads, a.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = v.view(B, T, a.num_key_value_heads, a.head_dim).transpose(1, 2)
-        cos, sin = ctx.rope["cos"], ctx.rope["sin"]
+        v = v.view(B, T, a.num_key_value_heads, a.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        q, k = self.qk_norm(w, q, k)
+        cos, sin = c.rope["cos"], c.rope["sin"]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v)  # (B, Hkv, S, D)
-        o = attention(q, k, v, ctx.mask, ctx.is_causal, a.head_dim**-0.5)
+        o = attention(q, k, v, c.mask, c.is_causal, scale, softcap)
         o = o.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*D)
-        x = x + F.linear(o, w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"))
-        h = rms_norm(x, w["post_attention_layernorm.weight"], a.rms_norm_eps)
+        return F.linear(o, w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"))
+
+    def mlp(self, w: dict[str, torch.Tensor], h: torch.Tensor) -> torch.Tensor:
         gate = F.linear(h, w["mlp.gate_proj.weight"], w.get("mlp.gate_proj.bias"))
         up = F.linear(h, w["mlp.up_proj.weight"], w.get("mlp.up_proj.bias"))
-        return x + F.linear(self.act(gate) * up, w["mlp.down_proj.weight"], w.get("mlp.down_proj.bias"))
+        return F.linear(self.act(gate) * up, w["mlp.down_proj.weight"], w.get("mlp.down_proj.bias"))
+
+    def layer(self, i: int, w: dict[str, torch.Tensor], x: torch.Tensor, cache, ctx) -> torch.Tensor:
+        a = self.args
+        c = self.layer_context(i, ctx)
+        h = self.norm(x, w["input_layernorm.weight"], a.rms_norm_eps)
+        x = x + self.self_attn(w, h, cache, c, a.head_dim**-0.5)
+        return x + self.mlp(w, self.norm(x, w["post_attention_layernorm.weight"], a.rms_norm_eps))
 
     def head(self, w: dict[str, torch.Tensor], x: torch.Tensor, embeddings: dict[str, torch.Tensor]) -> torch.Tensor:
-        h = rms_norm(x, w["norm.weight"], self.args.rms_norm_eps)
+        h = self.norm(x, w["norm.weight"], self.args.rms_norm_eps)
         lm = w.get("lm_head.weight")
         if lm is None:
             lm = embeddings["embed_tokens.weight"]
