@@ -430,7 +430,6 @@ class Engine:
         ids = torch.tensor([prompt_ids], dtype=torch.long)
         positions = torch.arange(len(prompt_ids))[None]
         held = ""  # text not yet emitted because it may begin a stop string
-        emitted = ""
         t0 = time.perf_counter()
         logits = self._forward(ids, cache, positions, None, stats, last_only=True)
         stats.prefill_s = time.perf_counter() - t0
@@ -447,11 +446,9 @@ class Engine:
             held += piece
             out, hit = _split_stop(held, stops)
             if hit:
-                emitted += out
                 yield Chunk(out, tok, n)
                 finish, stop_hit = "stop", True
                 break
-            emitted += out
             held = held[len(out) :]
             yield Chunk(out, tok, n)
             if n + 1 == max_new:

@@ -33,14 +33,21 @@ class TraceRecorder:
         with self._lock:
             self.events.append(ev)
 
+    # The engine calls these per layer; when tracing is off they return before building any event.
     def read(self, layer: int, name: str, t0: float, t1: float, nbytes: int, resident: bool = False) -> None:
+        if not self.enabled:
+            return
         self._add(f"read {name}", "io", 2, t0, t1, {"layer": layer, "bytes": nbytes, "resident": resident,
                                                     "GB/s": round(nbytes / max(t1 - t0, 1e-9) / 1e9, 3)})
 
     def compute(self, layer: int, t0: float, t1: float) -> None:
+        if not self.enabled:
+            return
         self._add(f"layer {layer}", "compute", 1, t0, t1, {"layer": layer})
 
     def stall(self, layer: int, t0: float, t1: float) -> None:
+        if not self.enabled:
+            return
         self._add(f"stall before layer {layer}", "stall", 1, t0, t1, {"layer": layer})
 
     def write(self, path: str | Path) -> None:
