@@ -27,8 +27,9 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
+from layerrun.errors import LayerRunError  # noqa: E402
 from layerrun.server import running_server  # noqa: E402
-from layerrun.server.run import exposure_warning  # noqa: E402
+from layerrun.server.run import DEFAULT_MAX_BODY, check_cors_origins, cors_warning, exposure_warning  # noqa: E402
 
 MODEL = "qwen2"
 
@@ -326,6 +327,152 @@ def test_exposure_warning():
     assert "reachable" in exposure_warning("192.168.1.5", "key") and "anyone" not in exposure_warning("::", "key")
 
 
+# ---- request-body limit and CORS -------------------------------------------------------
+def padded(size: int) -> bytes:
+    """A valid completion request of exactly ``size`` bytes (JSON padded with spaces)."""
+    body = json.dumps({"model": MODEL, "prompt": "Hi", "max_tokens": 2}).encode()
+    return body[:-1] + b" " * (size - len(body)) + b"}"
+
+
+def assert_413(r: httpx.Response, limit: int) -> None:
+    assert r.status_code == 413, r.text
+    err = r.json()["error"]
+    assert err["code"] == "request_too_large" and err["type"] == "invalid_request_error"
+    assert str(limit) in err["message"] and "--max-body" in err["message"]
+
+
+def test_body_over_the_default_limit_is_413_and_the_server_keeps_serving(server):
+    rejected = 'layerrun_requests_rejected_total{reason="body_too_large"}'
+    before = metric(server, rejected)
+    headers = {"content-type": "application/json"}
+    with httpx.Client(base_url=server.url, timeout=30) as h:  # one keep-alive connection throughout
+        assert h.post("/v1/completions", content=padded(DEFAULT_MAX_BODY), headers=headers).status_code == 200
+        assert_413(h.post("/v1/completions", content=padded(DEFAULT_MAX_BODY + 1), headers=headers), DEFAULT_MAX_BODY)
+        assert_413(h.post("/v1/chat/completions", content=b"x" * (8 * DEFAULT_MAX_BODY), headers=headers),
+                   DEFAULT_MAX_BODY)
+        r = h.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2})
+        assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"]
+    assert metric(server, rejected) == before + 2
+    # the openai client sees it as an API error with the body
+    with pytest.raises(openai.APIStatusError) as e:
+        client(server).completions.create(model=MODEL, prompt="word " * DEFAULT_MAX_BODY, max_tokens=1)
+    assert e.value.status_code == 413 and e.value.body["code"] == "request_too_large"
+
+
+def test_chunked_body_over_the_limit_is_cut_off(engine):
+    limit = 64 * 1024
+    with running_server(engine, model_name=MODEL, max_body="64KiB") as s:
+        def chunks(total: int, size: int = 4096):  # a valid request, padded with spaces to about `total` bytes
+            head = b'{"prompt": "Hi", "max_tokens": 1'
+            yield head
+            sent = len(head)
+            while sent < total:
+                yield b" " * min(size, total - sent)
+                sent += size
+            yield b"}"
+
+        with httpx.Client(base_url=s.url, timeout=30) as h:
+            headers = {"content-type": "application/json"}
+            r = h.post("/v1/completions", content=chunks(limit * 4), headers=headers)  # a generator: chunked
+            assert "content-length" not in r.request.headers and r.request.headers["transfer-encoding"] == "chunked"
+            assert_413(r, limit)
+            r = h.post("/v1/completions", content=chunks(limit // 2), headers=headers)  # under the limit: served
+            assert r.status_code == 200, r.text
+            assert r.json()["usage"]["completion_tokens"] == 1
+
+        # A raw upload that never ends: the 413 comes once the limit is passed, while the client is still sending.
+        with socket.create_connection(("127.0.0.1", s.port), timeout=10) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n")
+            chunk = b"%x\r\n%s\r\n" % (1024, b" " * 1024)
+            for _ in range(limit // 1024 + 8):  # no final 0-length chunk: the body is unfinished
+                sock.sendall(chunk)
+            reply = b""
+            while b"\r\n\r\n" not in reply:
+                data = sock.recv(65536)
+                assert data, reply
+                reply += data
+            assert reply.startswith(b"HTTP/1.1 413 ")
+            head, _, rest = reply.partition(b"\r\n\r\n")
+            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length:")))
+            while len(rest) < length:
+                rest += sock.recv(65536)
+            assert json.loads(rest)["error"]["code"] == "request_too_large"
+
+        # Content-Length over the limit with Expect: 100-continue: refused without asking for the body, and closed.
+        r = httpx.post(s.url + "/v1/completions", content=b"x" * (limit + 1), headers={"Expect": "100-continue"})
+        assert_413(r, limit)
+        assert r.headers["connection"] == "close"
+        assert client(s).completions.create(model=MODEL, prompt="a", max_tokens=1).choices  # still serving
+
+
+def test_cors_is_off_by_default(server):
+    r = httpx.options(server.url + "/v1/chat/completions",
+                      headers={"Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in r.headers
+    r = httpx.get(server.url + "/v1/models", headers={"Origin": "http://localhost:3000"})
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+
+
+def test_cors_allowed_origins(engine):
+    allowed, other = "http://localhost:3000", "https://evil.example"
+    with running_server(engine, model_name=MODEL, api_key="s3cret",
+                        cors_origins=["http://localhost:3000/", "https://App.example.com"]) as s:
+        def preflight(origin: str) -> httpx.Response:
+            return httpx.options(s.url + "/v1/chat/completions", headers={
+                "Origin": origin, "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os"})
+
+        # the preflight needs no API key (browsers send none with it) and allows the Authorization header
+        r = preflight(allowed)
+        assert r.status_code == 200, r.text
+        assert r.headers["access-control-allow-origin"] == allowed
+        assert "POST" in r.headers["access-control-allow-methods"]
+        assert "authorization" in r.headers["access-control-allow-headers"].lower()
+        assert preflight("https://app.example.com").headers["access-control-allow-origin"] == "https://app.example.com"
+        r = preflight(other)
+        assert r.status_code >= 400 and "access-control-allow-origin" not in r.headers
+
+        # the request itself: allowed origins get the header, on refusals (401, 413) too
+        auth = {"Authorization": "Bearer s3cret"}
+        r = httpx.post(s.url + "/v1/completions", json={"prompt": "a", "max_tokens": 1},
+                       headers={"Origin": allowed, **auth})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == allowed
+        assert "Origin" in r.headers["vary"]
+        r = httpx.get(s.url + "/v1/models", headers={"Origin": allowed})
+        assert r.status_code == 401 and r.headers["access-control-allow-origin"] == allowed
+        r = httpx.post(s.url + "/v1/completions", content=b"x" * (DEFAULT_MAX_BODY + 1),
+                       headers={"Origin": allowed, **auth})
+        assert r.status_code == 413 and r.headers["access-control-allow-origin"] == allowed
+        r = httpx.get(s.url + "/v1/models", headers={"Origin": other, **auth})
+        assert r.status_code == 200 and "access-control-allow-origin" not in r.headers
+
+    with running_server(engine, model_name=MODEL, cors_origins=["*"]) as s:
+        r = httpx.options(s.url + "/v1/completions", headers={"Origin": other, "Access-Control-Request-Method": "POST",
+                                                               "Access-Control-Request-Headers": "authorization"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*"
+        r = httpx.get(s.url + "/v1/models", headers={"Origin": other})
+        assert r.headers["access-control-allow-origin"] == "*"
+
+
+def test_body_limit_and_cors_options_are_checked(engine):
+    assert check_cors_origins(["HTTP://LocalHost:3000/", "*", "https://a.example"]) == [
+        "http://localhost:3000", "*", "https://a.example"]
+    for bad in ("localhost:3000", "http://a.example/path", "null", ""):
+        with pytest.raises(LayerRunError, match="--cors-origin"):
+            check_cors_origins([bad])
+    assert "--api-key" in cors_warning(["*"], None)
+    assert cors_warning(["*"], "key") is None and cors_warning(["http://a.example"], None) is None
+    assert cors_warning(None, None) is None
+    assert check_cors_origins("https://a.example") == ["https://a.example"]  # one origin as a plain string
+    from layerrun.server import create_app
+
+    for bad in (0, "0", "lots"):
+        with pytest.raises(LayerRunError, match="--max-body"):
+            create_app(engine, max_body=bad)
+
+
 # ---- fuzzing from the OpenAPI schema ---------------------------------------------------
 def test_fuzz_from_openapi_schema_finds_no_server_error(tiny_layered, tmp_path):
     """Bodies generated from the server's own schema, valid and invalid: never a 500."""
@@ -381,7 +528,8 @@ def test_serve_command(tiny_layered):
     """`layerrun serve MODEL --port P` serves, and exits 0 on Ctrl-C."""
     port = free_port()
     cmd = [sys.executable, "-m", "layerrun", "serve", str(tiny_layered("qwen2")), "--port", str(port),
-           "--served-model-name", "tiny", "--batch-size", "4", "--log-level", "warning"]
+           "--served-model-name", "tiny", "--batch-size", "4", "--log-level", "warning",
+           "--max-body", "2KiB", "--cors-origin", "http://localhost:3000"]
     env = {**os.environ, "LAYERRUN_API_KEY": ""}
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
@@ -397,6 +545,9 @@ def test_serve_command(tiny_layered):
         assert httpx.get(url + "/v1/models").json()["data"][0]["id"] == "tiny"
         c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         assert c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3).choices
+        r = httpx.post(url + "/v1/completions", json={"prompt": "x" * 2048}, headers={"Origin": "http://localhost:3000"})
+        assert r.status_code == 413 and "2048 bytes" in r.json()["error"]["message"]
+        assert r.headers["access-control-allow-origin"] == "http://localhost:3000"
     finally:
         p.send_signal(signal.SIGINT)
         out, err = p.communicate(timeout=30)

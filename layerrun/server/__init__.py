@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from layerrun.errors import LayerRunError
-from layerrun.server.run import DEFAULT_HOST, DEFAULT_PORT
+from layerrun.server.run import DEFAULT_HOST, DEFAULT_MAX_BODY, DEFAULT_PORT, check_cors_origins
 from layerrun.server.worker import DEFAULT_MAX_WAITING
 
 API_KEY_ENV = "LAYERRUN_API_KEY"
@@ -66,12 +66,17 @@ def _resolve_model(model: str | None) -> tuple[str, str]:
 def cmd_serve(a) -> int:
     import layerrun
     from layerrun.cli import engine_options
+    from layerrun.io.throttle import parse_size
 
     _require_server_packages()
     if not 0 <= a.port <= 65535:
         raise LayerRunError(f"--port must be in 0..65535, got {a.port}")
     if a.max_waiting < 0:
         raise LayerRunError(f"--max-waiting must be >= 0, got {a.max_waiting}")
+    max_body = parse_size(a.max_body, "--max-body")
+    if max_body < 1:
+        raise LayerRunError(f"--max-body must be at least 1 byte, got {a.max_body!r}")
+    cors_origins = check_cors_origins(a.cors_origin)
     model, name = _resolve_model(a.model)
     names = a.served_model_name or [name]
     api_key = a.api_key or os.environ.get(API_KEY_ENV) or None
@@ -82,7 +87,8 @@ def cmd_serve(a) -> int:
               f"at http://{host}:{a.port}/v1{' (API key required)' if api_key else ''}", file=sys.stderr)
         try:
             serve(engine, host=a.host, port=a.port, log_level=a.log_level, model_name=names,
-                  batch_size=engine.batch_size, max_waiting=a.max_waiting, api_key=api_key)
+                  batch_size=engine.batch_size, max_waiting=a.max_waiting, api_key=api_key, max_body=max_body,
+                  cors_origins=cors_origins)
         except KeyboardInterrupt:  # uvicorn shuts down gracefully on Ctrl-C, then re-raises it: the normal way out
             pass
     print("server stopped", file=sys.stderr)
@@ -103,6 +109,11 @@ def add_serve_parser(subparsers) -> None:
                    help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV} if set)")
     c.add_argument("--max-waiting", type=int, default=DEFAULT_MAX_WAITING,
                    help="sequences queued beyond --batch-size before requests get 429")
+    c.add_argument("--max-body", default=str(DEFAULT_MAX_BODY), metavar="SIZE",
+                   help="largest request body, e.g. 4MiB; larger ones get 413 (default 1MiB)")
+    c.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN",
+                   help="let web pages from ORIGIN (e.g. http://localhost:3000, or * for any) call the API "
+                        "(repeatable; default: no CORS headers)")
     c.add_argument("--served-model-name", action="append", default=None, metavar="NAME",
                    help="the name clients use as `model` (repeatable; default: the folder or store name)")
     c.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],

@@ -5,12 +5,17 @@ queued to the :class:`~layerrun.server.worker.Worker`, which batches every
 live sequence through each layer load. Responses are JSON or Server-Sent
 Events. Every refusal is an OpenAI-style error body
 ``{"error": {"message", "type", "param", "code"}}`` naming the field.
+
+Middleware, outermost first: CORS (only with ``cors_origins``, so that
+preflights need no API key and refusals carry the CORS headers), the API key
+check, then the request-body limit (413).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import inspect
 import json
 import time
 import uuid
@@ -26,7 +31,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from layerrun import __version__
 from layerrun.errors import LayerRunError
+from layerrun.io.throttle import parse_size
 from layerrun.server.metrics import CONTENT_TYPE, ServerMetrics
+from layerrun.server.run import DEFAULT_MAX_BODY, check_cors_origins
 from layerrun.server.schemas import DEFAULT_COMPLETION_MAX_TOKENS, ChatCompletionRequest, CompletionRequest
 from layerrun.server.worker import DEFAULT_MAX_WAITING, Output, Ticket, Worker
 
@@ -70,6 +77,8 @@ def create_app(
     batch_size: int | None = None,
     max_waiting: int = DEFAULT_MAX_WAITING,
     api_key: str | None = None,
+    max_body: int | str | None = DEFAULT_MAX_BODY,
+    cors_origins: list[str] | None = None,
 ) -> FastAPI:
     """The ASGI app serving ``engine``.
 
@@ -78,6 +87,10 @@ def create_app(
     ``batch_size``: most sequences per step (default: the engine's). Up to
     ``max_waiting`` more wait for a place; beyond that requests get 429.
     ``api_key``: when set, ``/v1/*`` requires ``Authorization: Bearer <key>``.
+    ``max_body``: largest request body in bytes (or a size such as ``"4MiB"``);
+    larger ones get 413, counted as they arrive (``None``: no limit).
+    ``cors_origins``: origins (``scheme://host[:port]``, or ``"*"``) whose web
+    pages may call the API; default none (no CORS headers).
     """
     names = [model_name] if isinstance(model_name, str) else list(model_name or [engine.path.name])
     batch_size = int(batch_size or engine.batch_size)
@@ -85,6 +98,11 @@ def create_app(
         raise LayerRunError(f"--batch-size must be >= 1, got {batch_size}")
     if max_waiting < 0:
         raise LayerRunError(f"--max-waiting must be >= 0, got {max_waiting}")
+    if max_body is not None:
+        max_body = parse_size(max_body, "--max-body")
+        if max_body < 1:
+            raise LayerRunError(f"--max-body must be at least 1 byte, got {max_body}")
+    cors_origins = check_cors_origins(cors_origins)
     if engine.has_tokenizer:
         engine.tokenizer  # noqa: B018 - load it now, not concurrently from two request threads
     metrics = ServerMetrics(engine, batch_size, max_waiting)
@@ -104,8 +122,13 @@ def create_app(
                   description="OpenAI-compatible API of a LayerRun engine (continuous batching).")
     app.state.engine, app.state.worker, app.state.metrics = engine, worker, metrics
     app.state.model_names = names
+    # add_middleware puts each one outside those added before it
+    if max_body is not None:
+        app.add_middleware(_BodyLimit, limit=max_body, on_refuse=lambda: metrics.rejected.inc(reason="body_too_large"))
     if api_key:
         app.add_middleware(_KeyCheck, key=api_key)
+    if cors_origins:
+        _add_cors(app, cors_origins)
     base_openapi = app.openapi
 
     def openapi() -> dict:
@@ -287,6 +310,85 @@ class _KeyCheck:
                 await err.response()(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+class _BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes gets 413 and never reaches the app.
+
+    A Content-Length over the limit is refused before any of the body is read.
+    Otherwise the body is read here, counting bytes as they arrive, so that a
+    chunked upload (no Content-Length) is cut off as soon as it passes the
+    limit: at most ``limit`` bytes are ever kept. The app then gets the body
+    in one message. After a 413 the HTTP server (uvicorn) discards the rest of
+    the upload, so the client, which sends its whole body before reading,
+    still reads the 413, and the connection stays usable.
+    """
+
+    def __init__(self, app, limit: int, on_refuse=None):
+        self.app, self.limit, self.on_refuse = app, limit, on_refuse
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        try:
+            declared = int(headers.get(b"content-length", b""))
+        except ValueError:
+            declared = None  # absent (chunked, or no body); a malformed one never gets past the HTTP server
+        if declared is not None and declared > self.limit:
+            # Expecting "100 Continue", the client has sent none of the body: close rather than read it as a request.
+            close = headers.get(b"expect", b"").lower() == b"100-continue"
+            await self._refuse(scope, receive, send, close)
+            return
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left mid-upload: nobody to answer
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                await self._refuse(scope, receive, send, False)
+                return
+            if chunk:
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        pending = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        async def replay():
+            nonlocal pending
+            if pending is None:
+                return await receive()  # what comes after the body: http.disconnect
+            message, pending = pending, None
+            return message
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope, receive, send, close: bool) -> None:
+        if self.on_refuse:
+            self.on_refuse()
+        err = APIError(413, f"the request body is larger than this server's limit of {self.limit} bytes "
+                            "(layerrun serve --max-body)", code="request_too_large",
+                       headers={"Connection": "close"} if close else None)
+        await err.response()(scope, receive, send)
+
+
+def _add_cors(app: FastAPI, origins: list[str]) -> None:
+    from starlette.middleware.cors import CORSMiddleware
+
+    options = dict(
+        allow_origins=origins, allow_methods=["GET", "POST"],
+        allow_headers=["*"],  # mirrors what a preflight asks for, Authorization included (a bare * would not cover it)
+        expose_headers=["Retry-After"],  # sent with 429; the openai clients read it
+        allow_credentials=False,  # the API key is a header, not a cookie: no credentialed requests needed
+    )
+    # Newer Starlette refuses a preflight asking for private-network access (a public page calling this machine)
+    # unless told; the operator named these origins, so allow it. Older versions ignore that header anyway.
+    if "allow_private_network" in inspect.signature(CORSMiddleware.__init__).parameters:
+        options["allow_private_network"] = True
+    app.add_middleware(CORSMiddleware, **options)
 
 
 def _check_model(model: str | None, names: list[str]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 import sys
 import threading
 import time
@@ -16,6 +17,8 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 STARTUP_TIMEOUT_S = 30.0
 GRACEFUL_SHUTDOWN_S = 5  # open streams get this long to finish on Ctrl-C
+DEFAULT_MAX_BODY = 1 << 20  # 1 MiB: a request body larger than this gets 413
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/?#\s]+")
 
 
 def is_loopback(host: str) -> bool:
@@ -35,6 +38,26 @@ def exposure_warning(host: str, api_key: str | None) -> str | None:
     return f"warning: binding {host}: the server is reachable beyond this machine{tail}"
 
 
+def check_cors_origins(origins) -> list[str]:
+    """``--cors-origin`` values as browsers send ``Origin`` (``scheme://host[:port]``, lower case), or ``*``."""
+    out = []
+    for origin in [origins] if isinstance(origins, str) else origins or []:
+        o = origin.strip().lower().removesuffix("/")
+        if o != "*" and not _ORIGIN.fullmatch(o):
+            raise LayerRunError(f"--cors-origin: {origin!r} is not an origin (examples: http://localhost:3000, "
+                                "https://app.example.com, or * for any)")
+        out.append(o)
+    return out
+
+
+def cors_warning(origins, api_key: str | None) -> str | None:
+    """A warning when any web page may call the server."""
+    if "*" not in (origins or []) or api_key:
+        return None
+    return ("warning: --cors-origin *: any web page open in a browser that can reach the server can use it; "
+            "name the origins, or set --api-key")
+
+
 def _config(app, host: str, port: int, log_level: str):
     import uvicorn
 
@@ -47,9 +70,10 @@ def serve(engine, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, log_level:
 
     from layerrun.server.app import create_app
 
-    warning = exposure_warning(host, app_options.get("api_key"))
-    if warning:
-        print(warning, file=sys.stderr)
+    key = app_options.get("api_key")
+    for warning in (exposure_warning(host, key), cors_warning(check_cors_origins(app_options.get("cors_origins")), key)):
+        if warning:
+            print(warning, file=sys.stderr)
     app = create_app(engine, **app_options)
     uvicorn.Server(_config(app, host, port, log_level)).run()
 
