@@ -27,6 +27,8 @@ from layerrun.errors import FormatError, UnsupportedModelError
 from layerrun.formats import gguf as lr_gguf
 from layerrun.formats.convert import convert
 from layerrun.formats.gguf import GGUFFile, GGUFSource, inspect_gguf
+from layerrun.formats.manifest import layer_file_name
+from layerrun.formats.source import split_name
 from layerrun.models import supported_model_types
 
 STRINGS = [
@@ -431,6 +433,85 @@ def test_plain_float_types_keep_their_dtype(tmp_path):
     assert a.dtype == torch.float32 and torch.equal(a, x)
     assert b.dtype == torch.float16 and torch.equal(b, x.half())
     assert c.dtype == torch.bfloat16 and torch.equal(c, x.bfloat16())
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits, so that NaNs compare equal (torch.equal never holds for them)."""
+    return t.contiguous().view({4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
+@pytest.mark.parametrize("qtype", list(_HALF_OFFSETS), ids=lambda q: q.name)
+def test_read_in_a_dtype_is_chunked_and_bit_identical(qtype, tmp_path, monkeypatch):
+    """read(name, dtype), cast chunk by chunk, gives exactly read(name).to(dtype), the whole-tensor cast."""
+    monkeypatch.setattr(lr_gguf, "_CHUNK_BYTES", 2000)  # several row chunks, and a short last one
+    data = _random_blocks(qtype, 37, 512, seed=3)
+    x = torch.from_numpy(np.random.default_rng(4).standard_normal((37, 64)).astype(np.float32) * 1e3)
+    x[0, :4] = torch.tensor([float("inf"), float("-inf"), float("nan"), 3.0e38])  # specials and a bf16 overflow
+    v = torch.randn(64)
+    path = _write_raw(
+        tmp_path / "q.gguf",
+        {"q": (data, qtype), "f32": (x.numpy(), None), "f16": (x.clamp(-6e4, 6e4).half().numpy(), None), "v": (v.numpy(), None)},
+    )
+    with GGUFFile(path) as f:
+        for name in ("q", "f32", "f16", "v"):
+            whole = f.read(name)
+            for dtype in (torch.bfloat16, torch.float16, torch.float32):
+                got = f.read(name, dtype)
+                assert got.dtype == dtype and got.shape == whole.shape, (name, dtype)
+                assert torch.equal(_bits(got), _bits(whole.to(dtype))), (name, dtype)
+
+
+def test_get_in_a_dtype_equals_get_then_cast(tiny_gguf, monkeypatch):
+    """Every tensor, with the llama q/k un-permutation and the Gemma norm offset, cast by the source."""
+    monkeypatch.setattr(lr_gguf, "_CHUNK_BYTES", 500)
+    for name, qtype in (("llama_gqa", Q.Q8_0), ("gemma3_text", Q.Q8_0), ("gemma3_text", Q.F32)):
+        folder, fname = tiny_gguf(name, qtype)
+        src = GGUFSource(folder / fname)
+        for n in src.tensor_names():
+            for dtype in (torch.bfloat16, torch.float32):
+                got = src.get(n, dtype)
+                assert got.dtype == dtype and torch.equal(got, src.get(n).to(dtype)), (name, n, dtype)
+        src.close()
+
+
+def test_bf16_conversion_asks_the_source_for_bf16(tiny_gguf, tmp_path, monkeypatch):
+    """The converter passes its storage dtype to GGUFSource.get, and stores what a whole-tensor cast gives."""
+    folder, fname = tiny_gguf("llama_gqa", Q.Q8_0)
+    asked = []
+    real_get = GGUFSource.get
+
+    def get(self, name, dtype=None):
+        asked.append(dtype)
+        return real_get(self, name, dtype)
+
+    monkeypatch.setattr(GGUFSource, "get", get)
+    convert(folder / fname, tmp_path / "m", dtype="bfloat16", progress=False)
+    assert asked and set(asked) == {torch.bfloat16}
+    monkeypatch.undo()
+    src = GGUFSource(folder / fname)
+    files: dict[str, dict] = {}
+    for n in src.tensor_names():
+        kind, idx, short = split_name(n)
+        fname = layer_file_name(idx) if idx is not None else f"{kind}.safetensors"
+        stored = files.setdefault(fname, load_file(str(tmp_path / "m" / fname)))
+        assert torch.equal(stored[short], src.get(n).to(torch.bfloat16)), n
+    src.close()
+
+
+def test_tokenizer_module_is_the_builder(tiny_gguf):
+    """gguf.build_tokenizer(header), kept for older callers, is gguf_tokenizer's builder on the metadata."""
+    from layerrun.formats import gguf_tokenizer
+
+    folder, fname = tiny_gguf("llama_gqa", vocab="spm")
+    h = lr_gguf.read_header(folder / fname)
+    old, cfg_old, tpl_old = lr_gguf.build_tokenizer(h)
+    new, cfg_new, tpl_new = gguf_tokenizer.tokenizer_from_metadata(h.metadata, fname)
+    assert old.to_str() == new.to_str() and cfg_old == cfg_new and tpl_old == tpl_new
+    assert cfg_new["model_max_length"] == 256
+    gguf_tokenizer.check_tokenizer(h.metadata, fname)
+    with pytest.raises(UnsupportedModelError, match=r"x\.gguf: GGUF tokenizer 'bert' is not supported"):
+        gguf_tokenizer.check_tokenizer({**h.metadata, "tokenizer.ggml.model": "bert"}, "x.gguf")
+    assert gguf_tokenizer.write_tokenizer_files({}, folder) == []
 
 
 def test_tensor_dtype_reports_what_get_returns(tiny_gguf):

@@ -9,6 +9,7 @@ so an unfinished folder never looks complete.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -239,6 +240,8 @@ def convert(
             )
 
         total = sum(out_bytes(f) for f in order)
+        # A source whose get() takes a dtype (GGUF) casts while it dequantizes: no float32 copy of a tensor.
+        takes_dtype = "dtype" in inspect.signature(source.get).parameters
         bar = _Progress(total, progress, "converting")
         entries: list[FileEntry] = []
         t0 = time.perf_counter()
@@ -254,7 +257,10 @@ def convert(
                 tensors = {}
                 converted = 0  # source bytes at the storage dtype, as the progress total counts them
                 for short, full in groups.get(fname, {}).items():
-                    t = source.get(full)
+                    if takes_dtype and (scheme is None or kind != KIND_LAYER):  # quantize_tensor wants source values
+                        t = source.get(full, dtype=_out_dtype(source.tensor_dtype(full), out_dtype))
+                    else:
+                        t = source.get(full)
                     converted += t.numel() * _out_dtype(t.dtype, out_dtype).itemsize
                     if scheme is not None and kind == KIND_LAYER and quantizable(short, t):
                         parts = quantize_tensor(t, scheme)  # from the source values, not a storage-dtype cast

@@ -14,21 +14,21 @@ Architectures: ``llama`` (Llama, SmolLM, Mistral-style files), ``qwen2``,
   whole file, so resident memory stays at one tensor) and dequantized to float32
   in row chunks with ``gguf.quants.dequantize``, the numpy reference of the
   ``gguf`` package maintained in llama.cpp. F16 and BF16 tensors keep their
-  dtype. Verified against an independent implementation (transformers' torch
-  dequantizer) or a quantize round trip in the tests: F32, F16, BF16, Q8_0,
-  Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K. The other types gguf-py
-  dequantizes (IQ*, TQ*, MXFP4) pass through it as-is.
+  dtype. Asked for another dtype (``GGUFSource.get(name, dtype)``, as the
+  converter does), each chunk is cast straight into an output of that dtype, so
+  a bf16 conversion never holds a whole matrix in float32 (same bits as a cast
+  of the whole). Verified against an independent implementation (transformers'
+  torch dequantizer) or a quantize round trip in the tests: F32, F16, BF16,
+  Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K. The other types
+  gguf-py dequantizes (IQ*, TQ*, MXFP4) pass through it as-is.
 - **llama.cpp's changes, undone**: its converter permutes the rows of q_proj and
   k_proj for the ``llama`` architecture (to pair RoPE dimensions its own way), and
   stores Gemma's RMSNorm weights as ``w + 1``. Both are reversed exactly as
   transformers' GGUF loader does, so weights and logits match it.
-- **Tokenizer**: ``tokenizer.json`` is built with the ``tokenizers`` library
-  directly, porting transformers' GGUF tokenizer conversion
-  (``transformers/integrations/gguf/gguf_tokenizer_mapping.py`` and the
-  GPT2/Llama/Gemma tokenizer classes it hands off to). Chosen over calling
-  transformers at conversion time because the port is under 200 lines and keeps
-  transformers a test-only dependency; the tests check that both give the same
-  ids on a fixed set of strings.
+- **Tokenizer**: ``tokenizer.json`` is built from the ``tokenizer.ggml.*``
+  metadata by :mod:`layerrun.formats.gguf_tokenizer` (a port of transformers'
+  GGUF tokenizer conversion); :class:`GGUFSource` checks the kind when it opens
+  the file and writes the files in :meth:`GGUFSource.write_aux_files`.
 """
 
 from __future__ import annotations
@@ -48,6 +48,12 @@ import numpy as np
 import torch
 
 from layerrun.errors import FormatError, UnsupportedModelError
+from layerrun.formats.gguf_tokenizer import (  # noqa: F401  (TOKENIZER_KINDS: re-exported for older importers)
+    TOKENIZER_KINDS,
+    check_tokenizer,
+    tokenizer_from_metadata,
+    write_tokenizer_files,
+)
 
 # ---- the file: header, metadata, tensor table -----------------------------
 
@@ -70,7 +76,7 @@ _STRING, _ARRAY = 8, 9
 
 F32, F16, BF16 = 0, 1, 30
 _PLAIN = {F32: (np.float32, torch.float32), F16: (np.float16, torch.float16), BF16: (np.int16, torch.bfloat16)}
-_CHUNK_BYTES = 16 << 20  # quantized tensors are read and dequantized this many bytes at a time
+_CHUNK_BYTES = 4 << 20  # stored bytes read and dequantized (or cast) at a time; bounds the float32 temporaries
 
 
 def _ggml_types() -> dict[int, tuple[str, int, int]]:
@@ -206,29 +212,49 @@ class GGUFFile:
         self.header = read_header(self.path)
         self._fd = os.open(self.path, os.O_RDONLY)
 
-    def read(self, name: str) -> torch.Tensor:
-        """One tensor: F16/BF16/F32 as stored, anything quantized dequantized to float32."""
+    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """One tensor: F16/BF16/F32 as stored, anything quantized dequantized to float32.
+
+        With ``dtype``, the tensor comes back in that dtype, converted one row chunk at a
+        time into the output, so a matrix is never held whole at the stored (or float32)
+        precision; a vector is read whole and cast. The values are the same, bit for bit,
+        as ``read(name).to(dtype)``: each element is the same float32 (or stored-dtype)
+        value, cast once.
+        """
         t = self.header.tensors[name]
+        rows = prod(t.shape[:-1])  # 1 for a vector
+        row_bytes = t.nbytes // rows if rows else 0
         if t.ggml_type in _PLAIN:
             np_dtype, torch_dtype = _PLAIN[t.ggml_type]
-            buf = self._pread(t.offset, t.nbytes)
-            return torch.from_numpy(buf.view(np_dtype)).view(torch_dtype).reshape(t.shape)
+
+            def plain(buf: np.ndarray) -> torch.Tensor:
+                return torch.from_numpy(buf.view(np_dtype)).view(torch_dtype)
+
+            if dtype is None or dtype == torch_dtype or rows <= 1:  # as stored, or a vector (small): whole
+                x = plain(self._pread(t.offset, t.nbytes)).reshape(t.shape)
+                return x if dtype is None else x.to(dtype)
+            out = torch.empty((rows, t.shape[-1]), dtype=dtype)
+            for r, n in self._row_chunks(rows, row_bytes):
+                out[r : r + n] = plain(self._pread(t.offset + r * row_bytes, n * row_bytes)).reshape(n, -1)
+            return out.reshape(t.shape)
         if t.ggml_type not in _dequantizable():
             raise UnsupportedModelError(
                 f"{self.path.name}: tensor {name} has type {t.type_name}, which is not supported"
             )
         import gguf.quants
 
-        cols = t.shape[-1]
-        rows = prod(t.shape[:-1])
-        row_bytes = t.nbytes // rows
-        out = np.empty((rows, cols), dtype=np.float32)
-        step = max(1, _CHUNK_BYTES // row_bytes)
-        for r in range(0, rows, step):  # chunks keep gguf-py's temporaries small
-            n = min(step, rows - r)
+        out = torch.empty((rows, t.shape[-1]), dtype=dtype or torch.float32)
+        for r, n in self._row_chunks(rows, row_bytes):  # chunks keep gguf-py's temporaries small
             raw = self._pread(t.offset + r * row_bytes, n * row_bytes).reshape(n, row_bytes)
-            out[r : r + n] = gguf.quants.dequantize(raw, t.ggml_type)
-        return torch.from_numpy(out).reshape(t.shape)
+            out[r : r + n] = torch.from_numpy(gguf.quants.dequantize(raw, t.ggml_type))  # casts if dtype is set
+        return out.reshape(t.shape)
+
+    @staticmethod
+    def _row_chunks(rows: int, row_bytes: int):
+        """(first row, row count) for chunks of about ``_CHUNK_BYTES`` of stored data."""
+        step = max(1, _CHUNK_BYTES // max(1, row_bytes))
+        for r in range(0, rows, step):
+            yield r, min(step, rows - r)
 
     def _pread(self, offset: int, nbytes: int) -> np.ndarray:
         if self._fd is None:
@@ -430,11 +456,7 @@ class GGUFSource:
                 + ", ".join(sorted(unknown)[:8])
                 + (" …" if len(unknown) > 8 else "")
             )
-        kind = h.metadata.get("tokenizer.ggml.model")
-        if "tokenizer.ggml.tokens" in h.metadata and kind not in TOKENIZER_KINDS:
-            raise UnsupportedModelError(
-                f"{self.path.name}: GGUF tokenizer {kind!r} is not supported; supported: {', '.join(TOKENIZER_KINDS)}"
-            )
+        check_tokenizer(h.metadata, self.path.name)
         self.config = build_config(h)
         self.file = GGUFFile(self.path)
 
@@ -468,29 +490,30 @@ class GGUFSource:
     def _offset_norm(self, name: str) -> bool:
         return self.arch.norm_plus_one and name.endswith("norm.weight")
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor under its HF name, in ``tensor_dtype(name)``; or in ``dtype`` when one is given.
+
+        ``dtype`` (an optional extension of :class:`ModelSource`'s ``get``, which the converter
+        passes when it stores the tensor at that dtype) returns exactly ``get(name).to(dtype)``,
+        but a large tensor is converted row chunk by row chunk into the output, without first
+        holding all of it in float32 (Gemma 3 270M's 262k x 640 embedding: 671 MB).
+        """
         if self.file is None:
             raise FormatError(f"{self.path}: source is closed")
-        x = self.file.read(self._by_hf[name].name)
+        gguf_name = self._by_hf[name].name
         if self._offset_norm(name):
-            x = x.float() - 1.0  # in float32, as transformers does, so precision near 1.0 is kept
+            x = self.file.read(gguf_name).float() - 1.0  # in float32, as transformers does, so precision near 1.0 is kept
+        else:
+            x = self.file.read(gguf_name, dtype)
         if self.arch.permute_qk and (".q_proj." in name or ".k_proj." in name):
             n = self.config["num_attention_heads"] if ".q_proj." in name else self.config["num_key_value_heads"]
-            x = _unpermute(x, n)
-        return x
+            x = _unpermute(x, n)  # a permutation of rows: the same before or after a cast
+        return x if dtype is None else x.to(dtype)
 
     def write_aux_files(self, dst: Path) -> list[str]:
         """tokenizer.json, tokenizer_config.json, chat_template.jinja (if any), generation_config.json, config.json."""
         dst = Path(dst)
-        written = []
-        if "tokenizer.ggml.tokens" in self.header.metadata:
-            tok, tok_cfg, template = build_tokenizer(self.header)
-            tok.save(str(dst / "tokenizer.json"))
-            (dst / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n")
-            written += ["tokenizer.json", "tokenizer_config.json"]
-            if template:
-                (dst / "chat_template.jinja").write_text(template)
-                written.append("chat_template.jinja")
+        written = write_tokenizer_files(self.header.metadata, dst, self.path.name)
         gen = {k: self.config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in self.config}
         if gen:
             (dst / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
@@ -512,175 +535,16 @@ def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.transpose(1, 2).reshape(shape).contiguous()  # (heads, 2, D/2, ...): HF's rotate-half layout
 
 
-# ---- tokenizer -----------------------------------------------------------------
-
-CONTROL, USER_DEFINED = 3, 4
-TOKENIZER_KINDS = ("gpt2", "llama")  # byte-level BPE; SentencePiece BPE with byte fallback
-
-# Pre-tokenizer splits for byte-level vocabularies, by `tokenizer.ggml.pre` (transformers' table).
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-_PRE_SPLITS = {
-    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "dbrx", "smaug-bpe"), _LLAMA3_SPLIT),
-    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "megrez"), _QWEN2_SPLIT),
-}
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs), strict=True))
-
-
-def _generate_merges(vocab: dict[str, int], scores: dict[str, float] | None) -> list[tuple[str, str]]:
-    """BPE merges implied by a vocabulary (transformers' ``generate_merges``, same order on ties).
-
-    With ``scores``, merges sort by the merged token's score, best first; otherwise by its id.
-    """
-    reverse = scores is not None
-    merges = []
-    for merge, score in (scores if reverse else vocab).items():
-        local = [
-            (merge[:i], merge[i:], score) for i in range(1, len(merge)) if merge[:i] in vocab and merge[i:] in vocab
-        ]
-        local.sort(key=lambda x: (vocab[x[0]], vocab[x[1]]))
-        merges.extend(local)
-    merges.sort(key=lambda v: (v[2], len(v[0]), len(v[1])), reverse=reverse)
-    return [(a, b) for a, b, _ in merges]
-
-
-def _file_merges(meta: dict) -> list[tuple[str, str]] | None:
-    m = meta.get("tokenizer.ggml.merges")
-    return [tuple(x.split(" ", 1)) for x in m] if m else None
+# ---- tokenizer (built in gguf_tokenizer) ------------------------------------------
 
 
 def build_tokenizer(h: GGUFHeader):
-    """(tokenizers.Tokenizer, tokenizer_config dict, chat template or None) for the file's vocabulary."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
-    from tokenizers.models import BPE
+    """(tokenizers.Tokenizer, tokenizer_config dict, chat template or None) for the file's vocabulary.
 
-    meta = h.metadata
-    kind = meta.get("tokenizer.ggml.model")
-    tokens = raw = list(meta["tokenizer.ggml.tokens"])
-    types: list[int] = meta.get("tokenizer.ggml.token_type") or []
-    byte_level = kind == "gpt2"
-    spelling = _bytes_to_unicode()
-    alphabet = set(spelling.values())
-    if byte_level:
-        vocab = {t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode()): i for i, t in enumerate(tokens)}
-        merges = _file_merges(meta)
-        if merges is None:
-            merges = _generate_merges(vocab, None)
-        tok = Tokenizer(
-            BPE(
-                vocab=vocab,
-                merges=merges,
-                dropout=None,
-                continuing_subword_prefix="",
-                end_of_word_suffix="",
-                fuse_unk=False,
-            )
-        )
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        split = _PRE_SPLITS.get(meta.get("tokenizer.ggml.pre"))
-        if split:
-            tok.pre_tokenizer = pre_tokenizers.Sequence(
-                [
-                    pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-                ]
-            )
-    elif kind == "llama":  # SentencePiece BPE with byte fallback
-        gemma = h.architecture.startswith("gemma")
-        if gemma:
-            # Gemma stores runs of spaces as real spaces; its merges follow file order, not the scores.
-            tokens = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in tokens]
-        vocab = {t: i for i, t in enumerate(tokens)}
-        merges = _file_merges(meta)
-        if merges is None:
-            scores = (
-                {t: -i for i, t in enumerate(tokens)}
-                if gemma
-                else dict(zip(tokens, meta["tokenizer.ggml.scores"], strict=True))
-            )
-            merges = _generate_merges(vocab, scores)
-        if gemma:
-            tok = Tokenizer(
-                BPE(vocab=vocab, merges=merges, fuse_unk=True, unk_token="<unk>", dropout=None, byte_fallback=True)
-            )
-            tok.normalizer = normalizers.Replace(" ", "\u2581")
-            tok.pre_tokenizer = pre_tokenizers.Split(pattern=" ", behavior="merged_with_previous", invert=False)
-            tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
-        else:
-            tok = Tokenizer(BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True, dropout=None))
-            tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
-            tok.decoder = decoders.Sequence(
-                [
-                    decoders.Replace("\u2581", " "),
-                    decoders.ByteFallback(),
-                    decoders.Fuse(),
-                    decoders.Strip(content=" ", left=1),
-                ]
-            )
-    else:
-        raise UnsupportedModelError(
-            f"{h.path.name}: GGUF tokenizer {kind!r} is not supported; supported: {', '.join(TOKENIZER_KINDS)}"
-        )
-
-    # Control tokens stay whole and are special; user-defined ones stay whole too. A control token
-    # outside the byte alphabet of a byte-level vocabulary is a llama.cpp mislabel: skipped.
-    # As transformers does, these are looked up by the file's spelling, before any respelling above.
-    kinds = list(zip(raw, types, strict=False))
-    control = [t for t, ty in kinds if ty == CONTROL and (not byte_level or set(t) <= alphabet)]
-    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in control])
-    known = tok.get_vocab(with_added_tokens=True)
-    user = [t for t, ty in kinds if ty == USER_DEFINED and t in known]
-    tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in user])
-
-    def token(key: str) -> str | None:
-        i = meta.get(f"tokenizer.ggml.{key}")
-        return raw[i] if i is not None and 0 <= i < len(raw) else None
-
-    special = {
-        "bos_token": token("bos_token_id"),
-        "eos_token": token("eos_token_id"),
-        "unk_token": token("unknown_token_id"),
-        "pad_token": token("padding_token_id"),
-    }
-    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", kind == "llama")) and special["bos_token"] is not None
-    add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False)) and special["eos_token"] is not None
-    # Special tokens the model names must be whole tokens even when the file does not mark them control.
-    tok.add_special_tokens(
-        [AddedToken(t, normalized=False, special=True) for t in special.values() if t is not None and t not in control]
-    )
-    bos, eos = special["bos_token"], special["eos_token"]
-    single = " ".join([f"{bos}:0"] * add_bos + ["$A:0"] + [f"{eos}:0"] * add_eos)
-    pair = " ".join([single] + [f"{bos}:1"] * add_bos + ["$B:1"] + [f"{eos}:1"] * add_eos)
-    specials = ([(bos, tok.token_to_id(bos))] if add_bos else []) + ([(eos, tok.token_to_id(eos))] if add_eos else [])
-    tok.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
-
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        **special,
-        "add_bos_token": add_bos,
-        "add_eos_token": add_eos,
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": int(h.arch_key("context_length", 2048)),
-    }
-    return tok, config, meta.get("tokenizer.chat_template")
+    Kept for callers that pass a header; the builder is
+    :func:`layerrun.formats.gguf_tokenizer.tokenizer_from_metadata`.
+    """
+    return tokenizer_from_metadata(h.metadata, h.path.name)
 
 
 # ---- inspect -------------------------------------------------------------------
