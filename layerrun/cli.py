@@ -224,6 +224,7 @@ def engine_options(a) -> dict:
     return dict(
         mode=a.mode, max_memory=a.max_memory, prefetch=a.prefetch, throttle=a.throttle, device=a.device,
         reader=a.reader, dtype=a.compute_dtype, context=a.context, batch_size=a.batch_size,
+        experts=getattr(a, "experts", "routed"),
     )
 
 
@@ -261,7 +262,7 @@ def _generate_file(engine, a) -> int:
     out_path = Path(a.output) if a.output else None
     sampling = dict(
         max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-        seed=a.seed, stop=a.stop, chat=False if a.raw else None, system=a.system,
+        seed=a.seed, stop=a.stop, chat=False if a.raw else None, system=a.system, ignore_eos=a.ignore_eos,
     )
     t0 = time.perf_counter()
     tokens = 0
@@ -310,6 +311,9 @@ def add_engine_flags(c) -> None:
     c.add_argument("--context", type=int, default=None,
                    help="context length the KV cache is planned for (default: the model's, at most 4096)")
     c.add_argument("--batch-size", type=int, default=8, help="most sequences generated at once (batch mode, server)")
+    c.add_argument("--experts", default="routed", choices=["routed", "all"],
+                   help="mixture-of-experts models (Mixtral): routed reads only the experts each step routes to "
+                        "in streamed layers; all reads whole layers ahead, like a dense model")
 
 
 def print_stats(stats, file=sys.stderr) -> None:
@@ -336,6 +340,12 @@ def print_stats(stats, file=sys.stderr) -> None:
         ("overlap efficiency", f"{stats.overlap_efficiency:.3f} (step time / max(reads, computes); 1.0 is ideal)"),
         ("peak RSS", _human_bytes(stats.peak_rss_bytes)),
     ]
+    if stats.experts_total:
+        seen = stats.expert_bytes_read + stats.expert_bytes_skipped
+        rows.append(("experts (routed reads)",
+                     f"{stats.experts_read} of {stats.experts_total} expert loads read, "
+                     f"{stats.expert_bytes_read / 1e9:.3f} GB; skipped {stats.expert_bytes_skipped / 1e9:.3f} GB "
+                     f"({100 * stats.expert_bytes_skipped / max(seen, 1):.0f}% of expert bytes never read)"))
     if stats.peak_vram_bytes:
         rows.append(("peak VRAM", _human_bytes(stats.peak_vram_bytes)))
     if stats.layer_compute_s and stats.steps:
@@ -353,7 +363,7 @@ def print_stats(stats, file=sys.stderr) -> None:
 def _generate(engine, prompt, a) -> int:
     kwargs = dict(
         max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-        seed=a.seed, stop=a.stop, chat=False if a.raw else None, system=a.system,
+        seed=a.seed, stop=a.stop, chat=False if a.raw else None, system=a.system, ignore_eos=a.ignore_eos,
     )
     if a.json:
         g = engine.generate(prompt, **kwargs)
@@ -481,6 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
     c.add_argument("--stop", action="append", default=None, help="stop when this text appears (repeatable)")
     c.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    c.add_argument("--ignore-eos", action="store_true",
+                   help="keep generating past end-of-sequence tokens (for benchmarks: always max-new-tokens)")
     c.add_argument("--system", default=None, help="system message (chat models)")
     add_engine_flags(c)
     c.add_argument("--prompts-file", default=None, metavar="JSONL",

@@ -1,4 +1,4 @@
-"""Gemma 1/2/3, Qwen 3 and Phi-3 (and Llama's dynamic RoPE) against transformers on tiny random models.
+"""Gemma 1/2/3, Qwen 3, Phi-3 and Mixtral (and Llama's dynamic RoPE) against transformers on tiny random models.
 
 Each spec (tools/tiny_models.py) varies what breaks implementations: head_dim != hidden/heads,
 GQA ratios 1, 3 and 4, tied and untied embeddings, odd vocab sizes, sliding windows (5-8) much
@@ -29,14 +29,18 @@ CASES = [
     "qwen3_sliding",
     "phi3",
     "phi3_partial",
+    "mixtral",
 ]
-WINDOWED = ["gemma2", "gemma2_layer_types", "gemma3", "gemma3_layer_types", "qwen3_sliding", "phi3_partial"]
+WINDOWED = ["gemma2", "gemma2_layer_types", "gemma3", "gemma3_layer_types", "qwen3_sliding", "phi3_partial", "mixtral"]
 FP32_TOL = 1e-4
 BF16_TOL = 2e-2  # measured: 0 (same kernels in the same order as transformers), but not promised
 
 
 def reference(path, dtype=torch.float32):
-    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    kw = {}
+    if json.loads((path / "config.json").read_text())["model_type"] == "mixtral":
+        kw["experts_implementation"] = "eager"  # the per-expert loop; grouped_mm (the default) rounds differently in bf16
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw).eval()
 
 
 def random_ids(vocab: int, n: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
@@ -192,7 +196,7 @@ def test_gemma3_ignores_attn_softcap_like_transformers(tiny_layered):
     assert torch.equal(eng.logits(ids), with_config(eng, attn_logit_softcapping=None).logits(ids))
 
 
-@pytest.mark.parametrize("name", ["gemma", "gemma2", "gemma3", "qwen3", "phi3"])
+@pytest.mark.parametrize("name", ["gemma", "gemma2", "gemma3", "qwen3", "phi3", "mixtral"])
 def test_bf16_close_to_transformers_bf16(name, tiny_hf, tiny_layered):
     ref = reference(tiny_hf(name), dtype=torch.bfloat16)
     eng = layerrun.load(tiny_layered(name), dtype="bfloat16")

@@ -4,7 +4,7 @@ For testing "a model bigger than memory" and for I/O benchmarks: the weights
 are deterministic pseudo-random tensors generated one at a time (the converter
 streams them), so a multi-GB model is built without ever holding it.
 
-    python tools/synthetic_model.py OUT [--preset 3gb|1gb|tiny] [--dtype float32|bfloat16]
+    python tools/synthetic_model.py OUT [--preset 3gb|1gb|moe|tiny] [--dtype float32|bfloat16]
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ PRESETS = {
     # ~0.9 GB in fp32: 12 layers of ~61 MB
     "1gb": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=12, num_attention_heads=8,
                 num_key_value_heads=2, vocab_size=16000),
+    # Mixtral-shaped, ~1.2 GB in bf16: 8 layers of 8 experts (top-2) of ~17 MB each
+    "moe": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=8,
+                num_key_value_heads=2, vocab_size=16000, num_local_experts=8, num_experts_per_tok=2),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=512),
 }
@@ -34,8 +37,10 @@ class SyntheticSource:
 
     def __init__(self, preset: str = "3gb", seed: int = 0):
         p = PRESETS[preset]
+        moe = "num_local_experts" in p
         self.config = {
-            "model_type": "llama", "architectures": ["LlamaForCausalLM"], "rms_norm_eps": 1e-5,
+            "model_type": "mixtral" if moe else "llama",
+            "architectures": ["MixtralForCausalLM" if moe else "LlamaForCausalLM"], "rms_norm_eps": 1e-5,
             "max_position_embeddings": 2048, "rope_theta": 10000.0, "tie_word_embeddings": False,
             "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2, **p,
         }
@@ -50,9 +55,15 @@ class SyntheticSource:
                 pre + "input_layernorm.weight": (H,), pre + "post_attention_layernorm.weight": (H,),
                 pre + "self_attn.q_proj.weight": (H, H), pre + "self_attn.k_proj.weight": (KV, H),
                 pre + "self_attn.v_proj.weight": (KV, H), pre + "self_attn.o_proj.weight": (H, H),
-                pre + "mlp.gate_proj.weight": (I, H), pre + "mlp.up_proj.weight": (I, H),
-                pre + "mlp.down_proj.weight": (H, I),
             })
+            if moe:
+                self.shapes[pre + "block_sparse_moe.gate.weight"] = (p["num_local_experts"], H)
+                for j in range(p["num_local_experts"]):
+                    e = f"{pre}block_sparse_moe.experts.{j}."
+                    self.shapes.update({e + "w1.weight": (I, H), e + "w3.weight": (I, H), e + "w2.weight": (H, I)})
+            else:
+                self.shapes.update({pre + "mlp.gate_proj.weight": (I, H), pre + "mlp.up_proj.weight": (I, H),
+                                    pre + "mlp.down_proj.weight": (H, I)})
 
     def description(self) -> dict:
         return {"kind": "synthetic", "seed": self.seed, "config": {k: self.config[k] for k in PRESETS["tiny"]}}

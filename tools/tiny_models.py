@@ -59,6 +59,14 @@ SPECS: dict[str, dict] = {
     # phi3 (Phi-4-mini style): partial RoPE (0.75), GQA 4:2, tied, global sliding window 8
     "phi3_partial": dict(model_type="phi3", overrides=dict(
         num_key_value_heads=2, tie_word_embeddings=True, pad_token_id=0, partial_rotary_factor=0.75, sliding_window=8)),
+    # mixtral: 6 experts, top-2, GQA 4:2, untied, sliding window 8, odd vocab
+    "mixtral": dict(model_type="mixtral", overrides=dict(
+        num_key_value_heads=2, num_local_experts=6, num_experts_per_tok=2, intermediate_size=96,
+        sliding_window=8, tie_word_embeddings=False, vocab_size=323)),
+    # mixtral: 4 experts, top-1, MHA, tied, head_dim 24 != 64/4, stored in bf16
+    "mixtral_top1_bf16": dict(model_type="mixtral", overrides=dict(
+        num_key_value_heads=4, head_dim=24, num_local_experts=4, num_experts_per_tok=1, tie_word_embeddings=True),
+        dtype="bfloat16"),
     # llama with dynamic NTK RoPE and a short max_position_embeddings, so the scaling kicks in
     "llama_dynamic": dict(model_type="llama", overrides=dict(
         num_key_value_heads=2, max_position_embeddings=16, rope_scaling={"rope_type": "dynamic", "factor": 2.0})),

@@ -260,3 +260,7 @@ def _account(r: Request, s: GenerationStats, dt: float, first: bool) -> None:
     st.steps += s.steps
     st.step_s += s.step_s
     st.read_intervals.extend(s.read_intervals)
+    st.experts_read += s.experts_read
+    st.experts_total += s.experts_total
+    st.expert_bytes_read += s.expert_bytes_read
+    st.expert_bytes_skipped += s.expert_bytes_skipped

@@ -100,7 +100,9 @@ class Engine:
     the stored dtype, float16 -> float32 on CPU), ``context`` and
     ``batch_size`` (what the KV cache reservation is planned for), ``verify``
     (check every file's sha256 first), ``trace`` (record a Perfetto trace of
-    reads and compute, written by ``engine.trace.write(path)``).
+    reads and compute, written by ``engine.trace.write(path)``), ``experts``
+    (mixture-of-experts models: "routed" reads only the experts a step routes
+    to in streamed layers; "all" reads whole layers ahead like any other model).
     """
 
     def __init__(
@@ -117,6 +119,7 @@ class Engine:
         batch_size: int = 1,
         verify: bool = False,
         trace: bool = False,
+        experts: str = "routed",
     ):
         from layerrun.engine.governor import plan_memory
         from layerrun.io.throttle import Throttle, parse_size
@@ -166,6 +169,9 @@ class Engine:
         self.mode = self.plan.mode
         self.reader_backend = self._pick_reader(reader)
         self.reader = FileReader(self.path, "mmap" if self.reader_backend == "mmap" else "pread")
+        if experts not in ("routed", "all"):
+            raise LayerRunError(f"--experts {experts!r} is not one of: routed, all")
+        self.expert_groups = self._expert_groups() if experts == "routed" else {}
         self._tokenizer: Tokenizer | None = None
         self.trace = TraceRecorder(enabled=trace)
         self._lock = threading.RLock()
@@ -202,6 +208,31 @@ class Engine:
             room = min(room, self.plan.budget)  # a budget below the model means: do not map it all
         return "mmap" if streamed + self.plan.need < 0.8 * room else "pread"
 
+    def _expert_groups(self) -> dict[int, dict[int, list[str]]]:
+        """Streamed mixture-of-experts layers: layer -> expert -> its tensor names (stored names)."""
+        if not getattr(self.model, "moe", False):
+            return {}
+        from layerrun.models.base import expert_index
+
+        groups: dict[int, dict[int, list[str]]] = {}
+        for i in self.plan.streamed:
+            per: dict[int, list[str]] = {}
+            for name in self.manifest.layer(i).tensors:
+                j = expert_index(name)
+                if j is not None:
+                    per.setdefault(j, []).append(name)
+            if per:
+                groups[i] = per
+        return groups
+
+    def _expect_all_experts(self, tokens: int) -> bool:
+        """Whether a step of ``tokens`` tokens is expected to route to nearly every expert (>= 90% with
+        uniform routing), so reading whole layers ahead of compute beats reading experts after routing
+        (which waits on the disk). Staging follows this from the next layer read on; either way the
+        step computes the same thing."""
+        a = self.args
+        return 1.0 - (1.0 - a.num_experts_per_tok / a.num_local_experts) ** tokens >= 0.9
+
     def _open_stream(self) -> None:
         if self._stream is not None:
             self._stream.close()
@@ -211,6 +242,11 @@ class Engine:
                 self.path, [self.manifest.layer(i) for i in self.plan.streamed], depth=self.plan.prefetch,
                 backend=self.reader_backend, throttle=self.throttle, device=self.device,
                 prepare=self._prepare_weights, clock_origin=self.trace.origin,
+                subsets={
+                    self.manifest.layer(i).name: [n for n in self.manifest.layer(i).tensors if n not in
+                                                  {m for names in per.values() for m in names}]
+                    for i, per in self.expert_groups.items()
+                },
             )
 
     # ---- weights ---------------------------------------------------------
@@ -267,6 +303,8 @@ class Engine:
             collect.append(x.float().cpu())
         ctx = self.model.prepare(positions, key_valid, past + ids.shape[1], self.dtype)
         stream = self._stream
+        if self.expert_groups:
+            stream.whole = self._expect_all_experts(ids.numel())
         try:
             for i in range(self.args.num_hidden_layers):
                 staged = None
@@ -279,6 +317,8 @@ class Engine:
                     if staged.layer != i:  # the cyclic schedule lost sync: a bug, not bad input
                         raise RuntimeError(f"pipeline delivered layer {staged.layer}, expected {i}")
                     w = staged.weights
+                    if i in self.expert_groups:
+                        w = _ExpertLoader(w, self, staged, stats)
                     rec = staged.record
                     stats.bytes_read += rec.bytes
                     stats.read_s += rec.end - rec.start
@@ -288,10 +328,12 @@ class Engine:
                     if stall > 1e-4:
                         self.trace.stall(i, t_wait, t_wait + stall)
                 t0 = time.perf_counter()
+                stall0 = stats.stall_s
                 x = self.model.layer(i, w, x, cache[i] if cache is not None else None, ctx)
                 if self.device.type == "cuda":
                     torch.cuda.current_stream(self.device).synchronize()
                 t1 = time.perf_counter()
+                t1 -= stats.stall_s - stall0  # on-demand expert reads inside the layer are stall, not compute
                 stats.compute_s += t1 - t0
                 stats.layer_compute_s[i] = stats.layer_compute_s.get(i, 0.0) + (t1 - t0)
                 self.trace.compute(i, t0, t1)
@@ -303,6 +345,8 @@ class Engine:
             # A pass that stops midway leaves the cyclic prefetch out of step: start it afresh.
             self._open_stream()
             raise
+        if self.expert_groups:
+            stream.whole = self._expect_all_experts(ids.shape[0])  # the next step: one new token per row
         if last_only:
             x = x[:, -1:]
         t0 = time.perf_counter()
@@ -605,6 +649,40 @@ class Engine:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class _ExpertLoader(dict):
+    """A streamed MoE layer's weights before routing: attention, norms and router are here; the
+    model calls ``load_experts(ids)`` once it knows which experts the step routes to, and only
+    their bytes are read (into the layer's own ring slot)."""
+
+    def __init__(self, weights, engine: Engine, staged, stats: GenerationStats):
+        super().__init__(weights)
+        self._engine, self._staged, self._stats = engine, staged, stats
+
+    def load_experts(self, ids) -> None:
+        eng, st = self._engine, self._stats
+        per = eng.expert_groups[self._staged.layer]
+        ids = [j for j in ids if j in per]
+        names = [n for j in ids for n in per[j]]
+        tensors = eng.manifest.layer(self._staged.layer).tensors
+        total = sum(tensors[n].nbytes for ns in per.values() for n in ns)
+        st.experts_total += len(per)
+        if not self._staged.partial:  # staged whole (a step expected to route to nearly every expert)
+            st.experts_read += len(per)
+            st.expert_bytes_read += total
+            return
+        t0 = time.perf_counter()
+        w, rec = eng._stream.fetch(self._staged, names)
+        self.update(w)
+        st.expert_bytes_read += rec.bytes
+        st.expert_bytes_skipped += total - rec.bytes
+        st.experts_read += len(ids)
+        st.bytes_read += rec.bytes
+        st.read_s += rec.end - rec.start
+        st.read_intervals.append((rec.start, rec.end))
+        st.stall_s += time.perf_counter() - t0  # compute waits for these reads
+        eng.trace.read(self._staged.layer, f"layer_{self._staged.layer:03d} experts {ids}", rec.start, rec.end, rec.bytes)
 
 
 def _config_eos(config: dict) -> set[int]:

@@ -74,7 +74,10 @@ def load_reference_model(engine, dtype: torch.dtype):
 
     folder: Path = engine.path
     cfg = transformers.AutoConfig.from_pretrained(folder)
-    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    kw = {}
+    if getattr(engine.model, "moe", False):
+        kw["experts_implementation"] = "eager"  # the plain per-expert loop; grouped_mm rounds differently in bf16
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype, **kw)
     reader = FileReader(folder, "pread")
     m = engine.manifest
     sd = {}
@@ -92,6 +95,7 @@ def load_reference_model(engine, dtype: torch.dtype):
             else:
                 full = m.layer_prefix.split("layers.")[0] + name
             sd[full] = t.to(dtype).clone()
+    sd = _fuse_experts(sd, set(model.state_dict()))
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if m.tie_word_embeddings:
         model.tie_weights()
@@ -102,6 +106,29 @@ def load_reference_model(engine, dtype: torch.dtype):
             f"cannot build the transformers reference: missing {sorted(missing)}, unexpected {sorted(unexpected)}"
         )
     return model.eval()
+
+
+def _fuse_experts(sd: dict, want: set[str]) -> dict:
+    """Per-expert checkpoint tensors (``block_sparse_moe.experts.J.w1/w2/w3``, as stored) in the
+    layout transformers 5 builds (``mlp.experts.gate_up_proj`` (E, 2I, H), ``down_proj`` (E, H, I))."""
+    import re
+
+    pat = re.compile(r"^(.*)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
+    experts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    out = {}
+    for k, v in sd.items():
+        m = pat.match(k)
+        if m and f"{m.group(1)}.mlp.experts.gate_up_proj" in want:
+            experts.setdefault(m.group(1), {}).setdefault(int(m.group(2)), {})[m.group(3)] = v
+        elif ".block_sparse_moe.gate." in k and k.replace(".block_sparse_moe.", ".mlp.") in want:
+            out[k.replace(".block_sparse_moe.", ".mlp.")] = v
+        else:
+            out[k] = v
+    for prefix, per in experts.items():
+        ids = sorted(per)
+        out[f"{prefix}.mlp.experts.gate_up_proj"] = torch.stack([torch.cat([per[j]["w1"], per[j]["w3"]]) for j in ids])
+        out[f"{prefix}.mlp.experts.down_proj"] = torch.stack([per[j]["w2"] for j in ids])
+    return out
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -58,6 +58,11 @@ class GenerationStats:
     device: str = "cpu"
     dtype: str = "float32"
     notes: list[str] = field(default_factory=list)
+    # mixture-of-experts layers streamed with routed expert reads
+    experts_read: int = 0  # expert loads, summed over layers and steps
+    experts_total: int = 0  # experts those layers hold, summed the same way
+    expert_bytes_read: int = 0
+    expert_bytes_skipped: int = 0  # bytes of experts no token routed to: never read
 
     @property
     def decode_tokens_per_s(self) -> float:

@@ -3,7 +3,8 @@
 A safetensors file is ``u64 header_len | JSON header | data``. The standard
 writer pads the header to 8 bytes; we pad it with spaces (allowed by the spec)
 so that ``8 + header_len`` is a multiple of :data:`ALIGN`. Tensors are stored
-contiguously (the spec forbids holes) in descending element size, so every
+contiguously (the spec forbids holes) in descending element size (a
+mixture-of-experts layer's experts last, grouped per expert), so every
 tensor also starts at a multiple of its own element size: the whole data block
 can be read with ``O_DIRECT`` into an aligned buffer and every tensor used as a
 zero-copy view of it. Files stay readable by any safetensors loader.
@@ -57,6 +58,13 @@ class TensorInfo:
         return {"dtype": self.dtype, "shape": list(self.shape), "offsets": [self.start, self.end]}
 
 
+def _expert_rank(name: str) -> int:
+    from layerrun.models.base import expert_index
+
+    j = expert_index(name)
+    return -1 if j is None else j
+
+
 def _header_bytes(header: dict, align: int) -> bytes:
     raw = json.dumps(header, separators=(",", ":")).encode()
     total = 8 + len(raw)
@@ -81,8 +89,10 @@ def write_aligned(
         if t.dtype not in TORCH_TO_ST:
             raise FormatError(f"{path}: tensor {name} has unsupported dtype {t.dtype}")
         items.append((name, t.contiguous()))
-    # Larger elements first keeps every tensor naturally aligned without holes.
-    items.sort(key=lambda kv: (-kv[1].element_size(), kv[0]))
+    # Larger elements first keeps every tensor naturally aligned without holes. Within one element
+    # size, a mixture-of-experts layer's experts come last, each expert's tensors together, so the
+    # engine can read attention + router in one range and then only the experts a step routes to.
+    items.sort(key=lambda kv: (-kv[1].element_size(), _expert_rank(kv[0]), kv[0]))
 
     header: dict = {}
     if metadata:

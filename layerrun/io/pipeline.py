@@ -67,6 +67,8 @@ class StagedLayer:
     record: ReadRecord
     seq: int
     event: object | None = None  # CUDA event the copy recorded
+    entry: FileEntry | None = None
+    partial: bool = False  # only the staging subset was read; the rest comes through LayerStream.fetch
 
 
 @dataclass
@@ -132,22 +134,32 @@ class ChunkedReader:
             self.throttle.wait(limit, t0)
         return pos
 
-    def read(self, entry: FileEntry, buf: torch.Tensor) -> int:
-        """Read the data region of ``entry`` into ``buf`` (blocking; uses the pool for chunks)."""
+    def read(self, entry: FileEntry, buf: torch.Tensor, ranges=None, pool: cf.ThreadPoolExecutor | None = None) -> int:
+        """Read the data region of ``entry`` into ``buf`` (blocking; chunks run in parallel in the pool).
+
+        ``buf`` mirrors the file from its data start on; ``ranges`` (absolute ``(start, end)`` file
+        offsets) reads only those parts, each to its own place in ``buf``. Returns bytes read.
+        """
         fd = self._fd(entry)
         base = entry.data_start
-        n = entry.bytes - base
         direct = self.backend == "direct"
         arr = memoryview(buf.numpy())
+        pool = pool or self.pool
         futs = []
-        for off in range(0, n, IO_CHUNK):
-            want = min(IO_CHUNK, n - off)
-            length = ((want + ALIGN - 1) // ALIGN) * ALIGN if direct else want  # O_DIRECT: whole blocks
-            length = min(length, buf.numel() - off)
-            futs.append(self.pool.submit(self._read_range, fd, arr[off : off + length], base + off, length, want))
+        total = 0
+        for start, end in ranges or [(base, entry.bytes)]:
+            if direct:
+                start -= (start - base) % ALIGN  # O_DIRECT: block-aligned offsets (the buffer mirrors the file)
+            total += end - start
+            for off in range(start, end, IO_CHUNK):
+                want = min(IO_CHUNK, end - off)
+                length = ((want + ALIGN - 1) // ALIGN) * ALIGN if direct else want  # O_DIRECT: whole blocks
+                rel = off - base
+                length = min(length, buf.numel() - rel)
+                futs.append(pool.submit(self._read_range, fd, arr[rel : rel + length], off, length, want))
         for f in futs:
             f.result()
-        return n
+        return total
 
     def drop_cache(self, entry: FileEntry) -> None:
         """Evict the file from the page cache (for cold-read benchmarks)."""
@@ -176,8 +188,14 @@ class LayerStream:
         prepare=None,
         io_threads: int | None = None,
         clock_origin: float | None = None,
+        subsets: dict[str, list[str]] | None = None,
     ):
+        """``subsets`` maps a file name to the tensors staged ahead of compute; the rest of that file
+        is read on demand by :meth:`fetch` (a mixture-of-experts layer's routed experts)."""
         self.entries = entries
+        self.subsets = {k: set(v) for k, v in (subsets or {}).items()}
+        self.whole = False  # set by the engine: stage whole files even where a subset is configured
+        self._subset_ranges = {e.name: tensor_ranges(e, self.subsets[e.name]) for e in entries if e.name in self.subsets}
         self.depth = max(0, int(depth))
         self.device = device or torch.device("cpu")
         self.cuda = self.device.type == "cuda"
@@ -196,6 +214,8 @@ class LayerStream:
         self.pool = cf.ThreadPoolExecutor(max_workers=n_slots, thread_name_prefix="layerrun-stage")
         self.io_pool = cf.ThreadPoolExecutor(max_workers=io_threads or max(4, 2 * n_slots), thread_name_prefix="layerrun-io")
         self.reader = ChunkedReader(folder, backend, throttle, self.io_pool)
+        # On-demand reads sit on the critical path: their own threads, never queued behind prefetch chunks.
+        self.fetch_pool = cf.ThreadPoolExecutor(max_workers=4, thread_name_prefix="layerrun-fetch")
         self.stats.direct = backend == "direct"
         if self.cuda:
             self.copy_stream = torch.cuda.Stream(device=self.device)
@@ -257,31 +277,62 @@ class LayerStream:
     # ---- staging (runs in an I/O thread) ----------------------------------
     def _stage(self, seq: int, entry: FileEntry, slot: int) -> StagedLayer:
         t0 = time.perf_counter()
+        subset = None if self.whole else self.subsets.get(entry.name)
+        ranges = None if subset is None else self._subset_ranges[entry.name]
+        layer = entry.layer if entry.layer is not None else -1
         if self._mmap_reader is not None and not self.cuda:
             # mmap: no slot, tensors view the mapping; touching the pages now faults them in ahead of compute.
             w, rs = self._mmap_reader.read(entry)
-            mm = self._mmap_reader._maps[entry.name][0]
-            if hasattr(mm, "madvise"):
-                import mmap as _mmap
+            self._mmap_reader.advise(entry, ranges)
+            n = rs.bytes if subset is None else sum(b - a for a, b in ranges)
+            if subset is not None:
+                w = {k: v for k, v in w.items() if k in subset}
+            rec = ReadRecord(layer, n, t0, time.perf_counter())
+            return StagedLayer(rec.layer, self.prepare(w), slot, rec, seq, None, entry, subset is not None)
+        n = self.reader.read(entry, self.slots[slot], ranges)
+        rec = ReadRecord(layer, n, t0, time.perf_counter())
+        w, event = self._views(entry, slot, ranges)
+        if subset is not None:
+            w = {k: v for k, v in w.items() if k in subset}
+        return StagedLayer(rec.layer, self.prepare(w), slot, rec, seq, event, entry, subset is not None)
 
-                mm.madvise(_mmap.MADV_WILLNEED)
-            rec = ReadRecord(entry.layer if entry.layer is not None else -1, rs.bytes, t0, time.perf_counter())
-            return StagedLayer(rec.layer, self.prepare(w), slot, rec, seq, None)
-        n = self.reader.read(entry, self.slots[slot])
-        t1 = time.perf_counter()
-        rec = ReadRecord(entry.layer if entry.layer is not None else -1, n, t0, t1)
+    def _views(self, entry: FileEntry, slot: int, ranges=None):
+        """Tensor views of a slot; on CUDA the read ``ranges`` (default: all) are first copied to the
+        device slot on the copy stream, and the copy's event is returned."""
         base = entry.data_start
-        event = None
-        if self.cuda:
-            with torch.cuda.stream(self.copy_stream):
-                self.dev_slots[slot][:n].copy_(self.slots[slot][:n], non_blocking=True)
-                event = torch.cuda.Event()
-                event.record(self.copy_stream)
-            w = views(entry, self.dev_slots[slot], base)
-            rec.copy_s = 0.0  # measured by the consumer when it waits on the event
+        if not self.cuda:
+            return views(entry, self.slots[slot], base), None
+        with torch.cuda.stream(self.copy_stream):
+            for a, b in ranges or [(base, entry.bytes)]:
+                self.dev_slots[slot][a - base : b - base].copy_(self.slots[slot][a - base : b - base], non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.copy_stream)
+        return views(entry, self.dev_slots[slot], base), event
+
+    def fetch(self, staged: StagedLayer, names) -> tuple[dict[str, torch.Tensor], ReadRecord]:
+        """Read tensors ``names`` of a partially staged layer now (compute thread; blocking).
+
+        They land in the layer's own slot at their file offsets, next to what staging read, so
+        no slot is taken from the prefetch ring. Returns their prepared weights and the read's record.
+        """
+        entry = staged.entry
+        names = set(names)
+        ranges = tensor_ranges(entry, names)
+        t0 = time.perf_counter()
+        if self._mmap_reader is not None and not self.cuda:
+            # No copy: compute touches the mapped pages. The read-ahead hint runs beside compute, which
+            # faults in whatever the kernel has not yet read; on a warm cache the hint costs nothing.
+            mapped = self._mmap_reader.mapping(entry)
+            w = views(_subset_entry(entry, names), mapped, 0)
+            self.fetch_pool.submit(self._mmap_reader.advise, entry, ranges)
         else:
-            w = views(entry, self.slots[slot], base)
-        return StagedLayer(rec.layer, self.prepare(w), slot, rec, seq, event)
+            self.reader.read(entry, self.slots[staged.slot], ranges, pool=self.fetch_pool)
+            w, event = self._views(entry, staged.slot, ranges)
+            if event is not None:
+                torch.cuda.current_stream(self.device).wait_event(event)
+                staged.event = event  # release() waits for this copy before the host slot is reused
+        rec = ReadRecord(staged.layer, sum(b - a for a, b in ranges), t0, time.perf_counter())
+        return self.prepare({k: v for k, v in w.items() if k in names}), rec
 
     # ---- the compute side ---------------------------------------------------
     def next(self) -> StagedLayer:
@@ -332,6 +383,7 @@ class LayerStream:
             self._thread.join(timeout=5)
         self.pool.shutdown(wait=True, cancel_futures=True)
         self.io_pool.shutdown(wait=True, cancel_futures=True)
+        self.fetch_pool.shutdown(wait=True, cancel_futures=True)
         self.reader.close()
 
     def __del__(self):
@@ -349,6 +401,23 @@ def _close_all() -> None:
     # Stop prefetching before the interpreter tears down thread pools.
     for s in list(_LIVE):
         s.close()
+
+
+def _subset_entry(entry: FileEntry, names) -> FileEntry:
+    return FileEntry(entry.name, entry.kind, entry.bytes, entry.sha256,
+                     {n: t for n, t in entry.tensors.items() if n in names}, entry.layer)
+
+
+def tensor_ranges(entry: FileEntry, names) -> list[tuple[int, int]]:
+    """The byte ranges (absolute file offsets) holding tensors ``names``, adjacent ones merged."""
+    spans = sorted((t.start, t.end) for n, t in entry.tensors.items() if n in names and t.nbytes)
+    out: list[list[int]] = []
+    for a, b in spans:
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
 
 
 def _settle(fut: cf.Future, task: asyncio.Future) -> None:

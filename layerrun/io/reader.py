@@ -118,6 +118,12 @@ class FileReader:
         return views(entry, buf, base), ReadStat(entry.name, n, t0, time.perf_counter(), used)
 
     def _read_mmap(self, entry: FileEntry, t0: float):
+        t = self.mapping(entry)
+        n = entry.bytes - entry.data_start
+        return views(entry, t, 0), ReadStat(entry.name, n, t0, time.perf_counter(), "mmap")
+
+    def mapping(self, entry: FileEntry) -> torch.Tensor:
+        """The whole file, memory-mapped (once) as a uint8 tensor."""
         path = self.folder / entry.name
         if entry.name not in self._maps:
             try:
@@ -132,9 +138,20 @@ class FileReader:
                 warnings.simplefilter("ignore")  # read-only buffer: we never write to it
                 t = torch.frombuffer(mm, dtype=torch.uint8)
             self._maps[entry.name] = (mm, t)
-        _, t = self._maps[entry.name]
-        n = entry.bytes - entry.data_start
-        return views(entry, t, 0), ReadStat(entry.name, n, t0, time.perf_counter(), "mmap")
+        return self._maps[entry.name][1]
+
+    def advise(self, entry: FileEntry, ranges=None) -> None:
+        """Ask the kernel to read a mapped file (or only ``ranges`` of it) ahead of use."""
+        mm = self._maps[entry.name][0] if entry.name in self._maps else None
+        if mm is None or not hasattr(mm, "madvise"):
+            return
+        if ranges is None:
+            mm.madvise(mmap.MADV_WILLNEED)
+            return
+        page = mmap.PAGESIZE
+        for a, b in ranges:
+            a0 = a - a % page
+            mm.madvise(mmap.MADV_WILLNEED, a0, b - a0)
 
     def close(self) -> None:
         self._maps.clear()

@@ -29,6 +29,7 @@ REGISTRY: dict[str, str] = {
     "gemma3_text": "gemma3",
     "qwen3": "qwen3",
     "phi3": "phi3",
+    "mixtral": "mixtral",
 }
 # model_type -> model_type whose code it shares
 ALIASES: dict[str, str] = {

@@ -10,10 +10,19 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import re
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+_EXPERT = re.compile(r"(?:^|\.)experts\.(\d+)\.")
+
+
+def expert_index(name: str) -> int | None:
+    """The expert a mixture-of-experts tensor belongs to (``...experts.3.w1.weight`` -> 3), else None."""
+    m = _EXPERT.search(name)
+    return int(m.group(1)) if m else None
 
 
 @dataclass

@@ -1,0 +1,201 @@
+"""Mixtral in stream mode reads only the experts each step routes to.
+
+The reference for "which experts" is transformers' own router (``output_router_logits``):
+the bytes the engine reports reading must equal, exactly, the attention/router part of
+every layer plus the experts transformers routes to at each forward step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+
+import layerrun
+from layerrun.io.pipeline import tensor_ranges
+from layerrun.models.base import expert_index
+
+MODEL = "mixtral"
+
+
+def _ids(n: int, seed: int, vocab: int = 323) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (n,), generator=g).tolist()
+
+
+def _expert_bytes(entry) -> tuple[int, dict[int, int]]:
+    dense, per = 0, {}
+    for name, t in entry.tensors.items():
+        j = expert_index(name)
+        if j is None:
+            dense += t.nbytes
+        else:
+            per[j] = per.get(j, 0) + t.nbytes
+    return dense, per
+
+
+def test_layer_file_keeps_each_expert_contiguous_after_the_dense_part(tiny_layered):
+    eng = layerrun.load(tiny_layered(MODEL), mode="full")
+    for i in range(eng.args.num_hidden_layers):
+        entry = eng.manifest.layer(i)
+        dense = [n for n in entry.tensors if expert_index(n) is None]
+        assert tensor_ranges(entry, dense) == [(entry.data_start, tensor_ranges(entry, dense)[0][1])]
+        ends = tensor_ranges(entry, dense)[0][1]
+        for j in range(eng.args.num_local_experts):
+            r = tensor_ranges(entry, [n for n in entry.tensors if expert_index(n) == j])
+            assert len(r) == 1 and r[0][0] >= ends  # one read per expert, after attention + router
+
+
+@pytest.mark.parametrize("reader", ["pread", "direct", "mmap"])
+def test_stream_reads_exactly_the_routed_experts(reader, tiny_hf, tiny_layered):
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tiny_hf(MODEL), dtype=torch.float32).eval()
+    ref.generation_config.eos_token_id = None
+    prompt = _ids(3, seed=4)
+    n_new = 12
+    eng = layerrun.load(tiny_layered(MODEL), mode="stream", reader=reader, prefetch=2)
+    full = layerrun.load(tiny_layered(MODEL), mode="full")
+    got = eng.generate(prompt, max_new_tokens=n_new, ignore_eos=True)
+    assert got.token_ids == full.generate(prompt, max_new_tokens=n_new, ignore_eos=True).token_ids
+    with torch.no_grad():
+        want_ids = ref.generate(torch.tensor([prompt]), max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False)
+        assert want_ids[0, len(prompt):].tolist() == got.token_ids
+        # The engine ran a prefill over the prompt and one step per generated token but the last.
+        seq = want_ids[:, : len(prompt) + n_new - 1]
+        router = ref(seq, output_router_logits=True).router_logits  # per layer: (T, experts)
+    k = eng.args.num_experts_per_tok
+    steps = [range(0, len(prompt))] + [range(t, t + 1) for t in range(len(prompt), seq.shape[1])]
+    want_bytes = want_expert = want_loads = 0
+    for i, logits in enumerate(router):
+        dense, per = _expert_bytes(eng.manifest.layer(i))
+        top = logits.topk(k, dim=-1).indices
+        for rows in steps:
+            hit = set(top[list(rows)].flatten().tolist())
+            want_bytes += dense + sum(per[j] for j in hit)
+            want_expert += sum(per[j] for j in hit)
+            want_loads += len(hit)
+    s = got.stats
+    assert s.expert_bytes_read == want_expert
+    assert s.bytes_read == want_bytes
+    assert s.experts_read == want_loads
+    n_layers, n_exp = eng.args.num_hidden_layers, eng.args.num_local_experts
+    assert s.experts_total == len(steps) * n_layers * n_exp
+    total_expert = sum(sum(_expert_bytes(eng.manifest.layer(i))[1].values()) for i in range(n_layers))
+    assert s.expert_bytes_read + s.expert_bytes_skipped == len(steps) * total_expert
+    assert s.expert_bytes_skipped > 0.5 * len(steps) * total_expert  # top-2 of 6 per decode step
+
+
+def test_all_experts_option_reads_whole_layers(tiny_layered):
+    eng = layerrun.load(tiny_layered(MODEL), mode="stream", experts="all")
+    routed = layerrun.load(tiny_layered(MODEL), mode="stream")
+    prompt = _ids(5, seed=2)
+    a = eng.generate(prompt, max_new_tokens=6, ignore_eos=True)
+    b = routed.generate(prompt, max_new_tokens=6, ignore_eos=True)
+    assert a.token_ids == b.token_ids
+    layers = sum(eng.manifest.layer(i).bytes - eng.manifest.layer(i).data_start for i in range(eng.args.num_hidden_layers))
+    assert a.stats.bytes_read == a.stats.steps * layers
+    assert a.stats.experts_total == 0
+    assert b.stats.bytes_read < a.stats.bytes_read
+
+
+def test_partial_mode_streams_some_layers_with_routed_reads(tiny_layered):
+    path = tiny_layered(MODEL)
+    full = layerrun.load(path, mode="full")
+    eng = layerrun.load(path, mode="partial")  # with room to spare: all layers but the last resident
+    assert eng.plan.resident and eng.plan.streamed
+    assert set(eng.expert_groups) == set(eng.plan.streamed)
+    prompt = _ids(7, seed=3)
+    got = eng.generate(prompt, max_new_tokens=10, ignore_eos=True)
+    assert got.token_ids == full.generate(prompt, max_new_tokens=10, ignore_eos=True).token_ids
+    assert got.stats.experts_total == got.stats.steps * len(eng.plan.streamed) * eng.args.num_local_experts
+
+
+def test_batch_in_stream_mode_matches_each_prompt_alone(tiny_layered):
+    eng = layerrun.load(tiny_layered(MODEL), mode="stream", batch_size=4)
+    full = layerrun.load(tiny_layered(MODEL), mode="full")
+    prompts = [_ids(n, seed=n) for n in (3, 9, 5)]
+    outs = eng.generate_batch(prompts, max_new_tokens=8, ignore_eos=True, batch_size=2)
+    for p, o in zip(prompts, outs):
+        assert o.token_ids == full.generate(p, max_new_tokens=8, ignore_eos=True).token_ids
+    assert sum(o.stats.expert_bytes_skipped for o in outs) > 0
+
+
+def test_int8_mixtral_streams_routed_experts(tiny_hf, tmp_path):
+    from layerrun.formats.convert import convert
+
+    dst = tmp_path / "q8"
+    convert(tiny_hf(MODEL), dst, progress=False, quantize="int8")
+    full = layerrun.load(dst, mode="full")
+    eng = layerrun.load(dst, mode="stream")
+    prompt = _ids(4, seed=5)
+    got = eng.generate(prompt, max_new_tokens=10, ignore_eos=True)
+    assert got.token_ids == full.generate(prompt, max_new_tokens=10, ignore_eos=True).token_ids
+    assert 0 < got.stats.expert_bytes_read < got.stats.expert_bytes_read + got.stats.expert_bytes_skipped
+
+
+def test_bf16_top1_mixtral_matches_transformers(tiny_hf, tiny_layered):
+    """Top-1 routing, tied embeddings, head_dim 24 != 64/4, a bf16 checkpoint computed in bf16."""
+    name = "mixtral_top1_bf16"
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        tiny_hf(name), dtype=torch.bfloat16, experts_implementation="eager").eval()
+    eng = layerrun.load(tiny_layered(name), mode="stream")
+    assert eng.dtype == torch.bfloat16
+    ids = torch.tensor([_ids(24, seed=9, vocab=320)])
+    with torch.no_grad():
+        want = ref(ids).logits.float()
+    got = eng.logits(ids)
+    assert (got - want).abs().max().item() < 2e-2
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean().item() > 0.9
+
+
+def test_validate_reference_passes_on_mixtral(tiny_layered):
+    """validate --reference rebuilds transformers' fused expert tensors from the per-expert files."""
+    r = subprocess.run(
+        [sys.executable, "-m", "layerrun", "validate", str(tiny_layered(MODEL)), "--reference", "--json"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["ok"] is True
+    names = [c["name"] for c in rep["checks"]]
+    assert "greedy 16 tokens" in names and any(n.startswith("hidden: layer 1") for n in names)
+
+
+def test_cli_stats_report_expert_bytes_saved(tiny_layered):
+    path = tiny_layered(MODEL)
+    r = subprocess.run(
+        [sys.executable, "-m", "layerrun", "generate", str(path), "Hello world", "--mode", "stream",
+         "--max-new-tokens", "6", "--ignore-eos", "--stats", "--json"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"},
+    )
+    assert r.returncode == 0, r.stderr
+    stats = json.loads(r.stdout)["stats"]
+    assert stats["expert_bytes_skipped"] > 0 and stats["experts_read"] < stats["experts_total"]
+    assert "experts (routed reads)" in r.stderr and "never read" in r.stderr
+
+
+def test_steps_that_route_to_nearly_every_expert_read_whole_layers_ahead(tiny_layered):
+    """8 rows x top-2 of 6 experts: 1 - (4/6)^8 = 96% expected hit, so decode steps stage whole layers
+    (prefetched behind compute) instead of waiting on expert reads after routing."""
+    eng = layerrun.load(tiny_layered(MODEL), mode="stream", batch_size=8)
+    full = layerrun.load(tiny_layered(MODEL), mode="full")
+    prompts = [_ids(3, seed=20 + r) for r in range(8)]
+    bg = eng.batch_generator(8)
+    reqs = [bg.request(p, max_new_tokens=5, ignore_eos=True) for p in prompts]
+    layer_bytes = sum(eng.manifest.layer(i).bytes - eng.manifest.layer(i).data_start for i in range(eng.args.num_hidden_layers))
+    per_step = []
+    while bg.busy:
+        bg.step()
+        per_step.append(bg.last_stats)
+    s = per_step[3]  # a decode step well after the switch
+    assert s.bytes_read == layer_bytes
+    assert s.experts_read == s.experts_total and s.expert_bytes_skipped == 0
+    for p, r in zip(prompts, reqs):
+        assert r.token_ids == full.generate(p, max_new_tokens=5, ignore_eos=True).token_ids
+    one = layerrun.load(tiny_layered(MODEL), mode="stream")
+    g = one.generate(prompts[0], max_new_tokens=5, ignore_eos=True)
+    assert g.stats.expert_bytes_skipped > 0  # a single sequence still reads only its routed experts
