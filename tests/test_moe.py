@@ -199,3 +199,19 @@ def test_steps_that_route_to_nearly_every_expert_read_whole_layers_ahead(tiny_la
     one = layerrun.load(tiny_layered(MODEL), mode="stream")
     g = one.generate(prompts[0], max_new_tokens=5, ignore_eos=True)
     assert g.stats.expert_bytes_skipped > 0  # a single sequence still reads only its routed experts
+
+
+def test_server_metrics_count_expert_bytes_never_read(tiny_layered):
+    pytest.importorskip("fastapi")
+    import httpx
+
+    from layerrun.server import running_server
+
+    eng = layerrun.load(tiny_layered(MODEL), mode="stream")
+    with running_server(eng, model_name="mix") as s:
+        r = httpx.post(s.url + "/v1/completions", timeout=60,
+                       json={"model": "mix", "prompt": "Hello", "max_tokens": 6, "ignore_eos": True})
+        assert r.status_code == 200, r.text
+        text = httpx.get(s.url + "/metrics").text
+    line = next(x for x in text.splitlines() if x.startswith("layerrun_expert_bytes_skipped_total"))
+    assert float(line.split()[-1]) > 0

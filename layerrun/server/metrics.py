@@ -131,6 +131,9 @@ class ServerMetrics:
         self.generation_tokens = Counter(r, "layerrun_generation_tokens_total", "Tokens generated (end-of-sequence included)")
         self.bytes_read = Counter(r, "layerrun_disk_read_bytes_total", "Bytes of layer weights read from disk while serving")
         self.stall = Counter(r, "layerrun_stall_seconds_total", "Time compute waited for a layer read")
+        self.expert_bytes_skipped = Counter(
+            r, "layerrun_expert_bytes_skipped_total",
+            "Mixture-of-experts models: bytes of streamed experts no token routed to, so never read")
         self.steps = Counter(r, "layerrun_steps_total", "Forward steps run")
         self.finished = Counter(r, "layerrun_requests_finished_total", "Sequences finished, by reason", ("finish_reason",))
         self.rejected = Counter(r, "layerrun_requests_rejected_total", "Requests refused before queueing, by reason", ("reason",))

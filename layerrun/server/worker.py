@@ -183,6 +183,7 @@ class Worker:
         if st is not None:
             m.bytes_read.inc(st.bytes_read)
             m.stall.inc(st.stall_s)
+            m.expert_bytes_skipped.inc(st.expert_bytes_skipped)
         m.generation_tokens.inc(len(events))
         items = []
         for ev in events:
