@@ -121,11 +121,15 @@ class BatchGenerator:
     # ---- one step ---------------------------------------------------------
     def _remove_finished(self) -> None:
         keep = [i for i, r in enumerate(self.rows) if not r.done and not r.cancelled]
-        if len(keep) == len(self.rows):
-            return
         for r in self.rows:
             if r.cancelled and not r.done:
                 r.finish_reason = "cancelled"
+        self._keep_rows(keep)
+
+    def _keep_rows(self, keep: list[int]) -> None:
+        """Keep only rows ``keep`` (indices into self.rows) in the batch and its cache."""
+        if len(keep) == len(self.rows):
+            return
         self.rows = [self.rows[i] for i in keep]
         if not self.rows:
             self.cache = KVCache(self.engine.args.num_hidden_layers)
@@ -146,14 +150,21 @@ class BatchGenerator:
         """Run one forward pass over the live batch (joining waiting requests first)."""
         self.waiting = deque(r for r in self.waiting if not r.cancelled or _cancel(r))
         self._remove_finished()
-        joined = []
+        # A row reaching the position where its family must recompute its cache (Phi-3 LongRoPE
+        # switching factors) leaves the batch and rejoins with its whole sequence, as a prefill.
+        rerun_at = getattr(self.engine.model, "rerun_prefix_at", None)
+        rerun = [r for r in self.rows if rerun_at is not None and r._next is not None and r._pos == rerun_at]
+        rerun_ids = {r.id for r in rerun}
+        if rerun:
+            self._keep_rows([i for i, r in enumerate(self.rows) if r.id not in rerun_ids])
+        joined = list(rerun)
         while self.waiting and len(self.rows) + len(joined) < self.max_batch:
             r = self.waiting.popleft()
             r._joined_at = time.perf_counter()
             joined.append(r)
         if not self.rows and not joined:
             return []
-        feeds = [[r._next] for r in self.rows] + [r.prompt_ids for r in joined]
+        feeds = [[r._next] for r in self.rows] + [r.prompt_ids + (r.token_ids if r.id in rerun_ids else []) for r in joined]
         starts = [r._pos for r in self.rows] + [0] * len(joined)
         B, T = len(feeds), max(len(f) for f in feeds)
         ids = torch.zeros((B, T), dtype=torch.long)
@@ -178,8 +189,9 @@ class BatchGenerator:
         self.last_stats = step_stats
         events = []
         tokens = _sample_rows(self.rows, logits[:, -1])
+        joined_ids = {r.id for r in joined}
         for r, tok in zip(self.rows, tokens):
-            _account(r, step_stats, dt, first=r in joined)
+            _account(r, step_stats, dt, first=r.id in joined_ids and r.id not in rerun_ids)
             events.append(self._advance(r, tok))
         return events
 

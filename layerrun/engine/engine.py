@@ -480,8 +480,11 @@ class Engine:
         t_decode = time.perf_counter()
         finish = "length"
         stop_hit = False
+        seq = list(prompt_ids)  # the whole sequence, for a family that must recompute its cache (Phi-3 LongRoPE)
+        rerun_at = getattr(self.model, "rerun_prefix_at", None)
         for n in range(max_new):
             tok = int(sampler(logits[:, -1])[0])
+            seq.append(tok)
             stats.generated_tokens += 1
             if tok in eos:
                 finish = "stop"
@@ -497,8 +500,12 @@ class Engine:
             yield Chunk(out, tok, n)
             if n + 1 == max_new:
                 break
-            pos = torch.tensor([[len(prompt_ids) + n]])
-            logits = self._forward(torch.tensor([[tok]]), cache, pos, None, stats, last_only=True)
+            p = len(prompt_ids) + n
+            if p == rerun_at:
+                cache = KVCache(self.args.num_hidden_layers)
+                logits = self._forward(torch.tensor([seq]), cache, torch.arange(p + 1)[None], None, stats, last_only=True)
+            else:
+                logits = self._forward(torch.tensor([[tok]]), cache, torch.tensor([[p]]), None, stats, last_only=True)
         tail = ""
         if not stop_hit:
             # Emit what was held back for a possible stop string, and any incomplete UTF-8 tail.

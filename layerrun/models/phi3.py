@@ -4,8 +4,8 @@ Differences from Llama, all in this file: ``self_attn.qkv_proj`` holds q, k and 
 the output dimension and ``mlp.gate_up_proj`` holds gate then up; RoPE may cover only the first
 ``partial_rotary_factor`` of each head; and LongRoPE scaling (``longrope``, formerly ``su``)
 rescales each frequency by ``short_factor`` or, once a step reaches past
-``original_max_position_embeddings``, by ``long_factor`` (chosen per step as transformers does,
-so keys already cached keep the rotation they were stored with).
+``original_max_position_embeddings``, by ``long_factor``; at that switch the engine recomputes the
+sequence's cache with the long factors, as transformers does.
 """
 
 from __future__ import annotations
@@ -61,9 +61,22 @@ class Model(llama.Model):
             self.inv_freq, self.rope_scale = rope_inv_freq(dim, args.rope_theta, s, args.max_position_embeddings)
 
     def step_inv_freq(self, positions: torch.Tensor) -> torch.Tensor:
-        if self.long_inv_freq is not None and int(positions.max()) + 1 > self.args.original_max_position_embeddings:
-            return self.long_inv_freq.to(positions.device)
-        return self.inv_freq.to(positions.device)
+        """Short factors until a sequence reaches past original_max_position_embeddings, then long.
+
+        Chosen per row (B, 1, dim/2): the rows of a batch are independent sequences, and each must
+        compute what it would alone. (transformers picks by the batch's furthest position.)
+        """
+        if self.long_inv_freq is None:
+            return self.inv_freq.to(positions.device)
+        long = (positions.max(dim=-1).values + 1 > self.args.original_max_position_embeddings)[:, None, None]
+        return torch.where(long, self.long_inv_freq.to(positions.device), self.inv_freq.to(positions.device))
+
+    @property
+    def rerun_prefix_at(self) -> int | None:
+        """The position at which a running sequence switches to the long factors. Its cached keys
+        were rotated with the short ones, so the engine recomputes the whole sequence there, as
+        transformers does (Phi3ForCausalLM.prepare_inputs_for_generation drops the cache)."""
+        return self.args.original_max_position_embeddings if self.long_inv_freq is not None else None
 
     def expected_tensors(self) -> dict[str, dict[str, tuple[int, ...]]]:
         a = self.args
