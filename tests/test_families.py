@@ -271,6 +271,12 @@ def test_config_spellings_of_transformers_4():
     assert p3.rope_scaling["rope_type"] == "longrope" and p3.rotary_dim == 8
     q3 = get_family("qwen3").ModelArgs.from_dict({**common, "model_type": "qwen3", "sliding_window": 8})
     assert q3.sliding_window is None and set(q3.layer_types) == {"full_attention"}  # use_sliding_window is off
+    mx = get_family("mixtral").ModelArgs
+    moe = {**common, "model_type": "mixtral", "num_local_experts": 8, "num_experts_per_tok": 2}
+    m4 = mx.from_dict({**moe, "rope_theta": 1e6, "sliding_window": None, "router_aux_loss_coef": 0.02})
+    m5 = mx.from_dict({**moe, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6}})
+    for m in (m4, m5):
+        assert (m.rope_theta, m.rope_scaling, m.sliding_window, m.num_local_experts) == (1e6, None, None, 8)
 
 
 def test_unknown_model_type_lists_supported():
