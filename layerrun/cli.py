@@ -224,7 +224,7 @@ def engine_options(a) -> dict:
     return dict(
         mode=a.mode, max_memory=a.max_memory, prefetch=a.prefetch, throttle=a.throttle, device=a.device,
         reader=a.reader, dtype=a.compute_dtype, context=a.context, batch_size=a.batch_size,
-        experts=getattr(a, "experts", "routed"),
+        experts=getattr(a, "experts", "routed"), kv_cache=getattr(a, "kv_cache", "auto"),
     )
 
 
@@ -311,6 +311,9 @@ def add_engine_flags(c) -> None:
     c.add_argument("--context", type=int, default=None,
                    help="context length the KV cache is planned for (default: the model's, at most 4096)")
     c.add_argument("--batch-size", type=int, default=8, help="most sequences generated at once (batch mode, server)")
+    c.add_argument("--kv-cache", default="auto", choices=["auto", "device", "host"],
+                   help="where the KV cache lives: auto (the governor decides), device (with the computing layers), "
+                        "host (host memory, each layer's part copied to the GPU for its compute: frees VRAM)")
     c.add_argument("--experts", default="routed", choices=["routed", "all"],
                    help="mixture-of-experts models (Mixtral): routed reads only the experts each step routes to "
                         "in streamed layers; all reads whole layers ahead, like a dense model")
@@ -330,6 +333,8 @@ def print_stats(stats, file=sys.stderr) -> None:
         ("mode", f"{stats.mode} ({stats.resident_layers} resident, {stats.streamed_layers} streamed, prefetch {stats.prefetch})"),
         ("reader", f"{stats.reader}{' (O_DIRECT)' if stats.direct_io else ''}"),
         ("device / dtype", f"{stats.device} / {stats.dtype}"),
+        ("KV cache", {"host": "host memory, each layer's part copied to the device for its compute"}.get(
+            stats.kv_location, f"on {stats.kv_location}")),
         ("tokens", f"prompt {stats.prompt_tokens}, generated {stats.generated_tokens}"),
         ("prefill", f"{stats.prefill_s:.3f} s"),
         ("decode", f"{stats.decode_tokens_per_s:.2f} tok/s"),

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from layerrun.engine.kv_cache import KVCache, layer_add_rows, layer_drop_prefix, layer_select_rows
+from layerrun.engine.kv_cache import layer_add_rows, layer_drop_prefix, layer_select_rows
 from layerrun.engine.sampling import SamplingParams
 from layerrun.engine.telemetry import GenerationStats
 from layerrun.engine.tokenizer import StreamDecoder
@@ -79,7 +79,7 @@ class BatchGenerator:
         self.max_batch = max_batch
         self.rows: list[Request] = []
         self.waiting: deque[Request] = deque()
-        self.cache = KVCache(engine.args.num_hidden_layers)
+        self.cache = engine.new_cache()
         self.key_pos: torch.Tensor | None = None  # (B, S) int64, -1 = padding
         self.steps = 0
         self.last_stats: GenerationStats | None = None  # the latest step's figures (bytes read, stall); the server reads them
@@ -132,7 +132,7 @@ class BatchGenerator:
             return
         self.rows = [self.rows[i] for i in keep]
         if not self.rows:
-            self.cache = KVCache(self.engine.args.num_hidden_layers)
+            self.cache = self.engine.new_cache()
             self.key_pos = None
             return
         idx = torch.tensor(keep, dtype=torch.long)

@@ -102,7 +102,10 @@ class Engine:
     (check every file's sha256 first), ``trace`` (record a Perfetto trace of
     reads and compute, written by ``engine.trace.write(path)``), ``experts``
     (mixture-of-experts models: "routed" reads only the experts a step routes
-    to in streamed layers; "all" reads whole layers ahead like any other model).
+    to in streamed layers; "all" reads whole layers ahead like any other model),
+    ``kv_cache`` ("auto": the governor decides; "device": with the layers on the
+    compute device; "host": in host memory, each layer's part brought to the
+    device for its compute and prefetched while the layer before computes).
     """
 
     def __init__(
@@ -120,6 +123,7 @@ class Engine:
         verify: bool = False,
         trace: bool = False,
         experts: str = "routed",
+        kv_cache: str = "auto",
     ):
         from layerrun.engine.governor import plan_memory
         from layerrun.io.throttle import Throttle, parse_size
@@ -165,8 +169,10 @@ class Engine:
         self.plan = plan_memory(
             self.manifest, self.args, mode=mode, max_memory=budget, prefetch=prefetch, batch=batch_size,
             context=self.context, device=self.device.type, elem_bytes=self.dtype.itemsize, cast_factor=cast_factor,
+            kv=kv_cache,
         )
         self.mode = self.plan.mode
+        self.kv_host = self.plan.kv_location == "host"
         self.reader_backend = self._pick_reader(reader)
         self.reader = FileReader(self.path, "mmap" if self.reader_backend == "mmap" else "pread")
         if experts not in ("routed", "all"):
@@ -224,6 +230,10 @@ class Engine:
             if per:
                 groups[i] = per
         return groups
+
+    def new_cache(self) -> KVCache:
+        """An empty KV cache, placed where the governor decided (``plan.kv_location``)."""
+        return KVCache(self.args.num_hidden_layers, host_device=self.device if self.kv_host else None)
 
     def _expect_all_experts(self, tokens: int) -> bool:
         """Whether a step of ``tokens`` tokens is expected to route to nearly every expert (>= 90% with
@@ -327,6 +337,8 @@ class Engine:
                     self.trace.read(i, f"layer_{i:03d}", rec.start, rec.end, rec.bytes)
                     if stall > 1e-4:
                         self.trace.stall(i, t_wait, t_wait + stall)
+                if self.kv_host and cache is not None and i + 1 < len(cache.layers):
+                    cache[i + 1].prefetch()  # the next layer's keys and values travel while this one computes
                 t0 = time.perf_counter()
                 stall0 = stats.stall_s
                 x = self.model.layer(i, w, x, cache[i] if cache is not None else None, ctx)
@@ -470,7 +482,7 @@ class Engine:
 
         stats = self._new_stats(len(prompt_ids))
         call_t0 = time.perf_counter()
-        cache = KVCache(self.args.num_hidden_layers)
+        cache = self.new_cache()
         ids = torch.tensor([prompt_ids], dtype=torch.long)
         positions = torch.arange(len(prompt_ids))[None]
         held = ""  # text not yet emitted because it may begin a stop string
@@ -502,7 +514,7 @@ class Engine:
                 break
             p = len(prompt_ids) + n
             if p == rerun_at:
-                cache = KVCache(self.args.num_hidden_layers)
+                cache = self.new_cache()
                 logits = self._forward(torch.tensor([seq]), cache, torch.arange(p + 1)[None], None, stats, last_only=True)
             else:
                 logits = self._forward(torch.tensor([[tok]]), cache, torch.tensor([[p]]), None, stats, last_only=True)
@@ -533,6 +545,7 @@ class Engine:
             prompt_tokens=prompt_tokens, mode=self.mode, reader=self.reader_backend, device=str(self.device),
             dtype=str(self.dtype).replace("torch.", ""), notes=list(self.notes), prefetch=self.plan.prefetch,
             resident_layers=len(self.plan.resident), streamed_layers=len(self.plan.streamed),
+            kv_location=self.plan.kv_location,
             plan=list(self.plan.lines),
         )
 

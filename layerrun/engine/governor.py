@@ -80,6 +80,9 @@ def workspace_bytes(args, batch: int, context: int, elem: int) -> int:
     return act + attn + logits + 64 * MiB
 
 
+KV_PLACES = ("auto", "device", "host")
+
+
 def plan_memory(
     manifest: Manifest,
     args,
@@ -92,6 +95,69 @@ def plan_memory(
     elem_bytes: int = 4,
     cast_factor: float = 1.0,
     baseline: int | None = None,
+    kv: str = "auto",
+    device_memory: tuple[int, int] | None = None,
+) -> Plan:
+    """The plan (mode, resident and streamed layers, prefetch depth, KV cache place) and its arithmetic.
+
+    ``kv``: where the KV cache lives. ``device``: with the layers that compute (on CPU, host memory
+    anyway); ``host``: in host memory, each layer's part copied to the device for its compute;
+    ``auto``: on the device unless that leaves less room for resident layers than the cache's own
+    size (the bytes that would then be streamed per token instead of the cache's), or does not fit.
+    ``device_memory``: (free, total) device bytes, instead of asking CUDA (planning for another machine).
+    """
+    if kv not in KV_PLACES:
+        raise LayerRunError(f"--kv-cache {kv!r} is not one of: {', '.join(KV_PLACES)}")
+    common = dict(manifest=manifest, args=args, mode=mode, max_memory=max_memory, prefetch=prefetch, batch=batch,
+                  context=context, device=device, elem_bytes=elem_bytes, cast_factor=cast_factor, baseline=baseline,
+                  device_memory=device_memory)
+    if kv == "host" or (kv == "auto" and device != "cuda"):
+        return _plan_once(**common, kv_host=kv == "host")
+    if kv == "device":
+        return _plan_once(**common, kv_host=False)
+    dev_error = None
+    try:
+        on_dev = _plan_once(**common, kv_host=False)
+    except LayerRunError as e:
+        on_dev, dev_error = None, e
+    if on_dev is not None and on_dev.mode == "full":
+        return on_dev
+    try:
+        on_host = _plan_once(**common, kv_host=True)
+    except LayerRunError:
+        if on_dev is None:
+            raise dev_error from None
+        return on_dev
+    if on_dev is None:
+        on_host.lines.append("KV cache on the device does not fit; it lives in host memory instead")
+        return on_host
+    sizes = {f.layer: f.bytes - f.data_start for f in manifest.layers}
+    gained = sum(sizes[i] for i in on_host.resident) - sum(sizes[i] for i in on_dev.resident)
+    kv_bytes_ = kv_bytes(args, batch, context, elem_bytes)
+    if gained > kv_bytes_:
+        on_host.lines.append(
+            f"KV cache in host memory: {fmt(gained)} more resident layers than with it on the device, "
+            f"more than the {fmt(kv_bytes_)} of cache that then travels with its layers each step")
+        return on_host
+    on_dev.lines.append(f"KV cache on the device: moving it to host memory would gain only {fmt(max(gained, 0))} "
+                        f"of resident layers, less than its {fmt(kv_bytes_)}")
+    return on_dev
+
+
+def _plan_once(
+    manifest: Manifest,
+    args,
+    mode: str,
+    max_memory: int | None,
+    prefetch: int,
+    batch: int,
+    context: int,
+    device: str,
+    elem_bytes: int,
+    cast_factor: float,
+    baseline: int | None,
+    kv_host: bool,
+    device_memory: tuple[int, int] | None = None,
 ) -> Plan:
     if mode not in MODES:
         raise LayerRunError(f"--mode {mode!r} is not one of: {', '.join(MODES)}")
@@ -111,14 +177,27 @@ def plan_memory(
     max_layer = max(layer_bytes, default=0) + extra
     fixed = int((manifest.embeddings.bytes + manifest.final.bytes) * cast_factor)
     kv = kv_bytes(args, batch, context, elem_bytes)
+    kv_where = "host" if kv_host else device
+    kv_line = None
+    if kv_host and device == "cuda":
+        host_free = psutil.virtual_memory().available - RAM_SAFETY
+        if kv > host_free:
+            raise LayerRunError(f"the KV cache ({fmt(kv)}) does not fit in host memory either ({fmt(host_free)} free)")
+        kv_line = (f"KV cache {fmt(kv)} in pinned host memory ({fmt(host_free)} free); one layer's part "
+                   f"({fmt(kv // max(args.num_hidden_layers, 1))}) on the device at a time")
+        kv = kv // max(args.num_hidden_layers, 1)  # the device holds one layer's share while it computes
+    elif kv_host:
+        kv_line = "KV cache in host memory, copied per layer (on CPU the same memory: this only exercises the path)"
     work = workspace_bytes(args, batch, context, elem_bytes) + dq
     proc = psutil.Process()
     base = proc.memory_info().rss if baseline is None else baseline
     lines = []
     if device == "cuda":
-        import torch
+        if device_memory is None:
+            import torch
 
-        free_dev, total_dev = torch.cuda.mem_get_info()
+            device_memory = torch.cuda.mem_get_info()
+        free_dev, total_dev = device_memory
         avail = free_dev
         lines.append(f"VRAM free {fmt(free_dev)} of {fmt(total_dev)}")
     else:
@@ -135,6 +214,8 @@ def plan_memory(
         budget = min(avail, max_memory - base)
         lines.append(f"--max-memory {fmt(max_memory)} minus process already resident {fmt(base)} = {fmt(max_memory - base)}")
     lines.append(f"budget for the model: {fmt(budget)}")
+    if kv_line:
+        lines.append(kv_line)
     if q:
         lines.append(f"quantized {q.get('method', q)}: layers at file size, +{fmt(extra)} repack per staged layer, "
                      f"dequant workspace {fmt(dq)}")
@@ -154,7 +235,7 @@ def plan_memory(
         if mode == "full" and full_need > budget:
             lines.append(f"warning: full mode needs {fmt(full_need)}, over the budget {fmt(budget)}")
         lines.append(f"mode full: {fmt(always)} + all layers {fmt(all_layers)} = {fmt(full_need)} <= {fmt(budget)}")
-        return Plan("full", list(range(L)), [], 0, device, budget, full_need, lines)
+        return Plan("full", list(range(L)), [], 0, kv_where, budget, full_need, lines)
 
     depth = prefetch
     stream_need = always + ring(depth)
@@ -181,7 +262,7 @@ def plan_memory(
         lines.append(f"prefetch lowered from {prefetch} to {depth} to fit the budget")
     if mode == "stream":
         lines.append(f"mode stream: {fmt(always)} + ring {depth + 1} x {fmt(max_layer)} = {fmt(stream_need)}")
-        return Plan("stream", [], list(range(L)), depth, device, budget, stream_need, lines)
+        return Plan("stream", [], list(range(L)), depth, kv_where, budget, stream_need, lines)
     spare = budget - stream_need
     k = 0
     acc = 0
@@ -193,9 +274,9 @@ def plan_memory(
     k = min(k, L - 1)
     if k == 0:
         lines.append(f"mode stream: no room for resident layers ({fmt(spare)} spare); ring {depth + 1} x {fmt(max_layer)}")
-        return Plan("stream", [], list(range(L)), depth, device, budget, stream_need, lines)
+        return Plan("stream", [], list(range(L)), depth, kv_where, budget, stream_need, lines)
     lines.append(
         f"mode partial: {k} of {L} layers resident ({fmt(acc)}), {L - k} streamed through a ring of "
         f"{depth + 1} x {fmt(max_layer)}; total {fmt(stream_need + acc)}"
     )
-    return Plan("partial", list(range(k)), list(range(k, L)), depth, device, budget, stream_need + acc, lines)
+    return Plan("partial", list(range(k)), list(range(k, L)), depth, kv_where, budget, stream_need + acc, lines)

@@ -3,6 +3,13 @@
 Each layer owns a preallocated (B, n_kv_heads, capacity, head_dim) buffer for
 keys and values that grows by doubling, so decode steps append without
 allocating. The engine hands each layer its own :class:`LayerKV`.
+
+When the governor finds no room for the cache on the compute device (a GPU
+with little VRAM), it lives in host memory (pinned on CUDA) as
+:class:`HostLayerKV` and travels with its layer: the engine asks for layer
+i+1's keys and values to be copied to the device while layer i computes, the
+new entries go back to the host as the layer appends them, and the device copy
+is dropped after the layer, so the device holds one layer's cache at a time.
 """
 
 from __future__ import annotations
@@ -46,9 +53,65 @@ class LayerKV:
         return self.k[:, :, :need], self.v[:, :, :need]
 
 
+class HostLayerKV(LayerKV):
+    """A layer's cache kept in host memory, brought to ``device`` for the layer's compute.
+
+    On CUDA every copy is issued on the current (compute) stream, so copies and the attention that
+    reads them run in order without events; the host side waits for that stream before it touches
+    the buffers itself (growing, or the batch generator's row changes).
+    """
+
+    def __init__(self, device: torch.device):
+        super().__init__()
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self._dev: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (length, k, v) prefetched
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.current_stream(self.device).synchronize()
+
+    def _grow(self, k: torch.Tensor, need: int) -> None:
+        B, H, _, D = k.shape
+        cap = max(MIN_CAPACITY, 1 << (need - 1).bit_length())
+        self.sync()
+        nk = torch.empty((B, H, cap, D), dtype=k.dtype, pin_memory=self.cuda)
+        nv = torch.empty((B, H, cap, D), dtype=k.dtype, pin_memory=self.cuda)
+        if self.k is not None and self.length:
+            nk[:, :, : self.length] = self.k[:, :, : self.length]
+            nv[:, :, : self.length] = self.v[:, :, : self.length]
+        self.k, self.v = nk, nv
+
+    def prefetch(self) -> None:
+        """Start copying the cached keys and values to the device (ahead of this layer's compute)."""
+        if self.k is None or not self.length or (self._dev is not None and self._dev[0] == self.length):
+            return
+        n = self.length
+        self._dev = (n, self.k[:, :, :n].to(self.device, non_blocking=True),
+                     self.v[:, :, :n].to(self.device, non_blocking=True))
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        T = k.shape[2]
+        n = self.length
+        need = n + T
+        self.prefetch()
+        dev = self._dev
+        if self.k is None or need > self.k.shape[2] or self.k.dtype != k.dtype:
+            self._grow(k, need)
+        self.k[:, :, n:need].copy_(k, non_blocking=True)  # device -> host, ordered on the stream
+        self.v[:, :, n:need].copy_(v, non_blocking=True)
+        self.length = need
+        self._dev = None  # the device copy lives only for this layer's compute
+        if dev is None:
+            return k, v
+        return torch.cat([dev[1], k], dim=2), torch.cat([dev[2], v], dim=2)
+
+
 class KVCache:
-    def __init__(self, num_layers: int):
-        self.layers = [LayerKV() for _ in range(num_layers)]
+    def __init__(self, num_layers: int, host_device: torch.device | str | None = None):
+        """``host_device``: keep the cache in host memory and bring each layer's part to this device
+        for its compute (:class:`HostLayerKV`); None keeps it where the layer computes."""
+        self.layers = [HostLayerKV(host_device) if host_device is not None else LayerKV() for _ in range(num_layers)]
 
     def __getitem__(self, i: int) -> LayerKV:
         return self.layers[i]
@@ -66,8 +129,15 @@ def _rows(t: torch.Tensor | None, idx: torch.Tensor) -> torch.Tensor | None:
     return None if t is None else t.index_select(0, idx.to(t.device))
 
 
+def _host_sync(layer: LayerKV) -> None:
+    if isinstance(layer, HostLayerKV):
+        layer.sync()  # pending device -> host copies must land before the host rearranges the buffers
+        layer._dev = None
+
+
 def layer_select_rows(layer: LayerKV, idx: torch.Tensor) -> None:
     """Keep only the batch rows ``idx`` (a finished sequence leaves the batch)."""
+    _host_sync(layer)
     layer.k, layer.v = _rows(layer.k, idx), _rows(layer.v, idx)
 
 
@@ -75,6 +145,7 @@ def layer_add_rows(layer: LayerKV, n: int) -> None:
     """Append ``n`` empty rows (sequences joining the batch); their keys are masked until written."""
     if layer.k is None or n == 0:
         return
+    _host_sync(layer)
     B, H, C, D = layer.k.shape
     z = torch.zeros((n, H, C, D), dtype=layer.k.dtype, device=layer.k.device)
     layer.k = torch.cat([layer.k, z])
@@ -85,6 +156,7 @@ def layer_drop_prefix(layer: LayerKV, n: int) -> None:
     """Drop the first ``n`` columns (padding that no live sequence uses any more)."""
     if layer.k is None or n == 0:
         return
+    _host_sync(layer)
     keep = layer.length - n
     k = layer.k[:, :, n : layer.length].clone()
     v = layer.v[:, :, n : layer.length].clone()

@@ -54,6 +54,7 @@ class GenerationStats:
     plan: list[str] = field(default_factory=list)
     read_intervals: list = field(default_factory=list, repr=False)
     mode: str = "stream"
+    kv_location: str = "cpu"  # where the KV cache lives: cpu, cuda, or host (copied to the device per layer)
     reader: str = "pread"
     device: str = "cpu"
     dtype: str = "float32"

@@ -1,0 +1,118 @@
+"""The memory governor's decisions and the KV cache placed in host memory.
+
+The VRAM arithmetic runs on any machine: ``plan_memory(device="cuda", device_memory=(free, total))``
+plans for a GPU of that size without asking CUDA. The host-resident KV cache path (each layer's
+keys and values copied to the compute device for its compute) is exercised on CPU with
+``kv_cache="host"``, where both sides are host memory: the bookkeeping (appends, growth, batch
+rows joining and leaving, the cache's recompute for Phi-3) is what runs and is checked.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import layerrun
+from layerrun.engine.governor import kv_bytes, plan_memory
+from layerrun.engine.kv_cache import HostLayerKV, LayerKV
+from layerrun.errors import LayerRunError
+
+MiB = 2**20
+
+
+def _ids(n: int, seed: int, vocab: int = 320) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (n,), generator=g).tolist()
+
+
+def _plan(eng, free: int, **kw):
+    return plan_memory(eng.manifest, eng.args, device="cuda", device_memory=(free, 80 * 2**30), baseline=0,
+                       elem_bytes=4, **kw)
+
+
+@pytest.fixture(scope="module")
+def eng(tiny_layered):
+    return layerrun.load(tiny_layered("llama_gqa"), mode="full")
+
+
+def test_kv_stays_on_a_device_with_room(eng):
+    p = _plan(eng, 8 * 2**30, context=256)
+    assert p.mode == "full" and p.kv_location == "cuda"
+
+
+def test_kv_moves_to_host_when_that_keeps_more_layers_resident(eng):
+    """VRAM for the layers but not also the cache: in host memory the cache travels per layer (its
+    bytes) and every layer stays resident, instead of streaming layers (more bytes per token)."""
+    big = 64 * 2**30
+    need_dev = _plan(eng, big, context=256, kv="device").need
+    need_host = _plan(eng, big, context=256, kv="host").need
+    kv = kv_bytes(eng.args, 1, 256, 4)
+    layers = sum(f.bytes - f.data_start for f in eng.manifest.layers)
+    assert need_dev - need_host == kv - kv // eng.args.num_hidden_layers and layers > kv
+    free = (need_dev + need_host) // 2
+    p = _plan(eng, free, context=256)
+    assert (p.mode, p.kv_location) == ("full", "host")
+    assert any("KV cache in host memory" in line for line in p.lines)
+    d = _plan(eng, free, context=256, kv="device")
+    assert d.kv_location == "cuda" and d.mode != "full"
+    # a long context's cache is bigger than the layers it would make room for: it stays on the device
+    ctx = 8192
+    free = _plan(eng, big, context=ctx, kv="device").need - 1
+    p = _plan(eng, free, context=ctx)
+    assert p.kv_location == "cuda" and p.mode != "full"
+    assert any("moving it to host memory would gain only" in line for line in p.lines)
+
+
+def test_kv_on_host_when_nothing_fits_on_the_device_with_it(eng):
+    ctx = 65536
+    big = 64 * 2**30
+    free = _plan(eng, big, context=ctx, kv="host").need + 1  # the cache's other layers' shares do not fit
+    with pytest.raises(LayerRunError, match="cannot run"):
+        _plan(eng, free, context=ctx, kv="device")
+    p = _plan(eng, free, context=ctx)
+    assert p.kv_location == "host" and p.mode == "full"
+    assert any("does not fit; it lives in host memory" in line for line in p.lines)
+
+
+def test_kv_flag_is_checked(eng):
+    with pytest.raises(LayerRunError, match="--kv-cache 'gpu' is not one of"):
+        plan_memory(eng.manifest, eng.args, kv="gpu")
+
+
+def test_host_layer_kv_appends_and_grows_like_the_device_one():
+    g = torch.Generator().manual_seed(0)
+    a, b = LayerKV(), HostLayerKV("cpu")
+    for T in (5, 1, 1, 300, 1):  # crosses the 256-slot initial capacity
+        k, v = torch.randn(2, 2, T, 8, generator=g), torch.randn(2, 2, T, 8, generator=g)
+        b.prefetch()
+        ka, va = a.update(k, v)
+        kb, vb = b.update(k, v)
+        assert torch.equal(ka, kb) and torch.equal(va, vb)
+    assert a.length == b.length == 308
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "mistral", "gemma2", "mixtral"])
+def test_host_kv_gives_the_same_tokens(name, tiny_layered):
+    dev = layerrun.load(tiny_layered(name), mode="stream")
+    host = layerrun.load(tiny_layered(name), mode="stream", kv_cache="host")
+    assert host.plan.kv_location == "host" and dev.plan.kv_location == "cpu"
+    assert isinstance(host.new_cache()[0], HostLayerKV)
+    prompt = _ids(12, seed=1, vocab=dev.args.vocab_size)
+    g = host.generate(prompt, max_new_tokens=20, ignore_eos=True)
+    assert g.token_ids == dev.generate(prompt, max_new_tokens=20, ignore_eos=True).token_ids
+    assert g.stats.kv_location == "host"
+    # continuous batching: rows join, finish early and leave, the cache is compacted
+    prompts = [_ids(n, seed=n, vocab=dev.args.vocab_size) for n in (3, 17, 8, 30, 5)]
+    lens = [4, 25, 9, 12, 18]
+    want = [dev.generate(p, max_new_tokens=m, ignore_eos=True).token_ids for p, m in zip(prompts, lens)]
+    got = host.generate_batch([{"prompt": p, "max_new_tokens": m, "ignore_eos": True} for p, m in zip(prompts, lens)],
+                              batch_size=3)
+    assert [o.token_ids for o in got] == want
+
+
+def test_host_kv_with_phi3_cache_recompute(tiny_layered):
+    dev = layerrun.load(tiny_layered("phi3"), mode="full")
+    host = layerrun.load(tiny_layered("phi3"), mode="full", kv_cache="host")
+    prompt = _ids(20, seed=3)
+    assert host.generate(prompt, max_new_tokens=10, ignore_eos=True).token_ids == \
+        dev.generate(prompt, max_new_tokens=10, ignore_eos=True).token_ids
