@@ -74,6 +74,8 @@ def machine_info() -> dict:
         info["cpu"] = cpu
     except OSError:
         pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
     return info
 
 
@@ -223,14 +225,18 @@ def _bracket(before: dict | None, after: dict | None) -> dict | None:
 
 
 # ---- bench io -----------------------------------------------------------------------
-def _stream_once(folder: Path, entries, depth: int, backend: str, rate: int | None, passes: int, cold: bool) -> dict:
+def _stream_once(folder: Path, entries, depth: int, backend: str, rate: int | None, passes: int, cold: bool,
+                 device: str = "cpu") -> dict:
+    import torch
+
     from layerrun.io.pipeline import LayerStream
     from layerrun.io.throttle import Throttle
 
     per_pass = sum(e.bytes - e.data_start for e in entries)
     throttle = Throttle(rate) if rate else None
     t_begin = time.perf_counter()
-    stream = LayerStream(folder, entries, depth=depth, backend=backend, throttle=throttle)
+    stream = LayerStream(folder, entries, depth=depth, backend=backend, throttle=throttle, device=torch.device(device))
+    copy_s = 0.0
     marks = [t_begin]
     nbytes = 0
     try:
@@ -244,6 +250,9 @@ def _stream_once(folder: Path, entries, depth: int, backend: str, rate: int | No
                     # Evict before the slot is released: the next read of this file starts after it.
                     stream.reader.drop_cache(e)
                 stream.release(s)
+                copy_s += s.record.copy_s
+            if device == "cuda":
+                torch.cuda.synchronize()
             marks.append(time.perf_counter())
         reads = [(r.start, r.end) for r in stream.stats.reads]
         stall = stream.stats.stall_s
@@ -268,6 +277,10 @@ def _stream_once(folder: Path, entries, depth: int, backend: str, rate: int | No
         "busy_gb_s": round(nbytes / busy / 1e9, 3) if busy > 0 else 0.0,
         "stall_s": round(stall, 4),
     }
+    if device == "cuda":
+        # The host -> device copies alone (CUDA events around each on the copy stream).
+        out["copy_s"] = round(copy_s, 4)
+        out["h2d_gb_s"] = round(nbytes / copy_s / 1e9, 3) if copy_s > 0 else 0.0
     if note:
         out["note"] = note
     if cold and used != "direct" and depth >= len(entries) and passes > 1:
@@ -275,6 +288,25 @@ def _stream_once(folder: Path, entries, depth: int, backend: str, rate: int | No
             f"depth {depth} >= {len(entries)} layers: prefetch wraps before a file is evicted, so later passes "
             "are partly warm")
     return out
+
+
+def pinned_copy_gb_s(nbytes: int, tries: int = 5) -> float:
+    """A plain pinned host -> device ``copy_`` of ``nbytes`` (best of ``tries``): the H2D reference."""
+    import torch
+
+    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize()
+    best = 0.0
+    for _ in range(tries):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src, non_blocking=True)
+        b.record()
+        b.synchronize()
+        best = max(best, nbytes / (a.elapsed_time(b) / 1e3) / 1e9)
+    return round(best, 3)
 
 
 def memcpy_gb_s(nbytes: int = 128 * 2**20, tries: int = 3) -> float:
@@ -309,7 +341,7 @@ def _combine_rounds(rows: list[dict]) -> dict:
         if "bytes" in got[0]:
             d["bytes"] = sum(g["bytes"] for g in got)
         out[k] = d
-    for k in ("cold_vs_dd", "cold_vs_fio", "warm_vs_dd", "cold_vs_throttle", "warm_vs_throttle"):
+    for k in ("cold_vs_dd", "cold_vs_fio", "warm_vs_dd", "cold_vs_throttle", "warm_vs_throttle", "h2d_gb_s", "h2d_vs_pinned"):
         vals = [r[k] for r in rows if k in r]
         if vals:
             out[k] = round(statistics.median(vals), 3)
@@ -329,8 +361,13 @@ def bench_io(
     fio_iodepth: int = 16,
     rounds: int = 1,
     log: Log = _quiet,
+    device: str = "cpu",
 ) -> dict:
     """Disk -> host GB/s of the prefetch pipeline per depth, cold and warm, next to dd/fio on the same files.
+
+    ``device="cuda"``: the pipeline also copies each layer from its pinned slot to the GPU on the copy
+    stream; rows then carry ``h2d_gb_s`` (bytes over the copies' own CUDA-event time) and the result
+    ``pinned_copy_gb_s``, a plain pinned ``copy_`` of one layer's size, and ``h2d_vs_pinned``.
 
     Each pipeline measurement is bracketed by the reference tools (run just before and
     just after it; their mean is the reference), so every ratio comes from one run.
@@ -346,6 +383,13 @@ def bench_io(
 
     if reader not in ("pread", "direct"):
         raise LayerRunError(f"--reader {reader!r} is not one of: pread, direct")
+    if device not in ("cpu", "cuda"):
+        raise LayerRunError(f"--device {device!r} is not one of: cpu, cuda")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise LayerRunError("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
     if passes < 1:
         raise LayerRunError(f"--passes must be >= 1, got {passes}")
     if rounds < 1:
@@ -381,6 +425,7 @@ def bench_io(
         "disk": _disk_of(folder),
         "results": [],
         "notes": [],
+        "device": device,
     }
     use_dd = "dd" in refs and shutil.which("dd") is not None
     use_fio = "fio" in refs and shutil.which("fio") is not None
@@ -400,13 +445,16 @@ def bench_io(
         f"reader {reader}, passes {passes}, rounds {rounds}, throttle {_fmt_rate(rate)}")
     result["memcpy_gb_s"] = memcpy_gb_s()
     log(f"  memcpy (memory bandwidth, torch copy of 128 MiB): {result['memcpy_gb_s']:.3f} GB/s")
+    if device == "cuda":
+        result["pinned_copy_gb_s"] = pinned_copy_gb_s(max(e.bytes - e.data_start for e in entries))
+        log(f"  pinned host -> device copy_ of one layer: {result['pinned_copy_gb_s']:.3f} GB/s")
 
     def measure(depth: int) -> dict:
         row: dict = {"depth": depth}
         if "cold" in caches:
             before = cold_refs()
             drop_page_cache(files)
-            row["cold"] = _stream_once(folder, entries, depth, reader, rate, passes, cold=True)
+            row["cold"] = _stream_once(folder, entries, depth, reader, rate, passes, cold=True, device=device)
             after = cold_refs()
             for k in before:
                 row[k] = _bracket(before[k], after.get(k))
@@ -420,7 +468,7 @@ def bench_io(
         if "warm" in caches:
             warm_page_cache(files)
             before = dd_read(files, direct=False) if use_dd else None
-            row["warm"] = _stream_once(folder, entries, depth, "pread", rate, passes, cold=False)
+            row["warm"] = _stream_once(folder, entries, depth, "pread", rate, passes, cold=False, device=device)
             if use_dd:
                 row["dd_cached"] = _bracket(before, dd_read(files, direct=False))
             ref = row.get("dd_cached") or {}
@@ -432,6 +480,13 @@ def bench_io(
             for c in ("cold", "warm"):
                 if c in row:
                     row[f"{c}_vs_throttle"] = round(row[c]["gb_s"] * 1e9 / rate, 3)
+        if device == "cuda":
+            h2d = [row[c]["h2d_gb_s"] for c in ("cold", "warm") if c in row and row[c].get("h2d_gb_s")]
+            if h2d and result.get("pinned_copy_gb_s"):
+                row["h2d_gb_s"] = max(h2d)
+                row["h2d_vs_pinned"] = round(max(h2d) / result["pinned_copy_gb_s"], 3)
+                log(f"  depth {depth} host -> device from the pinned ring: {row['h2d_gb_s']:.3f} GB/s "
+                    f"({row['h2d_vs_pinned']:.2f} of a plain pinned copy_)")
         return row
 
     per_depth: dict[int, list[dict]] = {d: [] for d in depths}
@@ -482,6 +537,9 @@ def print_io_table(res: dict, console=None) -> None:
     cols += ["warm GB/s", "warm 1st", "dd cached", "warm/dd"]
     if thr:
         cols += ["cold/throttle", "warm/throttle"]
+    cuda = res.get("device") == "cuda"
+    if cuda:
+        cols += ["H2D GB/s", "H2D/pinned copy_"]
     for col in cols:
         t.add_column(col, justify="right")
 
@@ -504,12 +562,16 @@ def print_io_table(res: dict, console=None) -> None:
         cells += [g(r, "warm", "gb_s"), g(r, "warm", "first_pass_gb_s"), g(r, "dd_cached", "gb_s"), pct(r, "warm_vs_dd")]
         if thr:
             cells += [pct(r, "cold_vs_throttle"), pct(r, "warm_vs_throttle")]
+        if cuda:
+            cells += [g(r, "h2d_gb_s"), pct(r, "h2d_vs_pinned")]
         t.add_row(*cells)
     c.print(t)
     m = res["machine"]
     c.print(f"machine: {m.get('cpu')}, {m['cpus']} cpus, {m['memory_gib']} GiB, load {m.get('load_avg')} at start, "
             f"{res.get('load_avg_end')} at end; "
-            f"disk {res.get('disk')}; memcpy {res.get('memcpy_gb_s')} GB/s; {m['date']}", highlight=False)
+            f"disk {res.get('disk')}; memcpy {res.get('memcpy_gb_s')} GB/s"
+            + (f"; pinned copy_ to {m.get('gpu', 'the GPU')} {res.get('pinned_copy_gb_s')} GB/s" if cuda else "")
+            + f"; {m['date']}", highlight=False)
     for n in res.get("notes", []):
         c.print(f"note: {n}", highlight=False)
 
@@ -752,7 +814,7 @@ def cmd_bench_io(a) -> int:
         caches=[c.strip() for c in a.cache.split(",") if c.strip()],
         refs=[r.strip() for r in a.ref.split(",") if r.strip() and r.strip() != "none"], fio_iodepth=a.fio_iodepth,
         rounds=a.rounds,
-        log=_stderr_log(a.quiet or a.json),
+        log=_stderr_log(a.quiet or a.json), device=a.device,
     )
     if a.json:
         print(json.dumps(res, indent=1, default=str))
@@ -809,6 +871,9 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                    help="reference tools run on the same files before and after each measurement: dd, fio "
                         "(skipped when not installed), or none (default: %(default)s)")
     c.add_argument("--fio-iodepth", type=int, default=16, help="requests fio keeps in flight (default: %(default)s)")
+    c.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cuda: also copy each layer from its pinned slot to the GPU and report that copy's GB/s "
+                        "next to a plain pinned copy_ (default: %(default)s)")
     c.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     c.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     c.set_defaults(fn=cmd_bench_io)

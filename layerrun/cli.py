@@ -353,6 +353,9 @@ def print_stats(stats, file=sys.stderr) -> None:
                      f"({100 * stats.expert_bytes_skipped / max(seen, 1):.0f}% of expert bytes never read)"))
     if stats.peak_vram_bytes:
         rows.append(("peak VRAM", _human_bytes(stats.peak_vram_bytes)))
+    if stats.copy_s:
+        rows.append(("host -> device copies", f"{stats.copy_s:.3f} s on the copy stream "
+                                              f"({stats.bytes_read / stats.copy_s / 1e9:.2f} GB/s)"))
     if stats.layer_compute_s and stats.steps:
         per = [v / stats.steps for v in stats.layer_compute_s.values()]
         rows.append(("compute per layer (median)", f"{statistics.median(per) * 1e3:.3f} ms"))

@@ -353,6 +353,7 @@ class Engine:
                     collect.append(x.float().cpu())
                 if staged is not None:
                     stream.release(staged)
+                    stats.copy_s += staged.record.copy_s  # CUDA: the host -> device copy, timed by events
         except BaseException:
             # A pass that stops midway leaves the cyclic prefetch out of step: start it afresh.
             self._open_stream()

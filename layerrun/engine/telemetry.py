@@ -41,6 +41,7 @@ class GenerationStats:
     bytes_read: int = 0
     read_s: float = 0.0
     compute_s: float = 0.0
+    copy_s: float = 0.0  # CUDA: host -> device copies of streamed layers (on the copy stream, overlapping compute)
     peak_rss_bytes: int = 0
     stall_s: float = 0.0
     steps: int = 0
@@ -107,7 +108,7 @@ class GenerationStats:
         d["layer_compute_s"] = {str(k): round(v, 5) for k, v in self.layer_compute_s.items()}
         d["decode_tokens_per_s"] = round(self.decode_tokens_per_s, 3)
         d["read_gb_s"] = round(self.read_gb_s, 3)
-        for k in ("prefill_s", "decode_s", "read_s", "compute_s", "stall_s", "step_s"):
+        for k in ("prefill_s", "decode_s", "read_s", "compute_s", "stall_s", "step_s", "copy_s"):
             d[k] = round(d[k], 4)
         return d
 

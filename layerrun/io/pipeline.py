@@ -61,14 +61,17 @@ class ReadRecord:
 
 @dataclass
 class StagedLayer:
+    """A layer ready to compute: its weights (views of a ring slot, or of the device slot on CUDA)."""
+
     layer: int
     weights: dict[str, torch.Tensor]
     slot: int
     record: ReadRecord
     seq: int
-    event: object | None = None  # CUDA event the copy recorded
+    event: object | None = None  # CUDA event recorded after the host -> device copy (and the prepare step)
     entry: FileEntry | None = None
     partial: bool = False  # only the staging subset was read; the rest comes through LayerStream.fetch
+    copy_start: object | None = None  # CUDA timing event recorded before the copy
 
 
 @dataclass
@@ -291,23 +294,35 @@ class LayerStream:
             return StagedLayer(rec.layer, self.prepare(w), slot, rec, seq, None, entry, subset is not None)
         n = self.reader.read(entry, self.slots[slot], ranges)
         rec = ReadRecord(layer, n, t0, time.perf_counter())
-        w, event = self._views(entry, slot, ranges)
-        if subset is not None:
-            w = {k: v for k, v in w.items() if k in subset}
-        return StagedLayer(rec.layer, self.prepare(w), slot, rec, seq, event, entry, subset is not None)
-
-    def _views(self, entry: FileEntry, slot: int, ranges=None):
-        """Tensor views of a slot; on CUDA the read ``ranges`` (default: all) are first copied to the
-        device slot on the copy stream, and the copy's event is returned."""
-        base = entry.data_start
         if not self.cuda:
-            return views(entry, self.slots[slot], base), None
+            w = views(entry, self.slots[slot], entry.data_start)
+            if subset is not None:
+                w = {k: v for k, v in w.items() if k in subset}
+            return StagedLayer(rec.layer, self.prepare(w), slot, rec, seq, None, entry, subset is not None)
+        w, start, event = self._to_device(entry, slot, ranges, subset)
+        return StagedLayer(rec.layer, w, slot, rec, seq, event, entry, subset is not None, start)
+
+    def _to_device(self, entry: FileEntry, slot: int, ranges, names):
+        """CUDA: copy the read ``ranges`` (default: all) of a slot to its device slot on the copy stream
+        and prepare tensors ``names`` (default: all) there too, so a cast or repack runs after the copy
+        and before the event that compute waits on. Returns (weights, start event, end event)."""
+        base = entry.data_start
+        start = torch.cuda.Event(enable_timing=True)
+        event = torch.cuda.Event(enable_timing=True)
         with torch.cuda.stream(self.copy_stream):
+            start.record(self.copy_stream)
             for a, b in ranges or [(base, entry.bytes)]:
                 self.dev_slots[slot][a - base : b - base].copy_(self.slots[slot][a - base : b - base], non_blocking=True)
-            event = torch.cuda.Event()
+            w = views(entry, self.dev_slots[slot], base)
+            if names is not None:
+                w = {k: v for k, v in w.items() if k in names}
+            w = self.prepare(w)
+            slot_ptr = range(self.dev_slots[slot].data_ptr(), self.dev_slots[slot].data_ptr() + self.slot_bytes + 1)
+            for t in w.values():
+                if isinstance(t, torch.Tensor) and t.is_cuda and t.data_ptr() not in slot_ptr:
+                    t.record_stream(torch.cuda.default_stream(self.device))  # made here, used by compute
             event.record(self.copy_stream)
-        return views(entry, self.dev_slots[slot], base), event
+        return w, start, event
 
     def fetch(self, staged: StagedLayer, names) -> tuple[dict[str, torch.Tensor], ReadRecord]:
         """Read tensors ``names`` of a partially staged layer now (compute thread; blocking).
@@ -327,12 +342,14 @@ class LayerStream:
             self.fetch_pool.submit(self._mmap_reader.advise, entry, ranges)
         else:
             self.reader.read(entry, self.slots[staged.slot], ranges, pool=self.fetch_pool)
-            w, event = self._views(entry, staged.slot, ranges)
-            if event is not None:
+            if self.cuda:
+                w, _, event = self._to_device(entry, staged.slot, ranges, names)
                 torch.cuda.current_stream(self.device).wait_event(event)
                 staged.event = event  # release() waits for this copy before the host slot is reused
+                return w, ReadRecord(staged.layer, sum(b - a for a, b in ranges), t0, time.perf_counter())
+            w = views(_subset_entry(entry, names), self.slots[staged.slot], entry.data_start)
         rec = ReadRecord(staged.layer, sum(b - a for a, b in ranges), t0, time.perf_counter())
-        return self.prepare({k: v for k, v in w.items() if k in names}), rec
+        return self.prepare(w), rec
 
     # ---- the compute side ---------------------------------------------------
     def next(self) -> StagedLayer:
@@ -346,9 +363,7 @@ class LayerStream:
             staged = self._future(seq).result()
             self._results.pop(seq, None)
         if staged.event is not None:
-            tc = time.perf_counter()
-            torch.cuda.current_stream(self.device).wait_event(staged.event)
-            staged.record.copy_s = time.perf_counter() - tc
+            torch.cuda.current_stream(self.device).wait_event(staged.event)  # compute runs after the copy
         wait = time.perf_counter() - t0
         if self._loop is not None:
             self.stats.stall_s += wait
@@ -358,15 +373,19 @@ class LayerStream:
         return staged
 
     def release(self, staged: StagedLayer) -> None:
-        """Hand the slot back; the pipeline refills it with the next layer at once."""
+        """Hand the slot back; the pipeline refills it with the next layer at once.
+
+        CUDA: the host slot is reused only after its copy completed (the event), and the device slot
+        only after the compute that reads it: the copy stream waits for the compute stream's work
+        queued so far. The copy's duration (CUDA events) goes into ``staged.record.copy_s``.
+        """
+        if staged.event is not None:
+            staged.event.synchronize()
+            if staged.copy_start is not None:
+                staged.record.copy_s = staged.copy_start.elapsed_time(staged.event) / 1e3
+            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         if self._loop is None:
             return
-        if staged.event is not None:
-            # The device copy must finish before the host slot is overwritten; the
-            # device slot is reused only after compute on it was queued, and the
-            # copy stream waits for the compute stream below.
-            staged.event.synchronize()
-            self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
         self._loop.call_soon_threadsafe(self._free.put_nowait, staged.slot)
 
     def close(self) -> None:
