@@ -55,6 +55,7 @@ class Request:
     _pos: int = 0  # position of the next token to feed
     _next: int | None = None  # token to feed at the next step
     _joined_at: float = 0.0
+    _submitted_at: float = field(default_factory=time.perf_counter)
 
     @property
     def done(self) -> bool:
@@ -148,6 +149,7 @@ class BatchGenerator:
 
     def step(self) -> list[Event]:
         """Run one forward pass over the live batch (joining waiting requests first)."""
+        t0 = time.perf_counter()
         self.waiting = deque(r for r in self.waiting if not r.cancelled or _cancel(r))
         self._remove_finished()
         # A row reaching the position where its family must recompute its cache (Phi-3 LongRoPE
@@ -182,13 +184,12 @@ class BatchGenerator:
         self.rows = self.rows + joined
         key_valid = None if bool((self.key_pos >= 0).all()) else self.key_pos
         step_stats = GenerationStats()
-        t0 = time.perf_counter()
         logits = self.engine._forward(ids, self.cache, pos.clamp(min=0), key_valid, step_stats, last_only=True)
-        dt = time.perf_counter() - t0
         self.steps += 1
         self.last_stats = step_stats
         events = []
         tokens = _sample_rows(self.rows, logits[:, -1])
+        dt = time.perf_counter() - t0  # the whole step as the rows see it: batching, forward, sampling
         joined_ids = {r.id for r in joined}
         for r, tok in zip(self.rows, tokens):
             _account(r, step_stats, dt, first=r.id in joined_ids and r.id not in rerun_ids)
@@ -229,7 +230,7 @@ class BatchGenerator:
             text += tail
             r._held = ""
         r.finish_reason = reason
-        self.engine._finish_stats(r.stats)
+        self.engine._finish_stats(r.stats, since=r._submitted_at)
         return Event(r, text, tok, reason)
 
     def run(self, on_event: Callable[[Event], None] | None = None) -> None:
@@ -272,6 +273,9 @@ def _account(r: Request, s: GenerationStats, dt: float, first: bool) -> None:
     st.steps += s.steps
     st.step_s += s.step_s
     st.read_intervals.extend(s.read_intervals)
+    st.copy_s += s.copy_s
+    for i, v in s.layer_compute_s.items():
+        st.layer_compute_s[i] = st.layer_compute_s.get(i, 0.0) + v
     st.experts_read += s.experts_read
     st.experts_total += s.experts_total
     st.expert_bytes_read += s.expert_bytes_read

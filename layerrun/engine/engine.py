@@ -19,7 +19,7 @@ import torch
 from layerrun.engine.kv_cache import KVCache
 from layerrun.engine.sampling import SamplingParams, make_sampler
 from layerrun.engine.telemetry import GenerationStats, peak_rss_bytes
-from layerrun.engine.tokenizer import StreamDecoder, Tokenizer
+from layerrun.engine.tokenizer import Tokenizer
 from layerrun.engine.trace import TraceRecorder
 from layerrun.errors import FormatError, LayerRunError
 from layerrun.formats.convert import DTYPES
@@ -472,63 +472,24 @@ class Engine:
         return prompt_ids, min(max_new_tokens, ctx_len - len(prompt_ids)), params, sampler, stops
 
     def _stream_locked(self, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, chat, system, ignore_eos):
-        prompt_ids, max_new, _, sampler, stops = self.check_request(
-            prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, chat, system
-        )
-        text_mode = self._tokenizer is not None or (self.path / "tokenizer.json").is_file()
-        decoder = StreamDecoder(self.tokenizer) if text_mode else None
-        eos = set() if ignore_eos or not text_mode else self.tokenizer.eos_token_ids
-        if not text_mode:
-            eos = set() if ignore_eos else _config_eos(self.config)
+        # One sequence is a batch of one: the same step, stop-string, end-of-sequence and cache logic
+        # as the batch generator and the server (which run many).
+        from layerrun.engine.batch import BatchGenerator
 
-        stats = self._new_stats(len(prompt_ids))
-        call_t0 = time.perf_counter()
-        cache = self.new_cache()
-        ids = torch.tensor([prompt_ids], dtype=torch.long)
-        positions = torch.arange(len(prompt_ids))[None]
-        held = ""  # text not yet emitted because it may begin a stop string
-        t0 = time.perf_counter()
-        logits = self._forward(ids, cache, positions, None, stats, last_only=True)
-        stats.prefill_s = time.perf_counter() - t0
-        t_decode = time.perf_counter()
-        finish = "length"
-        stop_hit = False
-        seq = list(prompt_ids)  # the whole sequence, for a family that must recompute its cache (Phi-3 LongRoPE)
-        rerun_at = getattr(self.model, "rerun_prefix_at", None)
-        for n in range(max_new):
-            tok = int(sampler(logits[:, -1])[0])
-            seq.append(tok)
-            stats.generated_tokens += 1
-            if tok in eos:
-                finish = "stop"
-                break
-            piece = decoder.push(tok) if decoder else ""
-            held += piece
-            out, hit = _split_stop(held, stops)
-            if hit:
-                yield Chunk(out, tok, n)
-                finish, stop_hit = "stop", True
-                break
-            held = held[len(out) :]
-            yield Chunk(out, tok, n)
-            if n + 1 == max_new:
-                break
-            p = len(prompt_ids) + n
-            if p == rerun_at:
-                cache = self.new_cache()
-                logits = self._forward(torch.tensor([seq]), cache, torch.arange(p + 1)[None], None, stats, last_only=True)
-            else:
-                logits = self._forward(torch.tensor([[tok]]), cache, torch.tensor([[p]]), None, stats, last_only=True)
-        tail = ""
-        if not stop_hit:
-            # Emit what was held back for a possible stop string, and any incomplete UTF-8 tail.
-            held += decoder.flush() if decoder else ""
-            tail, _ = _split_stop(held, stops)
-            if not _:
-                tail = held
-        stats.decode_s = time.perf_counter() - t_decode
-        self._finish_stats(stats, since=call_t0)
-        yield Chunk(tail, None, stats.generated_tokens, finish_reason=finish, stats=stats)
+        bg = BatchGenerator(self, 1)
+        req = bg.request(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, chat, system, ignore_eos)
+        n = 0
+        try:
+            while not req.done:
+                for ev in bg.step():
+                    if ev.token_id is not None:
+                        yield Chunk(ev.text, ev.token_id, n)
+                        n += 1
+                    if ev.finish_reason is not None:  # the last chunk: no token, the finish reason and stats
+                        yield Chunk("" if ev.token_id is not None else ev.text, None, n, ev.finish_reason, req.stats)
+        finally:
+            if not req.done:  # the caller stopped early: nothing more runs for this sequence
+                bg.cancel(req)
 
     def generate(self, prompt, **kwargs) -> Generation:
         """Generate to completion; returns text, token ids, finish reason and stats."""
