@@ -120,3 +120,18 @@ def test_cli_prompts_file(tiny_layered, tmp_path):
     p = subprocess.run([sys.executable, "-m", "layerrun", "generate", str(path), "--prompts-file", str(bad)],
                        capture_output=True, text=True)
     assert p.returncode == 1 and "bad.jsonl:2: not valid JSON" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_requests_are_held_to_the_planned_context(tiny_layered):
+    """--context is what the KV cache and workspace were budgeted for: prompts and generation stay inside it."""
+    from layerrun.errors import LayerRunError
+
+    eng = layerrun.load(tiny_layered("llama_gqa"), context=32)
+    assert eng.args.max_position_embeddings > 32
+    with pytest.raises(LayerRunError, match="planned for a context of 32 .*--context"):
+        eng.generate(list(range(3, 40)), max_new_tokens=4)
+    bg = eng.batch_generator(2)
+    with pytest.raises(LayerRunError, match="planned for a context of 32"):
+        bg.request(list(range(3, 40)))
+    g = eng.generate(list(range(3, 23)), max_new_tokens=50, ignore_eos=True)
+    assert len(g.token_ids) == 12 and g.finish_reason == "length"  # 20 + 12 = the 32 planned

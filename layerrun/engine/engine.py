@@ -465,8 +465,15 @@ class Engine:
         prompt_ids = self.encode_prompt(prompt, chat=chat, system=system)
         if not prompt_ids:
             raise LayerRunError("the prompt is empty")
-        ctx_len = self.args.max_position_embeddings
+        # The context the KV cache and workspace were planned for (the governor's budget), within the model's.
+        model_ctx = self.args.max_position_embeddings
+        ctx_len = min(self.context, model_ctx)
         if len(prompt_ids) >= ctx_len:
+            if ctx_len < model_ctx:
+                raise LayerRunError(
+                    f"the prompt has {len(prompt_ids)} tokens; this engine was planned for a context of {ctx_len} "
+                    f"(the model allows {model_ctx}: pass a larger --context / context=)"
+                )
             raise LayerRunError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {ctx_len}")
         stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
         return prompt_ids, min(max_new_tokens, ctx_len - len(prompt_ids)), params, sampler, stops
