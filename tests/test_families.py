@@ -1,4 +1,4 @@
-"""Gemma 1/2/3, Qwen 3, Phi-3 and Mixtral (and Llama's dynamic RoPE) against transformers on tiny random models.
+"""Gemma 1/2/3, Qwen 3, Phi-3, Mixtral and Qwen 3 MoE (and Llama's dynamic RoPE) against transformers on tiny random models.
 
 Each spec (tools/tiny_models.py) varies what breaks implementations: head_dim != hidden/heads,
 GQA ratios 1, 3 and 4, tied and untied embeddings, odd vocab sizes, sliding windows (5-8) much
@@ -30,6 +30,8 @@ CASES = [
     "phi3",
     "phi3_partial",
     "mixtral",
+    "qwen3_moe",
+    "qwen3_moe_unnorm",
 ]
 WINDOWED = ["gemma2", "gemma2_layer_types", "gemma3", "gemma3_layer_types", "qwen3_sliding", "phi3_partial", "mixtral"]
 FP32_TOL = 1e-4
@@ -38,7 +40,8 @@ BF16_TOL = 2e-2  # measured: 0 (same kernels in the same order as transformers),
 
 def reference(path, dtype=torch.float32):
     kw = {}
-    if json.loads((path / "config.json").read_text())["model_type"] == "mixtral":
+    cfg = json.loads((path / "config.json").read_text())
+    if "num_local_experts" in cfg or "num_experts" in cfg:
         kw["experts_implementation"] = "eager"  # the per-expert loop; grouped_mm (the default) rounds differently in bf16
     return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw).eval()
 
@@ -195,7 +198,7 @@ def test_gemma3_ignores_attn_softcap_like_transformers(tiny_layered):
     assert torch.equal(eng.logits(ids), with_config(eng, attn_logit_softcapping=None).logits(ids))
 
 
-@pytest.mark.parametrize("name", ["gemma", "gemma2", "gemma3", "qwen3", "phi3", "mixtral"])
+@pytest.mark.parametrize("name", ["gemma", "gemma2", "gemma3", "qwen3", "phi3", "mixtral", "qwen3_moe"])
 def test_bf16_close_to_transformers_bf16(name, tiny_hf, tiny_layered):
     ref = reference(tiny_hf(name), dtype=torch.bfloat16)
     eng = layerrun.load(tiny_layered(name), dtype="bfloat16")

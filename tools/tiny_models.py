@@ -67,6 +67,15 @@ SPECS: dict[str, dict] = {
     "mixtral_top1_bf16": dict(model_type="mixtral", overrides=dict(
         num_key_value_heads=4, head_dim=24, num_local_experts=4, num_experts_per_tok=1, tie_word_embeddings=True),
         dtype="bfloat16"),
+    # qwen3_moe: 8 experts, top-3, norm_topk_prob, GQA 4:2, head_dim 24, untied
+    "qwen3_moe": dict(model_type="qwen3_moe", overrides=dict(
+        num_key_value_heads=2, head_dim=24, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=48,
+        norm_topk_prob=True, tie_word_embeddings=False), seed=1),  # seed 0 greedy-decodes to one repeated token
+    # qwen3_moe: 6 experts, top-2 without renormalising, MHA, tied, odd vocab
+    "qwen3_moe_unnorm": dict(model_type="qwen3_moe", overrides=dict(
+        num_key_value_heads=4, head_dim=16, num_experts=6, num_experts_per_tok=2, moe_intermediate_size=40,
+        norm_topk_prob=False, tie_word_embeddings=True, vocab_size=317, initializer_range=0.2), seed=1),
+    # (with the default 0.1 init, un-renormalised weights damp the experts and it repeats one token)
     # llama with dynamic NTK RoPE and a short max_position_embeddings, so the scaling kicks in
     "llama_dynamic": dict(model_type="llama", overrides=dict(
         num_key_value_heads=2, max_position_embeddings=16, rope_scaling={"rope_type": "dynamic", "factor": 2.0})),
@@ -128,7 +137,7 @@ def build(name: str, out: Path, seed: int = 0, tokenizer: bool = True) -> Path:
     if tokenizer:
         cfg.eos_token_id = 2  # <|im_end|> in build_tokenizer's vocabulary
         cfg.bos_token_id = None
-    torch.manual_seed(seed)
+    torch.manual_seed(spec.get("seed", seed))
     model = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.float32)
     # Random init has tiny norms/biases; make every parameter matter.
     with torch.no_grad():

@@ -240,8 +240,8 @@ class Engine:
         uniform routing), so reading whole layers ahead of compute beats reading experts after routing
         (which waits on the disk). Staging follows this from the next layer read on; either way the
         step computes the same thing."""
-        a = self.args
-        return 1.0 - (1.0 - a.num_experts_per_tok / a.num_local_experts) ** tokens >= 0.9
+        m = self.model
+        return 1.0 - (1.0 - m.top_k / m.n_experts) ** tokens >= 0.9
 
     def _open_stream(self) -> None:
         if self._stream is not None:

@@ -12,6 +12,7 @@ both runtimes' choices are within each other's top-5 (vLLM's
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -108,26 +109,38 @@ def load_reference_model(engine, dtype: torch.dtype):
     return model.eval()
 
 
-def _fuse_experts(sd: dict, want: set[str]) -> dict:
-    """Per-expert checkpoint tensors (``block_sparse_moe.experts.J.w1/w2/w3``, as stored) in the
-    layout transformers 5 builds (``mlp.experts.gate_up_proj`` (E, 2I, H), ``down_proj`` (E, H, I))."""
-    import re
+_EXPERT_LAYOUTS = [
+    # (per-expert tensors as stored: prefix, expert, kind) -> transformers 5's fused layout
+    (re.compile(r"^(.*)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$"), ("w1", "w3", "w2")),  # Mixtral
+    (re.compile(r"^(.*)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$"),
+     ("gate_proj", "up_proj", "down_proj")),  # Qwen 3 MoE
+]
 
-    pat = re.compile(r"^(.*)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$")
+
+def _fuse_experts(sd: dict, want: set[str]) -> dict:
+    """Per-expert checkpoint tensors (as stored: ``block_sparse_moe.experts.J.w1/w2/w3`` or
+    ``mlp.experts.J.gate_proj/up_proj/down_proj``) in the layout transformers 5 builds when its model
+    has one (``mlp.experts.gate_up_proj`` (E, 2I, H), ``mlp.experts.down_proj`` (E, H, I))."""
     experts: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    kinds: dict[str, tuple[str, str, str]] = {}
     out = {}
     for k, v in sd.items():
-        m = pat.match(k)
-        if m and f"{m.group(1)}.mlp.experts.gate_up_proj" in want:
-            experts.setdefault(m.group(1), {}).setdefault(int(m.group(2)), {})[m.group(3)] = v
-        elif ".block_sparse_moe.gate." in k and k.replace(".block_sparse_moe.", ".mlp.") in want:
-            out[k.replace(".block_sparse_moe.", ".mlp.")] = v
+        for pat, names in _EXPERT_LAYOUTS:
+            m = pat.match(k)
+            if m and f"{m.group(1)}.mlp.experts.gate_up_proj" in want:
+                experts.setdefault(m.group(1), {}).setdefault(int(m.group(2)), {})[m.group(3)] = v
+                kinds[m.group(1)] = names
+                break
         else:
-            out[k] = v
+            if ".block_sparse_moe.gate." in k and k.replace(".block_sparse_moe.", ".mlp.") in want:
+                out[k.replace(".block_sparse_moe.", ".mlp.")] = v
+            else:
+                out[k] = v
     for prefix, per in experts.items():
+        gate, up, down = kinds[prefix]
         ids = sorted(per)
-        out[f"{prefix}.mlp.experts.gate_up_proj"] = torch.stack([torch.cat([per[j]["w1"], per[j]["w3"]]) for j in ids])
-        out[f"{prefix}.mlp.experts.down_proj"] = torch.stack([per[j]["w2"] for j in ids])
+        out[f"{prefix}.mlp.experts.gate_up_proj"] = torch.stack([torch.cat([per[j][gate], per[j][up]]) for j in ids])
+        out[f"{prefix}.mlp.experts.down_proj"] = torch.stack([per[j][down] for j in ids])
     return out
 
 

@@ -125,6 +125,14 @@ def _group(source: ModelSource, model) -> dict[str, dict[str, str]]:
     return groups
 
 
+def _some(names: list[str], show: int = 12) -> str:
+    """A sorted list for an error message; a long one (a config that disagrees with a checkpoint's
+    expert count, say) is cut after ``show`` names with a count of the rest."""
+    names = sorted(names)
+    more = f" ... and {len(names) - show} more ({len(names)} in all)" if len(names) > show else ""
+    return ", ".join(names[:show]) + more
+
+
 def _check_expected(groups, model, tie: bool) -> None:
     """Strict load: every missing and unexpected tensor, sorted, in one message."""
     exp = model.expected_tensors()
@@ -142,9 +150,9 @@ def _check_expected(groups, model, tie: bool) -> None:
                 unexpected.append(f"{fname}:{n}")
     problems = []
     if missing:
-        problems.append(f"missing tensors: {', '.join(sorted(missing))}")
+        problems.append(f"missing tensors: {_some(missing)}")
     if unexpected:
-        problems.append(f"unexpected tensors: {', '.join(sorted(unexpected))}")
+        problems.append(f"unexpected tensors: {_some(unexpected)}")
     if bad_shape:
         problems.append(f"shape mismatches: {', '.join(bad_shape)}")
     if problems:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import importlib
 
-from layerrun.errors import UnsupportedModelError
+from layerrun.errors import FormatError, UnsupportedModelError
 
 # model_type -> module in layerrun.models
 REGISTRY: dict[str, str] = {
@@ -30,6 +30,7 @@ REGISTRY: dict[str, str] = {
     "qwen3": "qwen3",
     "phi3": "phi3",
     "mixtral": "mixtral",
+    "qwen3_moe": "qwen3_moe",
 }
 # model_type -> model_type whose code it shares
 ALIASES: dict[str, str] = {
@@ -58,5 +59,10 @@ def build_model(config: dict):
     if not model_type:
         raise UnsupportedModelError("config.json has no model_type; cannot tell the architecture")
     fam = get_family(model_type)
-    args = fam.ModelArgs.from_dict(config)
-    return fam.Model(args)
+    try:
+        args = fam.ModelArgs.from_dict(config)
+        return fam.Model(args)
+    except NotImplementedError as e:
+        raise UnsupportedModelError(f"{model_type}: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise FormatError(f"config.json ({model_type}) is not valid: {e}") from None

@@ -3,13 +3,8 @@
 Each layer's ``block_sparse_moe.gate`` (the router) scores ``num_local_experts``
 experts per token; the top ``num_experts_per_tok`` run (SwiGLU with ``w1`` gate,
 ``w3`` up, ``w2`` down) and their outputs are summed, weighted by the router's
-softmax renormalised over the chosen experts.
-
-Only the routed experts' weights are touched. When the engine streams a layer,
-it hands ``layer`` a weight dict that holds attention, norms and the router but
-not yet the experts, with a ``load_experts(ids)`` method; the model calls it once
-routing is known, so the engine reads only those experts' bytes from the file.
-A plain dict (a resident layer) already holds every expert.
+softmax renormalised over the chosen experts (see :mod:`layerrun.models.moe`,
+which also explains how only the routed experts are read in stream mode).
 """
 
 from __future__ import annotations
@@ -17,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from layerrun.models import llama
+from layerrun.models.moe import sparse_moe
 
 
 @dataclass
@@ -56,23 +51,20 @@ class Model(llama.Model):
         exp["layer"] = layer
         return exp
 
+    @property
+    def n_experts(self) -> int:
+        return self.args.num_local_experts
+
+    @property
+    def top_k(self) -> int:
+        return self.args.num_experts_per_tok
+
     def mlp(self, w, h: torch.Tensor) -> torch.Tensor:
-        a = self.args
-        B, T, H = h.shape
-        x = h.reshape(-1, H)
-        logits = F.linear(x, w["block_sparse_moe.gate.weight"])  # (N, E)
-        probs = torch.softmax(logits.float(), dim=-1)
-        top_w, top_i = torch.topk(probs, a.num_experts_per_tok, dim=-1)  # (N, k)
-        top_w = top_w / top_w.sum(dim=-1, keepdim=True)
-        hit = torch.unique(top_i).tolist()  # ascending, as transformers visits them
-        load = getattr(w, "load_experts", None)
-        if load is not None:
-            load(hit)
-        out = torch.zeros_like(x)
-        for j in hit:
-            tok, slot = torch.where(top_i == j)
-            xs = x[tok]
-            y = self.act(F.linear(xs, w[expert_tensor(j, "w1")])) * F.linear(xs, w[expert_tensor(j, "w3")])
-            y = F.linear(y, w[expert_tensor(j, "w2")])
-            out.index_add_(0, tok, (y * top_w[tok, slot, None]).to(out.dtype))
-        return out.view(B, T, H)
+        return sparse_moe(
+            w, h, "block_sparse_moe.gate.weight", _expert_names, self.top_k, self.act, normalize=True,
+            weights_in_dtype=False,
+        )
+
+
+def _expert_names(j: int) -> tuple[str, str, str]:
+    return expert_tensor(j, "w1"), expert_tensor(j, "w3"), expert_tensor(j, "w2")  # gate, up, down
