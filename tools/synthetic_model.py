@@ -4,7 +4,7 @@ For testing "a model bigger than memory" and for I/O benchmarks: the weights
 are deterministic pseudo-random tensors generated one at a time (the converter
 streams them), so a multi-GB model is built without ever holding it.
 
-    python tools/synthetic_model.py OUT [--preset 3gb|1gb|moe|tiny] [--dtype float32|bfloat16]
+    python tools/synthetic_model.py OUT [--preset 3gb|1gb|moe|qwen3moe|tiny] [--dtype float32|bfloat16]
 """
 
 from __future__ import annotations
@@ -27,6 +27,10 @@ PRESETS = {
     # Mixtral-shaped, ~1.2 GB in bf16: 8 layers of 8 experts (top-2) of ~17 MB each
     "moe": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=8,
                 num_key_value_heads=2, vocab_size=16000, num_local_experts=8, num_experts_per_tok=2),
+    # Qwen3-MoE-shaped, ~0.9 GB in bf16: 4 layers of 128 small experts (intermediate 256), top-8
+    "qwen3moe": dict(model_type="qwen3_moe", hidden_size=1024, intermediate_size=3072, num_hidden_layers=4,
+                     num_attention_heads=16, num_key_value_heads=4, head_dim=64, vocab_size=16000,
+                     num_experts=128, num_experts_per_tok=8, moe_intermediate_size=256, norm_topk_prob=True),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=512),
 }
@@ -36,27 +40,37 @@ class SyntheticSource:
     """A ModelSource (see layerrun.formats.source) producing seeded random weights on demand."""
 
     def __init__(self, preset: str = "3gb", seed: int = 0):
-        p = PRESETS[preset]
-        moe = "num_local_experts" in p
+        p = dict(PRESETS[preset])
+        kind = p.pop("model_type", "mixtral" if "num_local_experts" in p else "llama")
+        moe = kind in ("mixtral", "qwen3_moe")
+        arch = {"llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
         self.config = {
-            "model_type": "mixtral" if moe else "llama",
-            "architectures": ["MixtralForCausalLM" if moe else "LlamaForCausalLM"], "rms_norm_eps": 1e-5,
+            "model_type": kind, "architectures": [arch[kind]], "rms_norm_eps": 1e-5,
             "max_position_embeddings": 2048, "rope_theta": 10000.0, "tie_word_embeddings": False,
             "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2, **p,
         }
         self.seed = seed
         H, I, V = p["hidden_size"], p["intermediate_size"], p["vocab_size"]
-        D = H // p["num_attention_heads"]
+        D = p.get("head_dim") or H // p["num_attention_heads"]
         KV = p["num_key_value_heads"] * D
+        Q = p["num_attention_heads"] * D
         self.shapes = {"model.embed_tokens.weight": (V, H), "model.norm.weight": (H,), "lm_head.weight": (V, H)}
         for i in range(p["num_hidden_layers"]):
             pre = f"model.layers.{i}."
             self.shapes.update({
                 pre + "input_layernorm.weight": (H,), pre + "post_attention_layernorm.weight": (H,),
-                pre + "self_attn.q_proj.weight": (H, H), pre + "self_attn.k_proj.weight": (KV, H),
-                pre + "self_attn.v_proj.weight": (KV, H), pre + "self_attn.o_proj.weight": (H, H),
+                pre + "self_attn.q_proj.weight": (Q, H), pre + "self_attn.k_proj.weight": (KV, H),
+                pre + "self_attn.v_proj.weight": (KV, H), pre + "self_attn.o_proj.weight": (H, Q),
             })
-            if moe:
+            if kind == "qwen3_moe":
+                self.shapes.update({pre + "self_attn.q_norm.weight": (D,), pre + "self_attn.k_norm.weight": (D,),
+                                    pre + "mlp.gate.weight": (p["num_experts"], H)})
+                for j in range(p["num_experts"]):
+                    e = f"{pre}mlp.experts.{j}."
+                    Im = p["moe_intermediate_size"]
+                    self.shapes.update({e + "gate_proj.weight": (Im, H), e + "up_proj.weight": (Im, H),
+                                        e + "down_proj.weight": (H, Im)})
+            elif moe:
                 self.shapes[pre + "block_sparse_moe.gate.weight"] = (p["num_local_experts"], H)
                 for j in range(p["num_local_experts"]):
                     e = f"{pre}block_sparse_moe.experts.{j}."
