@@ -36,7 +36,7 @@ async def _ticker(gaps: list[float], stop: asyncio.Event):
 @pytest.mark.asyncio
 @pytest.mark.parametrize("mode", ["stream", "full"])
 async def test_event_loop_stays_responsive(medium_model, mode):
-    eng = layerrun.load(medium_model, mode=mode, prefetch=2, context=128)
+    eng = layerrun.load(medium_model, mode=mode, prefetch=2, context=256)  # 99 prompt + 64 new tokens
     gaps: list[float] = []
     stop = asyncio.Event()
     ticker = asyncio.create_task(_ticker(gaps, stop))
