@@ -13,6 +13,15 @@ the engine relies on:
 - ``embed(w, input_ids) -> x (B,T,H)``;
 - ``layer(i, w, x, cache: LayerKV | None, ctx) -> x``;
 - ``head(w, x, embeddings_w) -> logits (B,T,V)``.
+
+Optional, for families that need them:
+
+- ``moe = True`` with ``n_experts`` and ``top_k``: a mixture-of-experts family whose expert
+  tensors are named ``...experts.J...`` (:func:`layerrun.models.base.expert_index`). Its layer
+  calls ``w.load_experts(ids)`` when the weight dict has that method, before touching experts
+  ``ids`` (the engine then reads only those; :mod:`layerrun.models.moe`).
+- ``rerun_prefix_at``: a position at which a running sequence's KV cache must be recomputed
+  from its whole sequence (Phi-3 LongRoPE switching to its long factors).
 """
 
 from __future__ import annotations

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from layerrun.models import llama
-from layerrun.models.moe import sparse_moe
+from layerrun.models.moe import sparse_moe, with_experts
+
+ROUTER = "block_sparse_moe.gate.weight"
 
 
 @dataclass
@@ -39,17 +41,9 @@ class Model(llama.Model):
     moe = True
 
     def expected_tensors(self):
-        exp = super().expected_tensors()
         a = self.args
-        H, I = a.hidden_size, a.intermediate_size
-        layer = {k: v for k, v in exp["layer"].items() if not k.startswith("mlp.")}
-        layer["block_sparse_moe.gate.weight"] = (a.num_local_experts, H)
-        for j in range(a.num_local_experts):
-            layer[expert_tensor(j, "w1")] = (I, H)
-            layer[expert_tensor(j, "w2")] = (H, I)
-            layer[expert_tensor(j, "w3")] = (I, H)
-        exp["layer"] = layer
-        return exp
+        return with_experts(super().expected_tensors(), ROUTER, _expert_names, a.num_local_experts, a.hidden_size,
+                            a.intermediate_size)
 
     @property
     def n_experts(self) -> int:
@@ -61,7 +55,7 @@ class Model(llama.Model):
 
     def mlp(self, w, h: torch.Tensor) -> torch.Tensor:
         return sparse_moe(
-            w, h, "block_sparse_moe.gate.weight", _expert_names, self.top_k, self.act, normalize=True,
+            w, h, ROUTER, _expert_names, self.top_k, self.act, normalize=True,
             weights_in_dtype=False,
         )
 

@@ -14,6 +14,18 @@ import torch
 import torch.nn.functional as F
 
 
+def with_experts(exp: dict, router: str, expert: Callable[[int], tuple[str, str, str]], n: int, hidden: int,
+                 width: int) -> dict:
+    """``expected_tensors()`` of a dense family with its MLP replaced by a router and ``n`` experts
+    of ``width`` (gate and up: (width, hidden); down: (hidden, width))."""
+    layer = {k: v for k, v in exp["layer"].items() if not k.startswith("mlp.")}
+    layer[router] = (n, hidden)
+    for j in range(n):
+        gate, up, down = expert(j)
+        layer.update({gate: (width, hidden), up: (width, hidden), down: (hidden, width)})
+    return {**exp, "layer": layer}
+
+
 def sparse_moe(
     w,
     h: torch.Tensor,

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from layerrun.models import qwen3
-from layerrun.models.moe import sparse_moe
+from layerrun.models.moe import sparse_moe, with_experts
 
 
 @dataclass
@@ -57,16 +57,9 @@ class Model(qwen3.Model):
         return self.args.num_experts_per_tok
 
     def expected_tensors(self):
-        exp = super().expected_tensors()
         a = self.args
-        H, I = a.hidden_size, a.moe_intermediate_size
-        layer = {k: v for k, v in exp["layer"].items() if not k.startswith("mlp.")}
-        layer["mlp.gate.weight"] = (a.num_experts, H)
-        for j in range(a.num_experts):
-            gate, up, down = _expert(j)
-            layer.update({gate: (I, H), up: (I, H), down: (H, I)})
-        exp["layer"] = layer
-        return exp
+        return with_experts(super().expected_tensors(), "mlp.gate.weight", _expert, a.num_experts, a.hidden_size,
+                            a.moe_intermediate_size)
 
     def mlp(self, w, h: torch.Tensor) -> torch.Tensor:
         return sparse_moe(w, h, "mlp.gate.weight", _expert, self.top_k, self.act,
