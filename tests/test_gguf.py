@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from layerrun.errors import FormatError, UnsupportedModelError
 from layerrun.formats import gguf as lr_gguf
 from layerrun.formats.convert import convert
 from layerrun.formats.gguf import GGUFFile, GGUFSource, inspect_gguf
-from layerrun.formats.manifest import layer_file_name
+from layerrun.formats.manifest import MANIFEST_NAME, layer_file_name
 from layerrun.formats.source import split_name
 from layerrun.models import supported_model_types
 
@@ -50,7 +51,11 @@ ARCH_OF = {
     "qwen3": "qwen3",
     "gemma2": "gemma2",
     "gemma3_text": "gemma3",
+    "mixtral": "llama",
+    "qwen3_moe": "qwen3moe",
 }
+# per-expert HF tensors, stacked into llama.cpp's fused (experts, rows, cols) tensors by write_gguf
+_EXPERT_RE = re.compile(r"^(model\.layers\.\d+\.(?:block_sparse_moe|mlp)\.experts)\.(\d+)\.(\w+)\.weight$")
 
 
 # ---- writing GGUF files the way llama.cpp does -------------------------------------
@@ -127,10 +132,13 @@ def write_gguf(
     vocab: dict | None = None,
     raw: dict | None = None,
     arch: str | None = None,
+    split_experts: bool = False,
 ) -> Path:
     """Write the HF folder ``hf_dir`` as a GGUF file, as llama.cpp's converter would.
 
     ``raw`` maps extra GGUF tensor names to a ggml type, filled with random bytes (for error cases).
+    Experts are stacked into (experts, rows, cols) tensors, or with ``split_experts`` written one
+    2-D tensor each (``blk.N.ffn_gate.J.weight``), as llama.cpp wrote Mixtral before March 2024.
     """
     cfg = json.loads((hf_dir / "config.json").read_text())
     arch = arch or ARCH_OF[cfg["model_type"]]
@@ -156,6 +164,14 @@ def write_gguf(
         w.add_value_length(hd)
     if arch.startswith("gemma"):
         w.add_sliding_window(cfg["sliding_window"])
+    n_exp = cfg.get("num_local_experts") or cfg.get("num_experts")
+    if n_exp:  # as llama.cpp's converter writes them (Mixtral: TextModel; Qwen 3 MoE: Qwen2MoeModel)
+        w.add_expert_count(n_exp)
+        w.add_expert_used_count(cfg["num_experts_per_tok"])
+        if "moe_intermediate_size" in cfg:
+            w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
+        if cfg.get("norm_topk_prob") is False:  # llama.cpp writes no key: it always renormalises
+            w.add_expert_weights_norm(False)
     if arch == "gemma2":
         w.add_attn_logit_softcapping(cfg["attn_logit_softcapping"])
         w.add_final_logit_softcapping(cfg["final_logit_softcapping"])
@@ -182,16 +198,28 @@ def write_gguf(
     weights = {}
     for f in sorted(hf_dir.glob("*.safetensors")):
         weights.update(load_file(str(f)))
+    experts: dict[str, dict[int, torch.Tensor]] = {}
+    gnames = {}
+    for name in [n for n in weights if _EXPERT_RE.match(n)]:
+        stem, j, leaf = _EXPERT_RE.match(name).groups()
+        if split_experts:
+            gname = names.get_name(f"{stem}.{leaf}")  # blk.N.ffn_gate_exps -> blk.N.ffn_gate.J
+            gnames[name] = f"{gname.removesuffix('_exps')}.{j}.weight"
+        else:
+            experts.setdefault(f"{stem}.{leaf}.weight", {})[int(j)] = weights.pop(name)
+    for name, per in experts.items():  # llama.cpp's converters stack each layer's experts
+        weights[name] = torch.stack([per[j] for j in range(len(per))])
     for name, t in sorted(weights.items()):
         stem, suffix = name.rsplit(".", 1)
-        gname = f"{names.get_name(stem)}.{suffix}"
+        gname = gnames.get(name) or f"{names.get_name(stem)}.{suffix}"
         t = t.float()
         if arch == "llama" and (".q_proj." in name or ".k_proj." in name):
             t = _permute(t, nh if ".q_proj." in name else nkv)
         if arch.startswith("gemma") and name.endswith("norm.weight"):
             t = t + 1.0
         a = t.numpy()
-        if qtype != Q.F32 and a.ndim == 2 and a.shape[1] % gguf.GGML_QUANT_SIZES[qtype][0] == 0:
+        quantize = a.ndim in (2, 3) and ".ffn_gate_inp." not in gname  # llama.cpp keeps routers in F32
+        if qtype != Q.F32 and quantize and a.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0] == 0:
             w.add_tensor(gname, gguf.quants.quantize(a, qtype), raw_dtype=qtype)
         else:
             w.add_tensor(gname, np.ascontiguousarray(a))
@@ -310,6 +338,235 @@ def test_config_matches_transformers(tiny_gguf):
         for k, v in ours.items():
             if k not in flat_only:
                 assert theirs.get(k) == v, k
+
+
+# ---- mixture of experts -----------------------------------------------------------------
+
+# transformers' GGUF loader does not read qwen3moe.expert_feed_forward_length (it keeps Qwen3MoeConfig's
+# 768, Qwen3-30B-A3B's width) nor any norm key (it sets norm_topk_prob=True, as llama.cpp computes it)
+_TF_MOE_KWARGS = {
+    "qwen3_moe": dict(moe_intermediate_size=48),
+    "qwen3_moe_unnorm": dict(moe_intermediate_size=40, norm_topk_prob=False),
+}
+MOE_CASES = [("qwen3_moe", Q.F32), ("qwen3_moe", Q.Q8_0), ("qwen3_moe_unnorm", Q.F32), ("qwen3_moe_unnorm", Q.Q4_0)]
+
+
+def _tf_state(ref) -> dict[str, torch.Tensor]:
+    """transformers' state dict with its fused expert tensors split per expert, under the checkpoint names."""
+    out = {}
+    for n, t in ref.state_dict().items():
+        m = re.match(r"^(.*\.mlp\.experts)\.(gate_up_proj|down_proj)$", n)
+        if not m:
+            out[n] = t
+            continue
+        for j in range(t.shape[0]):
+            if m.group(2) == "down_proj":
+                out[f"{m.group(1)}.{j}.down_proj.weight"] = t[j]
+            else:
+                gate, up = t[j].chunk(2, dim=0)
+                out[f"{m.group(1)}.{j}.gate_proj.weight"], out[f"{m.group(1)}.{j}.up_proj.weight"] = gate, up
+    return out
+
+
+@pytest.mark.parametrize("name,qtype", MOE_CASES, ids=[f"{n}-{q.name}" for n, q in MOE_CASES])
+def test_qwen3_moe_gguf_matches_transformers(name, qtype, tiny_gguf, tmp_path):
+    """Logits, every weight and greedy tokens against transformers' GGUF loader; stream mode reads routed experts."""
+    _needs("qwen3_moe")
+    folder, fname = tiny_gguf(name, qtype)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=fname, dtype=torch.float32, experts_implementation="eager", **_TF_MOE_KWARGS[name]
+    ).eval()
+    ref.generation_config.eos_token_id = None
+    src = GGUFSource(folder / fname)
+    cfg = src.config
+    assert cfg["model_type"] == "qwen3_moe" and cfg["num_experts"] == ref.config.num_experts
+    assert cfg["num_experts_per_tok"] == ref.config.num_experts_per_tok
+    assert (cfg["moe_intermediate_size"], cfg["norm_topk_prob"]) == (
+        ref.config.moe_intermediate_size, ref.config.norm_topk_prob)
+    state = _tf_state(ref)
+    assert set(src.tensor_names()) == set(state) - ({"lm_head.weight"} if cfg["tie_word_embeddings"] else set())
+    for n in src.tensor_names():
+        assert torch.equal(src.get(n).float(), state[n]), n
+    src.close()
+
+    convert(folder / fname, tmp_path / "m", progress=False)
+    eng = layerrun.load(tmp_path / "m", mode="full")
+    ids = torch.randint(3, cfg["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = ref(ids).logits
+    got = eng.logits(ids)
+    assert (got - want).abs().max().item() < 1e-4
+    assert want.abs().max().item() > 0.1
+
+    prompt, n_new = ids[0, :5].tolist(), 12
+    with torch.no_grad():
+        want_ids = ref.generate(torch.tensor([prompt]), max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False)
+    want_ids = want_ids[0, len(prompt):].tolist()
+    assert len(set(want_ids)) > 2  # not one repeated token
+    assert eng.generate(prompt, max_new_tokens=n_new, ignore_eos=True).token_ids == want_ids
+    stream = layerrun.load(tmp_path / "m", mode="stream")
+    g = stream.generate(prompt, max_new_tokens=n_new, ignore_eos=True)
+    assert g.token_ids == want_ids
+    assert 0 < g.stats.experts_read < g.stats.experts_total and g.stats.expert_bytes_skipped > 0
+
+
+def test_qwen3_moe_config_matches_transformers(tiny_gguf):
+    folder, fname = tiny_gguf("qwen3_moe")
+    ours = GGUFSource(folder / fname).config
+    theirs = transformers.AutoConfig.from_pretrained(folder, gguf_file=fname)  # attributes: num_experts is aliased
+    assert ours["moe_intermediate_size"] == 48 and theirs.moe_intermediate_size == 768  # not read by transformers
+    assert ours["norm_topk_prob"] is True  # no key in the file: llama.cpp and transformers renormalise
+    for k, v in ours.items():
+        if k not in {"rope_theta", "moe_intermediate_size"}:
+            assert getattr(theirs, k, None) == v, k
+    folder, fname = tiny_gguf("qwen3_moe_unnorm")  # its writer adds qwen3moe.expert_weights_norm = false
+    assert GGUFSource(folder / fname).config["norm_topk_prob"] is False
+
+
+@pytest.fixture(scope="module")
+def mixtral_no_window(tiny_hf, tmp_path_factory):
+    """The tiny Mixtral without its sliding window (llama.cpp's `llama` architecture has none), as
+    (HF folder, its direct conversion at float32)."""
+    hf = tmp_path_factory.mktemp("mixtral_nowin") / "hf"
+    shutil.copytree(tiny_hf("mixtral"), hf)
+    cfg = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**cfg, "sliding_window": None}))
+    convert(hf, hf.parent / "direct", dtype="float32", progress=False)
+    return hf, hf.parent / "direct"
+
+
+def _layered_tensors(path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    return {p.name: load_file(str(p)) for p in sorted(path.glob("*.safetensors"))}
+
+
+@pytest.mark.parametrize("split", [False, True], ids=["fused", "split-experts"])
+def test_mixtral_gguf_converts_like_the_hf_checkpoint(split, mixtral_no_window, tmp_path):
+    """transformers' GGUF loader builds a dense Llama from a Mixtral file, so the reference is the HF
+    checkpoint: converting the F32 GGUF must give the very tensors converting the checkpoint gives."""
+    _needs("mixtral")
+    hf, direct = mixtral_no_window
+    path = write_gguf(hf, tmp_path / "mixtral.gguf", vocab=_gpt2_vocab(hf), split_experts=split)
+    src = GGUFSource(path)
+    cfg, want_cfg = src.config, json.loads((hf / "config.json").read_text())
+    assert cfg["model_type"] == "mixtral"
+    for k in ("num_local_experts", "num_experts_per_tok", "intermediate_size", "sliding_window",
+              "num_key_value_heads", "tie_word_embeddings"):
+        assert cfg[k] == want_cfg[k], k
+    info = inspect_gguf(path)
+    assert info["model_type"] == "mixtral" and info["supported"] and info["num_experts"] == 6
+    assert info["num_experts_per_tok"] == 2 and info["expert_intermediate_size"] == 96
+    src.close()
+    convert(path, tmp_path / "m", progress=False)
+    ours, theirs = _layered_tensors(tmp_path / "m"), _layered_tensors(direct)
+    assert ours.keys() == theirs.keys()
+    for f in ours:
+        assert ours[f].keys() == theirs[f].keys(), f
+        for n in ours[f]:
+            assert torch.equal(ours[f][n], theirs[f][n]), (f, n)
+    files = [json.loads((p / MANIFEST_NAME).read_text())["files"] for p in (tmp_path / "m", direct)]
+    assert [(f["name"], f["sha256"]) for f in files[0]] == [(f["name"], f["sha256"]) for f in files[1]]  # byte for byte
+
+    ref = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32, experts_implementation="eager")
+    ids = torch.randint(3, cfg["vocab_size"], (1, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = ref.eval()(ids).logits
+    assert (layerrun.load(tmp_path / "m", mode="full").logits(ids) - want).abs().max().item() < 1e-4
+    prompt = ids[0, :4].tolist()
+    want_ids = layerrun.load(direct, mode="full").generate(prompt, max_new_tokens=12, ignore_eos=True).token_ids
+    g = layerrun.load(tmp_path / "m", mode="stream").generate(prompt, max_new_tokens=12, ignore_eos=True)
+    assert g.token_ids == want_ids and len(set(want_ids)) > 2
+    assert 0 < g.stats.experts_read < g.stats.experts_total
+
+
+def test_mixtral_q8_0_experts_are_the_quantized_checkpoint(mixtral_no_window, tmp_path):
+    """Each expert slice of the Q8_0 file is the checkpoint's expert through gguf-py's quantize round trip;
+    the converted model streams with routed reads and decodes as it does fully resident."""
+    hf, _ = mixtral_no_window
+    path = write_gguf(hf, tmp_path / "mixtral-q8.gguf", Q.Q8_0, vocab=_gpt2_vocab(hf))
+    want = load_file(str(hf / "model.safetensors"))
+    src = GGUFSource(path)
+    assert src.header.tensors["blk.0.ffn_gate_exps.weight"].type_name == "Q8_0"
+    checked = 0
+    for n in src.tensor_names():
+        if ".experts." in n:
+            w = want[n].numpy()
+            rt = torch.from_numpy(gguf.quants.dequantize(gguf.quants.quantize(w, Q.Q8_0), Q.Q8_0))
+            assert torch.equal(src.get(n), rt), n
+            checked += 1
+        elif ".block_sparse_moe.gate." in n:
+            assert torch.equal(src.get(n), want[n]), n  # routers stay F32
+    assert checked == 3 * 6 * 3
+    src.close()
+    convert(path, tmp_path / "m", progress=False)
+    prompt = list(range(5, 12))
+    full = layerrun.load(tmp_path / "m", mode="full").generate(prompt, max_new_tokens=10, ignore_eos=True)
+    g = layerrun.load(tmp_path / "m", mode="stream").generate(prompt, max_new_tokens=10, ignore_eos=True)
+    assert g.token_ids == full.token_ids and 0 < g.stats.experts_read < g.stats.experts_total
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q8_0, Q.F16, Q.F32], ids=lambda q: q.name)
+def test_expert_slice_reads_only_its_rows(qtype, tmp_path, monkeypatch):
+    """read(name, index=j) reads and dequantizes expert j's byte range alone (in row chunks), and gives
+    exactly read(name)[j], in any dtype."""
+    monkeypatch.setattr(lr_gguf, "_CHUNK_BYTES", 3000)
+    E, R, C = 8, 40, 512
+    x = np.random.default_rng(5).standard_normal((E, R, C)).astype(np.float32)
+    if qtype == Q.Q4_K:
+        data = _random_blocks(Q.Q4_K, E * R, C, seed=5).reshape(E, R, -1)
+    elif qtype == Q.Q8_0:
+        data = gguf.quants.quantize(x, Q.Q8_0)
+    else:
+        data = x.astype(np.float16) if qtype == Q.F16 else x
+    path = _write_raw(tmp_path / "e.gguf", {"blk.0.ffn_up_exps.weight": (data, qtype if data.dtype == np.uint8 else None)})
+    reads, dequantized = [], []
+    real_pread, real_deq = GGUFFile._pread, gguf.quants.dequantize
+
+    def pread(self, offset, nbytes):
+        reads.append((offset, nbytes))
+        return real_pread(self, offset, nbytes)
+
+    def dequantize(raw, t):
+        dequantized.append(raw.shape[0])
+        return real_deq(raw, t)
+
+    with GGUFFile(path) as f:
+        info = f.header.tensors["blk.0.ffn_up_exps.weight"]
+        assert info.shape == (E, R, C)
+        whole = f.read(info.name)
+        monkeypatch.setattr(GGUFFile, "_pread", pread)
+        monkeypatch.setattr(gguf.quants, "dequantize", dequantize)
+        per = info.nbytes // E
+        for j in (0, 3, E - 1):
+            for dtype in (None, torch.bfloat16):
+                reads.clear()
+                dequantized.clear()
+                got = f.read(info.name, dtype, index=j)
+                want = whole[j] if dtype is None else whole[j].to(dtype)
+                assert got.shape == (R, C) and got.dtype == want.dtype
+                assert torch.equal(_bits(got), _bits(want)), (j, dtype)
+                lo, hi = info.offset + j * per, info.offset + (j + 1) * per
+                assert all(lo <= o and o + n <= hi for o, n in reads), (j, reads)
+                assert sum(n for _, n in reads) == per  # each byte of the slice once, nothing else
+                if qtype in (Q.Q4_K, Q.Q8_0):
+                    assert sum(dequantized) == R and len(dequantized) > 1  # this expert's rows, chunked
+        with pytest.raises(IndexError):
+            f.read(info.name, index=E)
+
+
+def test_gguf_source_reads_one_expert_per_request(tiny_gguf, monkeypatch):
+    """GGUFSource.get on an expert reads that expert's slice of the fused tensor and nothing more."""
+    folder, fname = tiny_gguf("qwen3_moe", Q.Q8_0)
+    src = GGUFSource(folder / fname)
+    fused = src.header.tensors["blk.1.ffn_gate_exps.weight"]
+    assert fused.type_name == "Q8_0" and len(fused.shape) == 3
+    reads = []
+    real = GGUFFile._pread
+    monkeypatch.setattr(GGUFFile, "_pread", lambda self, o, n: reads.append((o, n)) or real(self, o, n))
+    x = src.get("model.layers.1.mlp.experts.5.gate_proj.weight", torch.bfloat16)
+    assert x.shape == (48, 64) and x.dtype == torch.bfloat16 and src.tensor_shape("model.layers.1.mlp.experts.5.gate_proj.weight") == (48, 64)
+    per = fused.nbytes // fused.shape[0]
+    assert sum(n for _, n in reads) == per and min(o for o, _ in reads) == fused.offset + 5 * per
+    src.close()
 
 
 def test_llama_qk_rows_are_unpermuted(tiny_hf, tiny_gguf):
@@ -464,7 +721,7 @@ def test_read_in_a_dtype_is_chunked_and_bit_identical(qtype, tmp_path, monkeypat
 def test_get_in_a_dtype_equals_get_then_cast(tiny_gguf, monkeypatch):
     """Every tensor, with the llama q/k un-permutation and the Gemma norm offset, cast by the source."""
     monkeypatch.setattr(lr_gguf, "_CHUNK_BYTES", 500)
-    for name, qtype in (("llama_gqa", Q.Q8_0), ("gemma3_text", Q.Q8_0), ("gemma3_text", Q.F32)):
+    for name, qtype in (("llama_gqa", Q.Q8_0), ("gemma3_text", Q.Q8_0), ("gemma3_text", Q.F32), ("qwen3_moe", Q.Q8_0)):
         folder, fname = tiny_gguf(name, qtype)
         src = GGUFSource(folder / fname)
         for n in src.tensor_names():
@@ -515,8 +772,8 @@ def test_tokenizer_module_is_the_builder(tiny_gguf):
 
 
 def test_tensor_dtype_reports_what_get_returns(tiny_gguf):
-    for qtype in (Q.F32, Q.Q8_0):
-        folder, fname = tiny_gguf("llama_gqa", qtype)
+    for name, qtype in (("llama_gqa", Q.F32), ("llama_gqa", Q.Q8_0), ("qwen3_moe", Q.Q8_0)):
+        folder, fname = tiny_gguf(name, qtype)
         src = GGUFSource(folder / fname)
         for n in src.tensor_names():
             assert src.get(n).dtype == src.tensor_dtype(n), n
@@ -528,7 +785,7 @@ def test_tensor_dtype_reports_what_get_returns(tiny_gguf):
 
 def test_unsupported_architecture_is_one_clear_line(tiny_hf, tmp_path):
     path = write_gguf(tiny_hf("llama_gqa"), tmp_path / "b.gguf", arch="bloom")
-    msg = "b.gguf: GGUF architecture 'bloom' is not supported; supported: gemma2, gemma3, llama, qwen2, qwen3"
+    msg = "b.gguf: GGUF architecture 'bloom' is not supported; supported: gemma2, gemma3, llama, qwen2, qwen3, qwen3moe"
     with pytest.raises(UnsupportedModelError, match=msg.replace(".", r"\.")):
         convert(path, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()

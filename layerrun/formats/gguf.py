@@ -4,8 +4,9 @@ A GGUF file is one self-describing blob: metadata under llama.cpp's key names,
 a tensor table, and the tensor data (quantized in blocks, or plain floats).
 :class:`GGUFSource` presents it as a :class:`~layerrun.formats.source.ModelSource`
 under Hugging Face names, so the converter treats it like a HF folder.
-Architectures: ``llama`` (Llama, SmolLM, Mistral-style files), ``qwen2``,
-``qwen3``, ``gemma2``, ``gemma3`` (text); others fail with one line naming them.
+Architectures: ``llama`` (Llama, SmolLM, Mistral-style files; Mixtral when
+``llama.expert_count`` is set), ``qwen2``, ``qwen3``, ``qwen3moe``, ``gemma2``,
+``gemma3`` (text); others fail with one line naming them.
 
 - **Header**: parsed here with ``struct`` (about 100 lines); ``gguf.GGUFReader``
   builds a numpy object per metadata element, which takes 14 s and 750 MB for a
@@ -21,6 +22,14 @@ Architectures: ``llama`` (Llama, SmolLM, Mistral-style files), ``qwen2``,
   torch dequantizer) or a quantize round trip in the tests: F32, F16, BF16,
   Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K. The other types
   gguf-py dequantizes (IQ*, TQ*, MXFP4) pass through it as-is.
+- **Experts**: llama.cpp stacks each layer's experts into 3-D tensors
+  (``blk.N.ffn_{gate,up,down}_exps.weight``, numpy shape (experts, rows, columns));
+  they are presented as the checkpoints' per-expert tensors (Qwen 3 MoE's
+  ``mlp.experts.J.gate_proj``, Mixtral's ``block_sparse_moe.experts.J.w1``), each read
+  as its own slice: quant blocks run along rows, so expert J is one contiguous byte
+  range, and only it is read and dequantized (a Qwen3-30B-A3B fused tensor holds 128
+  experts, ~200M parameters). Older Mixtral files with one tensor per expert
+  (``blk.N.ffn_gate.J.weight``) map directly. Routers: ``ffn_gate_inp``.
 - **llama.cpp's changes, undone**: its converter permutes the rows of q_proj and
   k_proj for the ``llama`` architecture (to pair RoPE dimensions its own way), and
   stores Gemma's RMSNorm weights as ``w + 1``. Both are reversed exactly as
@@ -212,7 +221,7 @@ class GGUFFile:
         self.header = read_header(self.path)
         self._fd = os.open(self.path, os.O_RDONLY)
 
-    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def read(self, name: str, dtype: torch.dtype | None = None, index: int | None = None) -> torch.Tensor:
         """One tensor: F16/BF16/F32 as stored, anything quantized dequantized to float32.
 
         With ``dtype``, the tensor comes back in that dtype, converted one row chunk at a
@@ -220,10 +229,22 @@ class GGUFFile:
         precision; a vector is read whole and cast. The values are the same, bit for bit,
         as ``read(name).to(dtype)``: each element is the same float32 (or stored-dtype)
         value, cast once.
+
+        With ``index``, only ``read(name)[index]`` is read: one slice along the first dimension,
+        such as one expert of llama.cpp's fused (experts, rows, columns) tensors. Quant blocks run
+        along rows and a slice is whole rows, so it is one contiguous byte range of the tensor;
+        only that range is read and dequantized, bit for bit what slicing the whole would give.
         """
         t = self.header.tensors[name]
-        rows = prod(t.shape[:-1])  # 1 for a vector
-        row_bytes = t.nbytes // rows if rows else 0
+        shape, offset, nbytes = t.shape, t.offset, t.nbytes
+        if index is not None:
+            if len(shape) < 2 or not 0 <= index < shape[0]:
+                raise IndexError(f"{self.path.name}: {name} has shape {list(shape)}; no slice {index} along dim 0")
+            nbytes //= shape[0]  # whole rows of whole blocks per slice: exact
+            offset += index * nbytes
+            shape = shape[1:]
+        rows = prod(shape[:-1])  # 1 for a vector
+        row_bytes = nbytes // rows if rows else 0
         if t.ggml_type in _PLAIN:
             np_dtype, torch_dtype = _PLAIN[t.ggml_type]
 
@@ -231,23 +252,23 @@ class GGUFFile:
                 return torch.from_numpy(buf.view(np_dtype)).view(torch_dtype)
 
             if dtype is None or dtype == torch_dtype or rows <= 1:  # as stored, or a vector (small): whole
-                x = plain(self._pread(t.offset, t.nbytes)).reshape(t.shape)
+                x = plain(self._pread(offset, nbytes)).reshape(shape)
                 return x if dtype is None else x.to(dtype)
-            out = torch.empty((rows, t.shape[-1]), dtype=dtype)
+            out = torch.empty((rows, shape[-1]), dtype=dtype)
             for r, n in self._row_chunks(rows, row_bytes):
-                out[r : r + n] = plain(self._pread(t.offset + r * row_bytes, n * row_bytes)).reshape(n, -1)
-            return out.reshape(t.shape)
+                out[r : r + n] = plain(self._pread(offset + r * row_bytes, n * row_bytes)).reshape(n, -1)
+            return out.reshape(shape)
         if t.ggml_type not in _dequantizable():
             raise UnsupportedModelError(
                 f"{self.path.name}: tensor {name} has type {t.type_name}, which is not supported"
             )
         import gguf.quants
 
-        out = torch.empty((rows, t.shape[-1]), dtype=dtype or torch.float32)
+        out = torch.empty((rows, shape[-1]), dtype=dtype or torch.float32)
         for r, n in self._row_chunks(rows, row_bytes):  # chunks keep gguf-py's temporaries small
-            raw = self._pread(t.offset + r * row_bytes, n * row_bytes).reshape(n, row_bytes)
+            raw = self._pread(offset + r * row_bytes, n * row_bytes).reshape(n, row_bytes)
             out[r : r + n] = torch.from_numpy(gguf.quants.dequantize(raw, t.ggml_type))  # casts if dtype is set
-        return out.reshape(t.shape)
+        return out.reshape(shape)
 
     @staticmethod
     def _row_chunks(rows: int, row_bytes: int):
@@ -308,22 +329,55 @@ _GEMMA_LAYER = {
 }
 
 
+# llama.cpp's routers and fused expert tensors; {j} is the expert index.
+_QWEN3_MOE_LAYER = {**_LLAMA_LAYER, "ffn_gate_inp": "mlp.gate"}
+_QWEN3_MOE_EXPERTS = {
+    "ffn_gate_exps": "mlp.experts.{j}.gate_proj",
+    "ffn_up_exps": "mlp.experts.{j}.up_proj",
+    "ffn_down_exps": "mlp.experts.{j}.down_proj",
+}
+_MIXTRAL_LAYER = {**_LLAMA_LAYER, "ffn_gate_inp": "block_sparse_moe.gate"}
+_MIXTRAL_EXPERTS = {
+    "ffn_gate_exps": "block_sparse_moe.experts.{j}.w1",
+    "ffn_up_exps": "block_sparse_moe.experts.{j}.w3",
+    "ffn_down_exps": "block_sparse_moe.experts.{j}.w2",
+}
+
+
 @dataclass(frozen=True)
 class _Arch:
     model_type: str
     layer_names: dict[str, str]
     permute_qk: bool = False  # llama.cpp permutes q/k rows for its `llama` architecture only
     norm_plus_one: bool = False  # Gemma's RMSNorm weights are stored as w + 1
+    experts: dict[str, str] | None = None  # fused (experts, rows, cols) tensor stem -> per-expert HF leaf
 
 
 ARCHS = {
     "llama": _Arch("llama", _LLAMA_LAYER, permute_qk=True),
     "qwen2": _Arch("qwen2", _LLAMA_LAYER),
     "qwen3": _Arch("qwen3", _LLAMA_LAYER),
+    "qwen3moe": _Arch("qwen3_moe", _QWEN3_MOE_LAYER, experts=_QWEN3_MOE_EXPERTS),
     "gemma2": _Arch("gemma2", _GEMMA_LAYER, norm_plus_one=True),
     "gemma3": _Arch("gemma3_text", _GEMMA_LAYER, norm_plus_one=True),
 }
+# llama.cpp writes Mixtral as `llama` with `llama.expert_count` set (its converter handles both in one class)
+MIXTRAL = _Arch("mixtral", _MIXTRAL_LAYER, permute_qk=True, experts=_MIXTRAL_EXPERTS)
 _NAME_RE = re.compile(r"^blk\.(\d+)\.([a-z0-9_]+)\.(weight|bias)$")
+# Mixtral files from before llama.cpp fused the experts (Dec 2023 - Mar 2024): one 2-D tensor per expert
+_SPLIT_EXPERT_RE = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight$")
+
+
+def _expert_count(h: GGUFHeader) -> int:
+    n = h.arch_key("expert_count", 0)
+    return int(n or 0)
+
+
+def arch_of(h: GGUFHeader) -> _Arch | None:
+    """How the file maps to Hugging Face names, or None for an architecture not supported."""
+    if h.architecture == "llama" and _expert_count(h) > 0:
+        return MIXTRAL
+    return ARCHS.get(h.architecture)
 
 
 def _hf_name(arch: _Arch, gguf_name: str) -> str | None:
@@ -333,6 +387,23 @@ def _hf_name(arch: _Arch, gguf_name: str) -> str | None:
         return f"model.layers.{m.group(1)}.{leaf}.{m.group(3)}" if leaf else None
     stem, _, suffix = gguf_name.rpartition(".")
     return f"{_TOP[stem]}.{suffix}" if stem in _TOP else None
+
+
+def _expert_names(arch: _Arch, t: TensorInfo) -> dict[str, int | None] | None:
+    """HF name -> expert index (a slice of ``t``, or None for the whole of a split-expert tensor)
+    for an expert tensor; None for any other tensor."""
+    if not arch.experts:
+        return None
+    m = _NAME_RE.match(t.name)
+    if m and m.group(3) == "weight" and m.group(2) in arch.experts:
+        leaf = arch.experts[m.group(2)]
+        n = t.shape[0] if len(t.shape) == 3 else 0
+        return {f"model.layers.{m.group(1)}.{leaf.format(j=j)}.weight": j for j in range(n)} or None
+    m = _SPLIT_EXPERT_RE.match(t.name)
+    if m and len(t.shape) == 2:
+        leaf = arch.experts[f"ffn_{m.group(2)}_exps"]
+        return {f"model.layers.{m.group(1)}.{leaf.format(j=int(m.group(3)))}.weight": None}
+    return None
 
 
 def _rope_scaling(h: GGUFHeader) -> dict | None:
@@ -347,7 +418,7 @@ def _rope_scaling(h: GGUFHeader) -> dict | None:
 def build_config(h: GGUFHeader) -> dict:
     """A Hugging Face ``config.json`` dict from the metadata, with the values transformers' GGUF loader gives."""
     arch = h.architecture
-    spec = ARCHS[arch]
+    spec = arch_of(h)
     k = h.arch_key
     n_heads = int(k("attention.head_count"))
     hidden = int(k("embedding_length"))
@@ -359,7 +430,7 @@ def build_config(h: GGUFHeader) -> dict:
     cfg = {
         "model_type": spec.model_type,
         "hidden_size": hidden,
-        "intermediate_size": int(k("feed_forward_length")),
+        "intermediate_size": int(k("feed_forward_length") or k("expert_feed_forward_length")),
         "num_hidden_layers": int(k("block_count")),
         "num_attention_heads": n_heads,
         "num_key_value_heads": int(kv),
@@ -417,7 +488,43 @@ def build_config(h: GGUFHeader) -> dict:
         cfg["rope_parameters"] = (scaling or {"rope_type": "default"}) | {"rope_theta": cfg["rope_theta"]}
     if scaling:
         cfg["rope_scaling"] = scaling
+    if spec.experts:
+        cfg.update(_moe_config(h, spec))
     return cfg
+
+
+def _moe_config(h: GGUFHeader, spec: _Arch) -> dict:
+    """The expert fields of the config, under the names the family's HF config uses.
+
+    The expert width is ``expert_feed_forward_length`` where llama.cpp writes it (Qwen 3 MoE;
+    transformers' GGUF loader does not read it and keeps its class default, 768), else the rows of
+    the first layer's gate experts. Qwen 3 MoE renormalises the top-k routing weights: llama.cpp's
+    converter writes no key for it, its ``qwen3moe`` graph hard-codes the renormalisation and
+    transformers' loader sets ``norm_topk_prob=True`` for the architecture. A file that states
+    ``qwen3moe.expert_weights_norm`` (llama.cpp's key for it in other MoE architectures) is taken
+    at its word. Mixtral always renormalises.
+    """
+    k = h.arch_key
+    n_exp = _expert_count(h)
+    used = k("expert_used_count")
+    if not n_exp or not used:
+        raise FormatError(
+            f"{h.path.name}: a mixture-of-experts file needs {h.architecture}.expert_count and "
+            f"{h.architecture}.expert_used_count (found {n_exp or None} and {used})"
+        )
+    width = k("expert_feed_forward_length")
+    if not width:
+        gate = h.tensors.get("blk.0.ffn_gate_exps.weight") or h.tensors.get("blk.0.ffn_gate.0.weight")
+        width = gate.shape[-2] if gate is not None else k("feed_forward_length")
+    if spec.model_type == "mixtral":  # experts are intermediate_size wide; llama.cpp's `llama` has no sliding window
+        return {"num_local_experts": n_exp, "num_experts_per_tok": int(used), "intermediate_size": int(width),
+                "sliding_window": None}
+    return {
+        "num_experts": n_exp,
+        "num_experts_per_tok": int(used),
+        "moe_intermediate_size": int(width),
+        "norm_topk_prob": bool(k("expert_weights_norm", True)),
+    }
 
 
 # ---- the source --------------------------------------------------------------
@@ -431,19 +538,28 @@ class GGUFSource:
         self.header = h = read_header(self.path)
         self.file: GGUFFile | None = None
         arch = h.architecture
-        if arch not in ARCHS:
+        spec = arch_of(h)
+        if spec is None:
             raise UnsupportedModelError(
                 f"{self.path.name}: GGUF architecture {arch!r} is not supported; supported: {', '.join(sorted(ARCHS))}"
             )
-        self.arch = ARCHS[arch]
+        self.arch = spec
         ok = _dequantizable()
         bad = Counter(t.type_name for t in h.tensors.values() if t.ggml_type not in ok)
         if bad:
             listed = ", ".join(f"{n} ({c} tensors)" for n, c in sorted(bad.items()))
             raise UnsupportedModelError(f"{self.path.name}: tensor type(s) not supported: {listed}")
         self._by_hf: dict[str, TensorInfo] = {}
+        self._expert: dict[str, int] = {}  # HF name -> its expert's index in a fused (experts, rows, cols) tensor
         unknown = []
         for t in h.tensors.values():
+            experts = _expert_names(self.arch, t)
+            if experts is not None:
+                for hf, j in experts.items():
+                    self._by_hf[hf] = t
+                    if j is not None:
+                        self._expert[hf] = j
+                continue
             hf = _hf_name(self.arch, t.name)
             if hf is None:
                 unknown.append(t.name)
@@ -479,7 +595,8 @@ class GGUFSource:
         return sorted(self._by_hf)
 
     def tensor_shape(self, name: str) -> tuple[int, ...]:
-        return self._by_hf[name].shape
+        shape = self._by_hf[name].shape
+        return shape[1:] if name in self._expert else shape
 
     def tensor_dtype(self, name: str) -> torch.dtype:
         t = self._by_hf[name]
@@ -501,6 +618,8 @@ class GGUFSource:
         if self.file is None:
             raise FormatError(f"{self.path}: source is closed")
         gguf_name = self._by_hf[name].name
+        if name in self._expert:  # one expert's rows of the fused tensor, read and dequantized alone
+            return self.file.read(gguf_name, dtype, index=self._expert[name])
         if self._offset_norm(name):
             x = self.file.read(gguf_name).float() - 1.0  # in float32, as transformers does, so precision near 1.0 is kept
         else:
@@ -562,20 +681,28 @@ def inspect_gguf(path: str | Path) -> dict:
         e["bytes"] += t.nbytes
     ok = _dequantizable()
     problems = []
-    if h.architecture not in ARCHS:
+    spec = arch_of(h)
+    if spec is None:
         problems.append(f"architecture {h.architecture!r} is not supported")
     bad = sorted({t.type_name for t in h.tensors.values() if t.ggml_type not in ok})
     if bad:
         problems.append(f"tensor type(s) not supported: {', '.join(bad)}")
     tokens = meta.get("tokenizer.ggml.tokens")
     file_type = meta.get("general.file_type")
+    experts = {}
+    if _expert_count(h):
+        experts = {
+            "num_experts": _expert_count(h),
+            "num_experts_per_tok": k("expert_used_count"),
+            "expert_intermediate_size": k("expert_feed_forward_length") or k("feed_forward_length"),
+        }
     return {
         "path": str(Path(path).resolve()),
         "format": "gguf",
         "gguf_version": h.version,
         "name": meta.get("general.name"),
         "architecture": h.architecture,
-        "model_type": ARCHS[h.architecture].model_type if h.architecture in ARCHS else None,
+        "model_type": spec.model_type if spec is not None else None,
         "supported": not problems,
         "problems": problems,
         "file_type": _FILE_TYPES.get(file_type, file_type),
@@ -585,6 +712,7 @@ def inspect_gguf(path: str | Path) -> dict:
         "intermediate_size": k("feed_forward_length"),
         "num_attention_heads": k("attention.head_count"),
         "num_key_value_heads": k("attention.head_count_kv"),
+        **experts,
         "vocab_size": k("vocab_size") or (len(tokens) if tokens else None),
         "parameters": sum(prod(t.shape) for t in h.tensors.values()),
         "tensor_count": len(h.tensors),
