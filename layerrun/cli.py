@@ -83,11 +83,12 @@ def cmd_inspect(a) -> int:
         if k in skip:
             continue
         if "bytes" in k and isinstance(v, int):
-            v = f"{_human_bytes(v)} ({v:,} bytes)"
+            v = f"{_human_bytes(v)} ({v:,} bytes)" + (
+                " (one sequence, routed experts only)" if k == "bytes_stream_per_token" else "")
         elif k == "bytes_per_layer" and isinstance(v, dict):
             v = f"{_human_bytes(v['min'])}" + ("" if v["min"] == v["max"] else f" .. {_human_bytes(v['max'])}")
-        elif k == "parameters":
-            v = f"{_human_count(v)} ({v:,})"
+        elif k in ("parameters", "active_parameters"):
+            v = f"{_human_count(v)} ({v:,})" + (" per token (routed experts only)" if k == "active_parameters" else "")
         elif isinstance(v, (list, dict)):
             v = json.dumps(v) if v else "-"
         t.add_row(k.replace("_", " "), str(v))

@@ -236,3 +236,23 @@ def test_qwen3_moe_config_spellings():
         assert len([n for n in m.expected_tensors()["layer"] if expert_index(n) is not None]) == 3 * 16
     with pytest.raises((NotImplementedError, UnsupportedModelError), match="mlp_only_layers"):
         build_model({**common, "num_experts": 16, "mlp_only_layers": [0]})
+
+
+@pytest.mark.parametrize("name", MOE)
+def test_inspect_reports_active_parameters_and_bytes_per_token(name, tiny_hf, tiny_layered):
+    from layerrun.formats.inspect import inspect_path
+
+    info = inspect_path(tiny_layered(name))
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tiny_hf(name), dtype=torch.float32)
+    E, k = info["experts"], info["experts_per_token"]
+    total = sum(p.numel() for p in ref.parameters())
+    expert = sum(p.numel() for n, p in ref.named_parameters() if ".experts." in n)
+    assert info["parameters"] == total
+    assert info["active_parameters"] == total - expert + expert * k // E
+    # a decode step of one sequence reads exactly this in stream mode: attention + router + k experts per layer
+    eng = layerrun.load(tiny_layered(name), mode="stream")
+    bg = eng.batch_generator(1)
+    bg.request(_ids(4, seed=1), max_new_tokens=3, ignore_eos=True)
+    bg.step()
+    bg.step()
+    assert bg.last_stats.bytes_read == info["bytes_stream_per_token"]

@@ -17,7 +17,8 @@ def _arch(config: dict) -> dict:
 
     info = {"model_type": config.get("model_type")}
     try:
-        a = build_model(config).args
+        model = build_model(config)
+        a = model.args
         info.update(
             supported=True,
             layers=a.num_hidden_layers,
@@ -31,6 +32,8 @@ def _arch(config: dict) -> dict:
             tie_word_embeddings=a.tie_word_embeddings,
             rope_theta=a.rope_theta,
         )
+        if getattr(model, "moe", False):
+            info.update(experts=model.n_experts, experts_per_token=model.top_k)
     except LayerRunError as e:
         info.update(supported=False, error=str(e))
     except (TypeError, ValueError, NotImplementedError) as e:
@@ -99,12 +102,31 @@ def inspect_layered(folder: Path) -> dict:
         "source": m.source,
         **_tokenizer_info(folder),
     }
+    if info.get("experts"):
+        info.update(_moe_figures(m, shapes, info["experts"], info["experts_per_token"]))
     try:
         exp = build_model(config).expected_tensors()
         info["tensor_check"] = _compare(exp, shapes, m.tie_word_embeddings, m.num_layers)
     except (LayerRunError, TypeError, ValueError, NotImplementedError):
         pass
     return info
+
+
+def _moe_figures(m: Manifest, shapes: dict, n_experts: int, top_k: int) -> dict:
+    """Per-token figures of a mixture-of-experts model: parameters used (the routed experts only)
+    and the bytes stream mode reads for one sequence (attention + router, and top_k experts, per layer)."""
+    from layerrun.models.base import expert_index
+
+    expert_params = sum(_numel(s) for f in m.layers for n, s in shapes[f.name].items() if expert_index(n) is not None)
+    total = sum(_numel(s) for fs in shapes.values() for s in fs.values())
+    per_token = 0
+    for f in m.layers:
+        experts = sum(t.nbytes for n, t in f.tensors.items() if expert_index(n) is not None)
+        per_token += (f.bytes - f.data_start - experts) + experts * top_k // n_experts
+    return {
+        "active_parameters": total - expert_params + expert_params * top_k // n_experts,
+        "bytes_stream_per_token": per_token,
+    }
 
 
 def inspect_hf(folder: Path) -> dict:
