@@ -116,3 +116,14 @@ def test_host_kv_with_phi3_cache_recompute(tiny_layered):
     prompt = _ids(20, seed=3)
     assert host.generate(prompt, max_new_tokens=10, ignore_eos=True).token_ids == \
         dev.generate(prompt, max_new_tokens=10, ignore_eos=True).token_ids
+
+
+def test_throttle_makes_auto_read_explicitly(tiny_layered):
+    """A throttle simulates a slow disk; mmap pages are faulted in by compute and bypass it."""
+    eng = layerrun.load(tiny_layered("llama_gqa"), mode="stream", throttle="200MB/s")
+    assert eng.reader_backend == "pread"
+    g = eng.generate(_ids(4, seed=1), max_new_tokens=2, ignore_eos=True)
+    layer_bytes = sum(f.bytes - f.data_start for f in eng.manifest.layers)
+    assert g.stats.read_busy_s >= 0.9 * g.stats.bytes_read / 200e6 and g.stats.bytes_read == 2 * layer_bytes
+    m = layerrun.load(tiny_layered("llama_gqa"), mode="stream", throttle="200MB/s", reader="mmap")
+    assert any("--throttle does not apply" in n for n in m.notes)

@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -256,3 +257,58 @@ def test_inspect_reports_active_parameters_and_bytes_per_token(name, tiny_hf, ti
     bg.step()
     bg.step()
     assert bg.last_stats.bytes_read == info["bytes_stream_per_token"]
+
+
+@pytest.fixture(scope="module")
+def medium_moe(tmp_path_factory):
+    """A Qwen3-MoE-shaped random model with 25 MB of experts per layer, so memory budgets have room."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    import synthetic_model
+
+    synthetic_model.PRESETS.setdefault("moe_test", dict(
+        model_type="qwen3_moe", hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=64, vocab_size=512, num_experts=64, num_experts_per_tok=4,
+        moe_intermediate_size=128, norm_topk_prob=True))
+    return synthetic_model.build(tmp_path_factory.mktemp("moe") / "m", "moe_test")
+
+
+def test_partial_mode_keeps_attention_and_router_resident_before_whole_layers(medium_moe):
+    """With room for every layer's attention/norms/router but not one more layer's experts, the
+    governor keeps those dense parts resident and streams only routed experts."""
+    import psutil
+
+    from layerrun.engine.governor import plan_memory
+
+    full = layerrun.load(medium_moe, mode="full")
+    man, args = full.manifest, full.args
+    dense = sum(t.nbytes for f in man.layers for n, t in f.tensors.items() if expert_index(n) is None)
+    experts_per_layer = sum(t.nbytes for n, t in man.layer(0).tensors.items() if expert_index(n) is not None)
+    stream_need = plan_memory(man, args, mode="stream", max_memory=64 * 2**30, baseline=0, context=full.context,
+                              elem_bytes=4).need
+    # arithmetic first, with no process baseline: dense parts fit, a whole layer's experts do not
+    p = plan_memory(man, args, mode="auto", max_memory=stream_need + dense + experts_per_layer // 2, baseline=0,
+                    context=full.context, elem_bytes=4, moe_dense=True)
+    assert (p.mode, p.resident, p.dense_resident) == ("partial", [], [0, 1, 2, 3])
+    assert any("mixture of experts" in line for line in p.lines)
+    # room for two layers' experts too (a ring of one slot, so that full mode does not fit)
+    need0 = plan_memory(man, args, mode="stream", max_memory=64 * 2**30, baseline=0, context=full.context,
+                        elem_bytes=4, prefetch=0).need
+    p = plan_memory(man, args, mode="auto", max_memory=need0 + dense + experts_per_layer * 2 + 1, baseline=0,
+                    context=full.context, elem_bytes=4, moe_dense=True, prefetch=0)
+    assert (p.mode, p.resident, p.dense_resident) == ("partial", [0, 1], [2, 3])
+    p = plan_memory(man, args, mode="stream", max_memory=64 * 2**30, baseline=0, context=full.context, elem_bytes=4,
+                    moe_dense=True)
+    assert p.dense_resident == []  # stream means nothing resident
+    # the engine, with a budget on top of what the process holds now
+    rss = psutil.Process().memory_info().rss
+    eng = layerrun.load(medium_moe, mode="partial", max_memory=rss + stream_need + dense + experts_per_layer // 2)
+    assert eng.plan.dense_resident == [0, 1, 2, 3] and eng.plan.resident == []
+    prompt = _ids(6, seed=2, vocab=512)
+    got = eng.generate(prompt, max_new_tokens=8, ignore_eos=True)
+    assert got.token_ids == full.generate(prompt, max_new_tokens=8, ignore_eos=True).token_ids
+    bg = eng.batch_generator(1)
+    bg.request(prompt, max_new_tokens=3, ignore_eos=True)
+    bg.step()
+    bg.step()  # a decode step: only the routed experts are read, nothing else
+    per_expert = experts_per_layer // eng.model.n_experts
+    assert bg.last_stats.bytes_read == args.num_hidden_layers * eng.model.top_k * per_expert

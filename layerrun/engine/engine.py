@@ -27,6 +27,7 @@ from layerrun.formats.manifest import Manifest
 from layerrun.io.pipeline import LayerStream
 from layerrun.io.reader import FileReader
 from layerrun.models import build_model
+from layerrun.models.base import expert_index
 
 DEFAULT_MAX_NEW_TOKENS = 256
 BATCH_FIELDS = {"max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "chat", "system", "ignore_eos"}
@@ -159,6 +160,8 @@ class Engine:
             problems = validate_folder(self.path, check_sha=True)
             if problems:
                 raise FormatError(f"{self.path}: " + "; ".join(problems))
+        if experts not in ("routed", "all"):
+            raise LayerRunError(f"--experts {experts!r} is not one of: routed, all")
         budget = parse_size(max_memory, "--max-memory") if max_memory is not None else None
         self.throttle = Throttle(parse_size(throttle, "--throttle")) if throttle else None
         self.context = int(context or min(self.args.max_position_embeddings, DEFAULT_CONTEXT))
@@ -169,14 +172,12 @@ class Engine:
         self.plan = plan_memory(
             self.manifest, self.args, mode=mode, max_memory=budget, prefetch=prefetch, batch=batch_size,
             context=self.context, device=self.device.type, elem_bytes=self.dtype.itemsize, cast_factor=cast_factor,
-            kv=kv_cache,
+            kv=kv_cache, moe_dense=getattr(self.model, "moe", False) and experts == "routed",
         )
         self.mode = self.plan.mode
         self.kv_host = self.plan.kv_location == "host"
         self.reader_backend = self._pick_reader(reader)
         self.reader = FileReader(self.path, "mmap" if self.reader_backend == "mmap" else "pread")
-        if experts not in ("routed", "all"):
-            raise LayerRunError(f"--experts {experts!r} is not one of: routed, all")
         self.expert_groups = self._expert_groups() if experts == "routed" else {}
         self._tokenizer: Tokenizer | None = None
         self.trace = TraceRecorder(enabled=trace)
@@ -188,17 +189,27 @@ class Engine:
         self._resident: dict[int, dict[str, torch.Tensor]] = {}
         for i in self.plan.resident:
             self._resident[i] = self._load_resident(self.manifest.layer(i))
+        # Mixture of experts: attention, norms and router of these streamed layers stay resident.
+        self._dense: dict[int, dict[str, torch.Tensor]] = {}
+        for i in self.plan.dense_resident:
+            entry = self.manifest.layer(i)
+            self._dense[i] = self._load_resident(entry, [n for n in entry.tensors if expert_index(n) is None])
         self._stream: LayerStream | None = None
         self._open_stream()
 
     def _pick_reader(self, reader: str) -> str:
         """``auto``: mmap when the streamed layers fit in the page cache next to everything else
         (no copy: 2.6-2.7x pread's tokens/s warm, bench/RESULTS.md), pread otherwise (a model
-        bigger than memory is read cold, where pread/O_DIRECT run at the disk's speed)."""
+        bigger than memory is read cold, where pread/O_DIRECT run at the disk's speed), and pread
+        under ``--throttle``, which only explicit reads can honour."""
         if reader != "auto":
             if reader not in ("pread", "direct", "mmap"):
                 raise LayerRunError(f"--reader {reader!r} is not one of: auto, pread, direct, mmap")
+            if reader == "mmap" and self.throttle and self.plan.streamed:
+                self.notes.append("--throttle does not apply to --reader mmap (pages are faulted in by compute)")
             return reader
+        if self.throttle:
+            return "pread"  # a throttle simulates a slow disk: reads must be explicit for it to apply
         import psutil
 
         from layerrun.engine.governor import cgroup_memory_limit
@@ -218,7 +229,6 @@ class Engine:
         """Streamed mixture-of-experts layers: layer -> expert -> its tensor names (stored names)."""
         if not getattr(self.model, "moe", False):
             return {}
-        from layerrun.models.base import expert_index
 
         groups: dict[int, dict[int, list[str]]] = {}
         for i in self.plan.streamed:
@@ -252,10 +262,10 @@ class Engine:
                 self.path, [self.manifest.layer(i) for i in self.plan.streamed], depth=self.plan.prefetch,
                 backend=self.reader_backend, throttle=self.throttle, device=self.device,
                 prepare=self._prepare_weights, clock_origin=self.trace.origin,
-                subsets={
-                    self.manifest.layer(i).name: [n for n in self.manifest.layer(i).tensors if n not in
-                                                  {m for names in per.values() for m in names}]
-                    for i, per in self.expert_groups.items()
+                subsets={  # staged ahead: what is neither an expert nor resident already
+                    self.manifest.layer(i).name: [] if i in self._dense else [
+                        n for n in self.manifest.layer(i).tensors if expert_index(n) is None]
+                    for i in self.expert_groups
                 },
             )
 
@@ -276,9 +286,10 @@ class Engine:
     def _cast(self, w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: (v.to(self.dtype) if v.is_floating_point() and v.dtype != self.dtype else v) for k, v in w.items()}
 
-    def _load_resident(self, entry) -> dict[str, torch.Tensor]:
+    def _load_resident(self, entry, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """A file's tensors (or only ``names``, read alone and owned), on the compute device, prepared."""
         t0 = time.perf_counter()
-        w, rs = self.reader.read(entry)
+        w, rs = self.reader.read(entry) if names is None else self.reader.read_tensors(entry, names)
         if self.throttle:
             self.throttle.wait(rs.bytes, t0)
         w = {k: v.to(self.device) for k, v in w.items()} if self.device.type != "cpu" else w
@@ -327,6 +338,8 @@ class Engine:
                     if staged.layer != i:  # the cyclic schedule lost sync: a bug, not bad input
                         raise RuntimeError(f"pipeline delivered layer {staged.layer}, expected {i}")
                     w = staged.weights
+                    if i in self._dense:
+                        w = {**self._dense[i], **w}
                     if i in self.expert_groups:
                         w = _ExpertLoader(w, self, staged, stats)
                     rec = staged.record

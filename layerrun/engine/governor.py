@@ -37,6 +37,9 @@ class Plan:
     budget: int
     need: int
     lines: list[str] = field(default_factory=list)
+    # mixture-of-experts: streamed layers whose attention, norms and router stay resident (only
+    # their routed experts are read per step)
+    dense_resident: list[int] = field(default_factory=list)
 
     def explain(self) -> str:
         return "\n".join(self.lines)
@@ -65,6 +68,18 @@ def cgroup_memory_limit() -> int | None:
             v = int(raw)
             return v if v < 2**60 else None
     return None
+
+
+def _dense_bytes(manifest: Manifest, factor: float) -> list[int] | None:
+    """Per layer, the bytes of everything but the experts; None if no layer has experts."""
+    from layerrun.models.base import expert_index
+
+    out, any_experts = [], False
+    for f in manifest.layers:
+        dense = sum(t.nbytes for n, t in f.tensors.items() if expert_index(n) is None)
+        any_experts = any_experts or dense < f.bytes - f.data_start
+        out.append(int(dense * factor))
+    return out if any_experts else None
 
 
 def kv_bytes(args, batch: int, context: int, elem: int) -> int:
@@ -97,6 +112,7 @@ def plan_memory(
     baseline: int | None = None,
     kv: str = "auto",
     device_memory: tuple[int, int] | None = None,
+    moe_dense: bool = False,
 ) -> Plan:
     """The plan (mode, resident and streamed layers, prefetch depth, KV cache place) and its arithmetic.
 
@@ -105,12 +121,15 @@ def plan_memory(
     ``auto``: on the device unless that leaves less room for resident layers than the cache's own
     size (the bytes that would then be streamed per token instead of the cache's), or does not fit.
     ``device_memory``: (free, total) device bytes, instead of asking CUDA (planning for another machine).
+    ``moe_dense``: a mixture-of-experts model whose streamed layers read only routed experts: in
+    auto/partial mode, keep every layer's attention, norms and router resident before any whole
+    layer (per resident byte, that saves the most reading per token).
     """
     if kv not in KV_PLACES:
         raise LayerRunError(f"--kv-cache {kv!r} is not one of: {', '.join(KV_PLACES)}")
     common = dict(manifest=manifest, args=args, mode=mode, max_memory=max_memory, prefetch=prefetch, batch=batch,
                   context=context, device=device, elem_bytes=elem_bytes, cast_factor=cast_factor, baseline=baseline,
-                  device_memory=device_memory)
+                  device_memory=device_memory, moe_dense=moe_dense)
     if kv == "host" or (kv == "auto" and device != "cuda"):
         return _plan_once(**common, kv_host=kv == "host")
     if kv == "device":
@@ -158,6 +177,7 @@ def _plan_once(
     baseline: int | None,
     kv_host: bool,
     device_memory: tuple[int, int] | None = None,
+    moe_dense: bool = False,
 ) -> Plan:
     if mode not in MODES:
         raise LayerRunError(f"--mode {mode!r} is not one of: {', '.join(MODES)}")
@@ -264,6 +284,26 @@ def _plan_once(
         lines.append(f"mode stream: {fmt(always)} + ring {depth + 1} x {fmt(max_layer)} = {fmt(stream_need)}")
         return Plan("stream", [], list(range(L)), depth, kv_where, budget, stream_need, lines)
     spare = budget - stream_need
+    dense_bytes = _dense_bytes(manifest, 1.0 if q else cast_factor) if moe_dense and mode != "stream" else None
+    if dense_bytes is not None and sum(dense_bytes) <= spare:
+        # Whole layers with what is left: each costs its experts on top of its dense part, resident already.
+        rest = spare - sum(dense_bytes)
+        k = acc = 0
+        for b, d in zip(layer_bytes, dense_bytes):
+            if acc + b - d > rest:
+                break
+            acc += b - d
+            k += 1
+        k = min(k, L - 1)
+        total = stream_need + sum(dense_bytes) + acc
+        lines.append(
+            f"mode partial (mixture of experts): attention, norms and router of all {L} layers resident "
+            f"({fmt(sum(dense_bytes))}), {k} whole layers resident (+{fmt(acc)} of experts); the experts of "
+            f"{L - k} layers streamed, only the routed ones read, through a ring of {depth + 1} x {fmt(max_layer)}; "
+            f"total {fmt(total)}"
+        )
+        return Plan("partial", list(range(k)), list(range(k, L)), depth, kv_where, budget, total, lines,
+                    dense_resident=list(range(k, L)))
     k = 0
     acc = 0
     for b in layer_bytes:

@@ -150,7 +150,7 @@ class ChunkedReader:
         pool = pool or self.pool
         futs = []
         total = 0
-        for start, end in ranges or [(base, entry.bytes)]:
+        for start, end in ranges if ranges is not None else [(base, entry.bytes)]:
             if direct:
                 start -= (start - base) % ALIGN  # O_DIRECT: block-aligned offsets (the buffer mirrors the file)
             total += end - start
@@ -311,7 +311,7 @@ class LayerStream:
         event = torch.cuda.Event(enable_timing=True)
         with torch.cuda.stream(self.copy_stream):
             start.record(self.copy_stream)
-            for a, b in ranges or [(base, entry.bytes)]:
+            for a, b in ranges if ranges is not None else [(base, entry.bytes)]:
                 self.dev_slots[slot][a - base : b - base].copy_(self.slots[slot][a - base : b - base], non_blocking=True)
             w = views(entry, self.dev_slots[slot], base)
             if names is not None:

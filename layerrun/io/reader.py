@@ -117,6 +117,38 @@ class FileReader:
             os.close(fd)
         return views(entry, buf, base), ReadStat(entry.name, n, t0, time.perf_counter(), used)
 
+    def read_tensors(self, entry: FileEntry, names) -> tuple[dict[str, torch.Tensor], ReadStat]:
+        """Only tensors ``names`` of ``entry``, in memory of their own (not views of a whole-file
+        buffer or mapping that would keep the rest alive). Reads just their byte ranges."""
+        t0 = time.perf_counter()
+        names = set(names)
+        if self.backend == "mmap":
+            w, _ = self._read_mmap(entry, t0)
+            out = {k: v.clone() for k, v in w.items() if k in names}
+            n = sum(t.nbytes for k, t in entry.tensors.items() if k in names)
+            return out, ReadStat(entry.name, n, t0, time.perf_counter(), "mmap")
+        path = self.folder / entry.name
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise FormatError(f"{path}: layer file is missing; run `layerrun validate {self.folder}`") from None
+        out, n = {}, 0
+        try:
+            self._check_size(entry, os.fstat(fd).st_size)
+            for name, t in entry.tensors.items():
+                if name not in names:
+                    continue
+                buf = bytearray(t.nbytes)
+                got = os.preadv(fd, [buf], t.start) if t.nbytes else 0
+                if got != t.nbytes:
+                    raise FormatError(f"{path}: unexpected end of file in tensor {name}")
+                dt = ST_DTYPES[t.dtype]
+                out[name] = torch.frombuffer(buf, dtype=dt).view(t.shape) if t.nbytes else torch.empty(t.shape, dtype=dt)
+                n += t.nbytes
+        finally:
+            os.close(fd)
+        return out, ReadStat(entry.name, n, t0, time.perf_counter(), "pread")
+
     def _read_mmap(self, entry: FileEntry, t0: float):
         t = self.mapping(entry)
         n = entry.bytes - entry.data_start
