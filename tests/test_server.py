@@ -382,7 +382,7 @@ def test_chunked_body_over_the_limit_is_cut_off(engine):
 
         # A raw upload that never ends: the 413 comes once the limit is passed, while the client is still sending.
         with socket.create_connection(("127.0.0.1", s.port), timeout=10) as sock:
-            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                          b"Transfer-Encoding: chunked\r\n\r\n")
             chunk = b"%x\r\n%s\r\n" % (1024, b" " * 1024)
             for _ in range(limit // 1024 + 8):  # no final 0-length chunk: the body is unfinished
@@ -553,3 +553,24 @@ def test_serve_command(tiny_layered):
         out, err = p.communicate(timeout=30)
     assert p.returncode == 0, err
     assert "serving tiny" in err and "batch size 4" in err
+
+
+def test_loopback_server_refuses_other_host_names(engine):
+    """DNS rebinding: a page re-binding evil.example to 127.0.0.1 sends Host: evil.example and is refused."""
+    from layerrun.server.run import allowed_hosts_for
+
+    assert allowed_hosts_for("127.0.0.1") == ["localhost", "127.0.0.1", "::1"]
+    assert allowed_hosts_for("0.0.0.0") is None and allowed_hosts_for("0.0.0.0", ["box.lan"]) == ["box.lan"]
+    assert allowed_hosts_for("127.0.0.1", ["*"]) is None
+    with running_server(engine, model_name=MODEL) as s:
+        body = {"model": MODEL, "prompt": "Hi", "max_tokens": 2}
+        bad = httpx.post(s.url + "/v1/completions", json=body, headers={"Host": f"evil.example:{s.port}"}, timeout=30)
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_host"
+        assert httpx.get(s.url + "/health", headers={"Host": "evil.example"}, timeout=30).status_code == 400
+        for host in (f"localhost:{s.port}", f"127.0.0.1:{s.port}", f"[::1]:{s.port}", "LOCALHOST"):
+            assert httpx.get(s.url + "/health", headers={"Host": host}, timeout=30).status_code == 200, host
+        assert httpx.post(s.url + "/v1/completions", json=body, timeout=60).status_code == 200
+        assert metric(s, 'layerrun_requests_rejected_total{reason="host"}') == 2
+    with running_server(engine, model_name=MODEL, allowed_hosts=allowed_hosts_for("127.0.0.1", ["box.lan"])) as s:
+        assert httpx.get(s.url + "/health", headers={"Host": f"box.lan:{s.port}"}, timeout=30).status_code == 200
+        assert httpx.get(s.url + "/health", headers={"Host": "other.lan"}, timeout=30).status_code == 400

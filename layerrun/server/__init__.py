@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from layerrun.errors import LayerRunError
-from layerrun.server.run import DEFAULT_HOST, DEFAULT_MAX_BODY, DEFAULT_PORT, check_cors_origins
+from layerrun.server.run import DEFAULT_HOST, DEFAULT_MAX_BODY, DEFAULT_PORT, allowed_hosts_for, check_cors_origins
 from layerrun.server.worker import DEFAULT_MAX_WAITING
 
 API_KEY_ENV = "LAYERRUN_API_KEY"
@@ -88,7 +88,7 @@ def cmd_serve(a) -> int:
         try:
             serve(engine, host=a.host, port=a.port, log_level=a.log_level, model_name=names,
                   batch_size=engine.batch_size, max_waiting=a.max_waiting, api_key=api_key, max_body=max_body,
-                  cors_origins=cors_origins)
+                  cors_origins=cors_origins, allowed_hosts=allowed_hosts_for(a.host, a.allowed_host))
         except KeyboardInterrupt:  # uvicorn shuts down gracefully on Ctrl-C, then re-raises it: the normal way out
             pass
     print("server stopped", file=sys.stderr)
@@ -114,6 +114,9 @@ def add_serve_parser(subparsers) -> None:
     c.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN",
                    help="let web pages from ORIGIN (e.g. http://localhost:3000, or * for any) call the API "
                         "(repeatable; default: no CORS headers)")
+    c.add_argument("--allowed-host", action="append", default=None, metavar="NAME",
+                   help="also answer requests whose Host header is NAME (repeatable; * for any). Bound to loopback, "
+                        "only localhost / 127.0.0.1 / ::1 are answered by default, against DNS rebinding")
     c.add_argument("--served-model-name", action="append", default=None, metavar="NAME",
                    help="the name clients use as `model` (repeatable; default: the folder or store name)")
     c.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],

@@ -79,6 +79,7 @@ def create_app(
     api_key: str | None = None,
     max_body: int | str | None = DEFAULT_MAX_BODY,
     cors_origins: list[str] | None = None,
+    allowed_hosts: list[str] | None = None,
 ) -> FastAPI:
     """The ASGI app serving ``engine``.
 
@@ -91,6 +92,9 @@ def create_app(
     larger ones get 413, counted as they arrive (``None``: no limit).
     ``cors_origins``: origins (``scheme://host[:port]``, or ``"*"``) whose web
     pages may call the API; default none (no CORS headers).
+    ``allowed_hosts``: host names the ``Host`` header may carry (others get 400,
+    a guard against DNS rebinding); None: any. :func:`~layerrun.server.serve`
+    and ``running_server`` pass the loopback names when bound to loopback.
     """
     names = [model_name] if isinstance(model_name, str) else list(model_name or [engine.path.name])
     batch_size = int(batch_size or engine.batch_size)
@@ -129,6 +133,8 @@ def create_app(
         app.add_middleware(_KeyCheck, key=api_key)
     if cors_origins:
         _add_cors(app, cors_origins)
+    if allowed_hosts is not None:  # outermost: a request for another host is refused before anything else
+        app.add_middleware(_HostCheck, allowed=allowed_hosts, on_refuse=lambda: metrics.rejected.inc(reason="host"))
     base_openapi = app.openapi
 
     def openapi() -> dict:
@@ -310,6 +316,39 @@ class _KeyCheck:
                 await err.response()(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+class _HostCheck:
+    """ASGI middleware: the ``Host`` header must name one of ``allowed`` (port ignored), else 400.
+
+    A page that re-binds its own domain to 127.0.0.1 (DNS rebinding) reaches a loopback server
+    as same-origin, but its requests still say ``Host: its-domain``. A request with no Host header
+    (HTTP/1.0) passes: browsers always send one.
+    """
+
+    def __init__(self, app, allowed: list[str], on_refuse=None):
+        self.app, self.allowed, self.on_refuse = app, {h.lower() for h in allowed}, on_refuse
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            raw = dict(scope["headers"]).get(b"host")
+            if raw is not None and _host_name(raw.decode("latin-1")) not in self.allowed:
+                if self.on_refuse:
+                    self.on_refuse()
+                err = APIError(400, f"this server does not answer to Host {raw.decode('latin-1')!r}; allowed: "
+                                    f"{', '.join(sorted(self.allowed))} (layerrun serve --allowed-host NAME)",
+                               code="invalid_host")
+                await err.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _host_name(host: str) -> str:
+    """``Host`` header value -> lower-case name without the port (``[::1]:8000`` -> ``::1``)."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
 
 
 class _BodyLimit:

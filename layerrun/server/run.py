@@ -58,6 +58,25 @@ def cors_warning(origins, api_key: str | None) -> str | None:
             "name the origins, or set --api-key")
 
 
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def allowed_hosts_for(host: str, extra=None) -> list[str] | None:
+    """The ``Host`` header names the server answers to, or None for any.
+
+    Bound to loopback, only loopback names (plus ``extra``, e.g. ``--allowed-host``): a web page
+    that re-binds its own domain to 127.0.0.1 (DNS rebinding) then sends its own name in ``Host``
+    and is refused, so it cannot use a local server it could otherwise reach as same-origin.
+    Bound beyond loopback, the names this machine is reached by are unknown: any, unless given.
+    """
+    extra = [h.strip().lower().strip("[]") for h in (extra or []) if h.strip()]
+    if "*" in extra:
+        return None
+    if is_loopback(host):
+        return list(LOOPBACK_NAMES) + [h for h in extra if h not in LOOPBACK_NAMES]
+    return extra or None
+
+
 def _config(app, host: str, port: int, log_level: str):
     import uvicorn
 
@@ -74,6 +93,7 @@ def serve(engine, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, log_level:
     for warning in (exposure_warning(host, key), cors_warning(check_cors_origins(app_options.get("cors_origins")), key)):
         if warning:
             print(warning, file=sys.stderr)
+    app_options.setdefault("allowed_hosts", allowed_hosts_for(host))
     app = create_app(engine, **app_options)
     uvicorn.Server(_config(app, host, port, log_level)).run()
 
@@ -107,6 +127,7 @@ def running_server(engine, host: str = DEFAULT_HOST, port: int = 0, log_level: s
 
     from layerrun.server.app import create_app
 
+    app_options.setdefault("allowed_hosts", allowed_hosts_for(host))
     app = create_app(engine, **app_options)
     server = uvicorn.Server(_config(app, host, port, log_level))
     thread = threading.Thread(target=server.run, name="layerrun-server", daemon=True)
