@@ -186,3 +186,24 @@ def test_source_that_does_not_match_config_lists_every_problem(tmp_path, tiny_hf
         "source does not match its config: missing tensors: layer_000.safetensors:input_layernorm.weight, "
         "layer_002.safetensors:mlp.up_proj.weight; unexpected tensors: layer_001.safetensors:extra.weight"
     )
+
+
+def test_hf_source_casts_in_row_chunks_to_the_same_values(tiny_hf, monkeypatch):
+    """fp32 -> bf16 conversion reads big tensors a chunk of rows at a time (no whole fp32 copy held)."""
+    from layerrun.formats.convert import open_source
+    from layerrun.formats.hf import HFSource
+
+    monkeypatch.setattr(HFSource, "CAST_CHUNK", 1000)  # several chunks per matrix, some uneven
+    src = open_source(tiny_hf("llama_gqa"))
+    try:
+        names = src.tensor_names()
+        assert any(len(src.tensor_shape(n)) == 2 and src.tensor_shape(n)[0] * src.tensor_shape(n)[1] * 4 > 5000
+                   for n in names)
+        for n in names:
+            whole = src.get(n)
+            for dt in (torch.bfloat16, torch.float16):
+                got = src.get(n, dtype=dt)
+                assert got.dtype == dt and got.shape == whole.shape and torch.equal(got, whole.to(dt)), n
+            assert torch.equal(src.get(n, dtype=torch.float32), whole)
+    finally:
+        src.close()

@@ -248,7 +248,7 @@ def convert(
             )
 
         total = sum(out_bytes(f) for f in order)
-        # A source whose get() takes a dtype (GGUF) casts while it dequantizes: no float32 copy of a tensor.
+        # A source whose get() takes a dtype (GGUF, HF folders) casts chunk by chunk: no whole float32 copy.
         takes_dtype = "dtype" in inspect.signature(source.get).parameters
         bar = _Progress(total, progress, "converting")
         entries: list[FileEntry] = []

@@ -121,20 +121,41 @@ class HFSource:
     def tensor_dtype(self, name: str) -> torch.dtype:
         return _ST_TO_TORCH[self._infos[name][1].dtype]
 
-    def get(self, name: str) -> torch.Tensor:
+    CAST_CHUNK = 16 * 2**20  # bytes of source read per step when casting
+
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """One tensor as stored, or cast to ``dtype`` a chunk of rows at a time (so an fp32 -> bf16
+        conversion never holds a whole fp32 tensor next to its bf16 copy). Same values either way."""
         path, info = self._infos[name]
         fd = self._fds.get(path)
         if fd is None:
             fd = self._fds[path] = os.open(path, os.O_RDONLY)
-        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        src = _ST_TO_TORCH[info.dtype]
+        shape = tuple(info.shape)
+        if dtype is None or dtype == src or len(shape) < 2 or info.nbytes <= self.CAST_CHUNK:
+            t = self._pread(fd, path, name, info.start, info.nbytes).view(src).reshape(shape)
+            return t if dtype is None or dtype == src else t.to(dtype)
+        rows = info.nbytes // (shape[-1] * src.itemsize) if shape[-1] else 0
+        row_bytes = info.nbytes // rows if rows else 0
+        out = torch.empty((rows, shape[-1]), dtype=dtype)
+        step = max(1, self.CAST_CHUNK // max(row_bytes, 1))
+        for r in range(0, rows, step):
+            n = min(step, rows - r)
+            chunk = self._pread(fd, path, name, info.start + r * row_bytes, n * row_bytes)
+            out[r : r + n] = chunk.view(src).reshape(n, shape[-1])
+        return out.reshape(shape)
+
+    @staticmethod
+    def _pread(fd: int, path, name: str, start: int, nbytes: int) -> torch.Tensor:
+        buf = torch.empty(nbytes, dtype=torch.uint8)
         view = memoryview(buf.numpy())
         pos = 0
-        while pos < info.nbytes:
-            got = os.preadv(fd, [view[pos:]], info.start + pos)
+        while pos < nbytes:
+            got = os.preadv(fd, [view[pos:]], start + pos)
             if got <= 0:
                 raise FormatError(f"{path}: unexpected end of file while reading {name}")
             pos += got
-        return buf.view(_ST_TO_TORCH[info.dtype]).reshape(info.shape)
+        return buf
 
     def write_aux_files(self, dst: Path) -> list[str]:
         copied = []
