@@ -179,6 +179,10 @@ class Engine:
         self.reader_backend = self._pick_reader(reader)
         self.reader = FileReader(self.path, "mmap" if self.reader_backend == "mmap" else "pread")
         self.expert_groups = self._expert_groups() if experts == "routed" else {}
+        self._expert_bytes = {  # per streamed MoE layer: the bytes of all its experts
+            i: sum(self.manifest.layer(i).tensors[n].nbytes for names in per.values() for n in names)
+            for i, per in self.expert_groups.items()
+        }
         self._tokenizer: Tokenizer | None = None
         self.trace = TraceRecorder(enabled=trace)
         self._lock = threading.RLock()
@@ -667,8 +671,7 @@ class _ExpertLoader(dict):
         per = eng.expert_groups[self._staged.layer]
         ids = [j for j in ids if j in per]
         names = [n for j in ids for n in per[j]]
-        tensors = eng.manifest.layer(self._staged.layer).tensors
-        total = sum(tensors[n].nbytes for ns in per.values() for n in ns)
+        total = eng._expert_bytes[self._staged.layer]
         st.experts_total += len(per)
         if not self._staged.partial:  # staged whole (a step expected to route to nearly every expert)
             st.experts_read += len(per)

@@ -199,6 +199,7 @@ class LayerStream:
         self.subsets = {k: set(v) for k, v in (subsets or {}).items()}
         self.whole = False  # set by the engine: stage whole files even where a subset is configured
         self._subset_ranges = {e.name: tensor_ranges(e, self.subsets[e.name]) for e in entries if e.name in self.subsets}
+        self._subset_entries = {e.name: _subset_entry(e, self.subsets[e.name]) for e in entries if e.name in self.subsets}
         self.depth = max(0, int(depth))
         self.device = device or torch.device("cpu")
         self.cuda = self.device.type == "cuda"
@@ -283,21 +284,20 @@ class LayerStream:
         subset = None if self.whole else self.subsets.get(entry.name)
         ranges = None if subset is None else self._subset_ranges[entry.name]
         layer = entry.layer if entry.layer is not None else -1
+        # Views only of what is staged: a MoE layer holds hundreds of expert tensors, and making
+        # views of them all per step is Python work that competes with compute for the GIL.
+        staged_entry = entry if subset is None else self._subset_entries[entry.name]
         if self._mmap_reader is not None and not self.cuda:
             # mmap: no slot, tensors view the mapping; touching the pages now faults them in ahead of compute.
-            w, rs = self._mmap_reader.read(entry)
+            w = views(staged_entry, self._mmap_reader.mapping(entry), 0)
             self._mmap_reader.advise(entry, ranges)
-            n = rs.bytes if subset is None else sum(b - a for a, b in ranges)
-            if subset is not None:
-                w = {k: v for k, v in w.items() if k in subset}
+            n = entry.bytes - entry.data_start if subset is None else sum(b - a for a, b in ranges)
             rec = ReadRecord(layer, n, t0, time.perf_counter())
             return StagedLayer(rec.layer, self.prepare(w), slot, rec, seq, None, entry, subset is not None)
         n = self.reader.read(entry, self.slots[slot], ranges)
         rec = ReadRecord(layer, n, t0, time.perf_counter())
         if not self.cuda:
-            w = views(entry, self.slots[slot], entry.data_start)
-            if subset is not None:
-                w = {k: v for k, v in w.items() if k in subset}
+            w = views(staged_entry, self.slots[slot], entry.data_start)
             return StagedLayer(rec.layer, self.prepare(w), slot, rec, seq, None, entry, subset is not None)
         w, start, event = self._to_device(entry, slot, ranges, subset)
         return StagedLayer(rec.layer, w, slot, rec, seq, event, entry, subset is not None, start)
