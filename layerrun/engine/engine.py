@@ -178,7 +178,8 @@ class Engine:
         self.kv_host = self.plan.kv_location == "host"
         self.reader_backend = self._pick_reader(reader)
         self.reader = FileReader(self.path, "mmap" if self.reader_backend == "mmap" else "pread")
-        self.expert_groups = self._expert_groups() if experts == "routed" else {}
+        # Streamed MoE layers: expert -> its tensor names, and the names of everything else (staged ahead).
+        self.expert_groups, self._dense_names = self._split_experts() if experts == "routed" else ({}, {})
         self._expert_bytes = {  # per streamed MoE layer: the bytes of all its experts
             i: sum(self.manifest.layer(i).tensors[n].nbytes for names in per.values() for n in names)
             for i, per in self.expert_groups.items()
@@ -196,8 +197,7 @@ class Engine:
         # Mixture of experts: attention, norms and router of these streamed layers stay resident.
         self._dense: dict[int, dict[str, torch.Tensor]] = {}
         for i in self.plan.dense_resident:
-            entry = self.manifest.layer(i)
-            self._dense[i] = self._load_resident(entry, [n for n in entry.tensors if expert_index(n) is None])
+            self._dense[i] = self._load_resident(self.manifest.layer(i), self._dense_names[i])
         self._stream: LayerStream | None = None
         self._open_stream()
 
@@ -229,21 +229,24 @@ class Engine:
             room = min(room, self.plan.budget)  # a budget below the model means: do not map it all
         return "mmap" if streamed + self.plan.need < 0.8 * room else "pread"
 
-    def _expert_groups(self) -> dict[int, dict[int, list[str]]]:
-        """Streamed mixture-of-experts layers: layer -> expert -> its tensor names (stored names)."""
-        if not getattr(self.model, "moe", False):
-            return {}
-
+    def _split_experts(self) -> tuple[dict[int, dict[int, list[str]]], dict[int, list[str]]]:
+        """For each streamed mixture-of-experts layer: (expert -> its tensor names, the other names)."""
         groups: dict[int, dict[int, list[str]]] = {}
+        dense: dict[int, list[str]] = {}
+        if not getattr(self.model, "moe", False):
+            return groups, dense
         for i in self.plan.streamed:
             per: dict[int, list[str]] = {}
+            rest: list[str] = []
             for name in self.manifest.layer(i).tensors:
                 j = expert_index(name)
-                if j is not None:
+                if j is None:
+                    rest.append(name)
+                else:
                     per.setdefault(j, []).append(name)
             if per:
-                groups[i] = per
-        return groups
+                groups[i], dense[i] = per, rest
+        return groups, dense
 
     def new_cache(self) -> KVCache:
         """An empty KV cache, placed where the governor decided (``plan.kv_location``)."""
@@ -267,9 +270,8 @@ class Engine:
                 backend=self.reader_backend, throttle=self.throttle, device=self.device,
                 prepare=self._prepare_weights, clock_origin=self.trace.origin,
                 subsets={  # staged ahead: what is neither an expert nor resident already
-                    self.manifest.layer(i).name: [] if i in self._dense else [
-                        n for n in self.manifest.layer(i).tensors if expert_index(n) is None]
-                    for i in self.expert_groups
+                    self.manifest.layer(i).name: [] if i in self._dense else names
+                    for i, names in self._dense_names.items()
                 },
             )
 
@@ -466,11 +468,28 @@ class Engine:
         system: str | None = None,
         ignore_eos: bool = False,
     ) -> Iterator[Chunk]:
-        """Yield chunks as tokens are generated; the last chunk carries finish_reason and stats."""
+        """Yield chunks as tokens are generated; the last chunk carries finish_reason and stats.
+
+        One sequence is a batch of one: the same step, stop-string, end-of-sequence and cache logic
+        as the batch generator and the server (which run many).
+        """
+        from layerrun.engine.batch import BatchGenerator
+
         with self._lock:  # one sequence at a time owns the layer schedule
-            yield from self._stream_locked(
-                prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, chat, system, ignore_eos
-            )
+            bg = BatchGenerator(self, 1)
+            req = bg.request(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, chat, system, ignore_eos)
+            n = 0
+            try:
+                while not req.done:
+                    for ev in bg.step():
+                        if ev.token_id is not None:
+                            yield Chunk(ev.text, ev.token_id, n)
+                            n += 1
+                        if ev.finish_reason is not None:  # the last chunk: no token, the finish reason and stats
+                            yield Chunk("" if ev.token_id is not None else ev.text, None, n, ev.finish_reason, req.stats)
+            finally:
+                if not req.done:  # the caller stopped early: nothing more runs for this sequence
+                    bg.cancel(req)
 
     def check_request(self, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, chat, system):
         """Validate one request; returns (prompt ids, max new tokens within the context, params,
@@ -494,26 +513,6 @@ class Engine:
             raise LayerRunError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {ctx_len}")
         stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
         return prompt_ids, min(max_new_tokens, ctx_len - len(prompt_ids)), params, sampler, stops
-
-    def _stream_locked(self, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, chat, system, ignore_eos):
-        # One sequence is a batch of one: the same step, stop-string, end-of-sequence and cache logic
-        # as the batch generator and the server (which run many).
-        from layerrun.engine.batch import BatchGenerator
-
-        bg = BatchGenerator(self, 1)
-        req = bg.request(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, chat, system, ignore_eos)
-        n = 0
-        try:
-            while not req.done:
-                for ev in bg.step():
-                    if ev.token_id is not None:
-                        yield Chunk(ev.text, ev.token_id, n)
-                        n += 1
-                    if ev.finish_reason is not None:  # the last chunk: no token, the finish reason and stats
-                        yield Chunk("" if ev.token_id is not None else ev.text, None, n, ev.finish_reason, req.stats)
-        finally:
-            if not req.done:  # the caller stopped early: nothing more runs for this sequence
-                bg.cancel(req)
 
     def generate(self, prompt, **kwargs) -> Generation:
         """Generate to completion; returns text, token ids, finish reason and stats."""

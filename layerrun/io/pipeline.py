@@ -299,13 +299,14 @@ class LayerStream:
         if not self.cuda:
             w = views(staged_entry, self.slots[slot], entry.data_start)
             return StagedLayer(rec.layer, self.prepare(w), slot, rec, seq, None, entry, subset is not None)
-        w, start, event = self._to_device(entry, slot, ranges, subset)
+        w, start, event = self._to_device(entry, slot, ranges, staged_entry)
         return StagedLayer(rec.layer, w, slot, rec, seq, event, entry, subset is not None, start)
 
-    def _to_device(self, entry: FileEntry, slot: int, ranges, names):
+    def _to_device(self, entry: FileEntry, slot: int, ranges, view_entry: FileEntry):
         """CUDA: copy the read ``ranges`` (default: all) of a slot to its device slot on the copy stream
-        and prepare tensors ``names`` (default: all) there too, so a cast or repack runs after the copy
-        and before the event that compute waits on. Returns (weights, start event, end event)."""
+        and prepare the tensors of ``view_entry`` (``entry`` or a subset of it) there too, so a cast or
+        repack runs after the copy and before the event that compute waits on. Returns (weights, start
+        event, end event)."""
         base = entry.data_start
         start = torch.cuda.Event(enable_timing=True)
         event = torch.cuda.Event(enable_timing=True)
@@ -313,10 +314,7 @@ class LayerStream:
             start.record(self.copy_stream)
             for a, b in ranges if ranges is not None else [(base, entry.bytes)]:
                 self.dev_slots[slot][a - base : b - base].copy_(self.slots[slot][a - base : b - base], non_blocking=True)
-            w = views(entry, self.dev_slots[slot], base)
-            if names is not None:
-                w = {k: v for k, v in w.items() if k in names}
-            w = self.prepare(w)
+            w = self.prepare(views(view_entry, self.dev_slots[slot], base))
             slot_ptr = range(self.dev_slots[slot].data_ptr(), self.dev_slots[slot].data_ptr() + self.slot_bytes + 1)
             for t in w.values():
                 if isinstance(t, torch.Tensor) and t.is_cuda and t.data_ptr() not in slot_ptr:
@@ -331,25 +329,24 @@ class LayerStream:
         no slot is taken from the prefetch ring. Returns their prepared weights and the read's record.
         """
         entry = staged.entry
-        names = set(names)
-        ranges = tensor_ranges(entry, names)
+        sub = _subset_entry(entry, set(names))
+        ranges = tensor_ranges(sub, sub.tensors)
         t0 = time.perf_counter()
-        if self._mmap_reader is not None and not self.cuda:
+        mapped = self._mmap_reader is not None and not self.cuda
+        if mapped:
             # No copy: compute touches the mapped pages. The read-ahead hint runs beside compute, which
             # faults in whatever the kernel has not yet read; on a warm cache the hint costs nothing.
-            mapped = self._mmap_reader.mapping(entry)
-            w = views(_subset_entry(entry, names), mapped, 0)
             self.fetch_pool.submit(self._mmap_reader.advise, entry, ranges)
         else:
             self.reader.read(entry, self.slots[staged.slot], ranges, pool=self.fetch_pool)
-            if self.cuda:
-                w, _, event = self._to_device(entry, staged.slot, ranges, names)
-                torch.cuda.current_stream(self.device).wait_event(event)
-                staged.event = event  # release() waits for this copy before the host slot is reused
-                return w, ReadRecord(staged.layer, sum(b - a for a, b in ranges), t0, time.perf_counter())
-            w = views(_subset_entry(entry, names), self.slots[staged.slot], entry.data_start)
         rec = ReadRecord(staged.layer, sum(b - a for a, b in ranges), t0, time.perf_counter())
-        return self.prepare(w), rec
+        if self.cuda:
+            w, _, event = self._to_device(entry, staged.slot, ranges, sub)
+            torch.cuda.current_stream(self.device).wait_event(event)
+            staged.event = event  # release() waits for this copy before the host slot is reused
+            return w, rec
+        buf, base = (self._mmap_reader.mapping(entry), 0) if mapped else (self.slots[staged.slot], entry.data_start)
+        return self.prepare(views(sub, buf, base)), rec
 
     # ---- the compute side ---------------------------------------------------
     def next(self) -> StagedLayer:
