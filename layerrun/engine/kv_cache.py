@@ -31,11 +31,13 @@ class LayerKV:
             return 0
         return 2 * self.k.numel() * self.k.element_size()
 
+    def _empty(self, shape, like: torch.Tensor) -> torch.Tensor:
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+
     def _grow(self, k: torch.Tensor, need: int) -> None:
         B, H, _, D = k.shape
         cap = max(MIN_CAPACITY, 1 << (need - 1).bit_length())
-        nk = torch.empty((B, H, cap, D), dtype=k.dtype, device=k.device)
-        nv = torch.empty_like(nk)
+        nk, nv = self._empty((B, H, cap, D), k), self._empty((B, H, cap, D), k)
         if self.k is not None and self.length:
             nk[:, :, : self.length] = self.k[:, :, : self.length]
             nv[:, :, : self.length] = self.v[:, :, : self.length]
@@ -71,16 +73,12 @@ class HostLayerKV(LayerKV):
         if self.cuda:
             torch.cuda.current_stream(self.device).synchronize()
 
+    def _empty(self, shape, like: torch.Tensor) -> torch.Tensor:
+        return torch.empty(shape, dtype=like.dtype, pin_memory=self.cuda)  # host memory, pinned for CUDA copies
+
     def _grow(self, k: torch.Tensor, need: int) -> None:
-        B, H, _, D = k.shape
-        cap = max(MIN_CAPACITY, 1 << (need - 1).bit_length())
-        self.sync()
-        nk = torch.empty((B, H, cap, D), dtype=k.dtype, pin_memory=self.cuda)
-        nv = torch.empty((B, H, cap, D), dtype=k.dtype, pin_memory=self.cuda)
-        if self.k is not None and self.length:
-            nk[:, :, : self.length] = self.k[:, :, : self.length]
-            nv[:, :, : self.length] = self.v[:, :, : self.length]
-        self.k, self.v = nk, nv
+        self.sync()  # pending device -> host copies into the old buffers land first
+        super()._grow(k, need)
 
     def prefetch(self) -> None:
         """Start copying the cached keys and values to the device (ahead of this layer's compute)."""
