@@ -63,6 +63,7 @@ from layerrun.formats.gguf_tokenizer import (  # noqa: F401  (TOKENIZER_KINDS: r
     tokenizer_from_metadata,
     write_tokenizer_files,
 )
+from layerrun.formats.source import row_chunks
 
 # ---- the file: header, metadata, tensor table -----------------------------
 
@@ -273,9 +274,7 @@ class GGUFFile:
     @staticmethod
     def _row_chunks(rows: int, row_bytes: int):
         """(first row, row count) for chunks of about ``_CHUNK_BYTES`` of stored data."""
-        step = max(1, _CHUNK_BYTES // max(1, row_bytes))
-        for r in range(0, rows, step):
-            yield r, min(step, rows - r)
+        return row_chunks(rows, row_bytes, _CHUNK_BYTES)
 
     def _pread(self, offset: int, nbytes: int) -> np.ndarray:
         if self._fd is None:

@@ -12,6 +12,7 @@ import torch
 
 from layerrun.errors import FormatError, UnsupportedModelError
 from layerrun.formats.aligned import ST_DTYPES, TensorInfo, read_header
+from layerrun.formats.source import row_chunks
 
 # Files copied verbatim into a layered folder when present.
 AUX_FILES = (
@@ -138,9 +139,7 @@ class HFSource:
         rows = info.nbytes // (shape[-1] * src.itemsize) if shape[-1] else 0
         row_bytes = info.nbytes // rows if rows else 0
         out = torch.empty((rows, shape[-1]), dtype=dtype)
-        step = max(1, self.CAST_CHUNK // max(row_bytes, 1))
-        for r in range(0, rows, step):
-            n = min(step, rows - r)
+        for r, n in row_chunks(rows, row_bytes, self.CAST_CHUNK):
             chunk = self._pread(fd, path, name, info.start + r * row_bytes, n * row_bytes)
             out[r : r + n] = chunk.view(src).reshape(n, shape[-1])
         return out.reshape(shape)

@@ -62,3 +62,11 @@ def layer_prefix_of(names: list[str]) -> str:
         if m:
             return m.group("prefix") + "{i}."
     return "model.layers.{i}."
+
+
+def row_chunks(rows: int, row_bytes: int, chunk_bytes: int):
+    """(first row, row count) for chunks of about ``chunk_bytes`` of stored data (at least one row):
+    how the sources read and cast or dequantize a large tensor without a whole-tensor temporary."""
+    step = max(1, chunk_bytes // max(1, row_bytes))
+    for r in range(0, rows, step):
+        yield r, min(step, rows - r)
