@@ -127,6 +127,26 @@ def test_linear_matches_dense_matmul_of_the_dequantized_weight(scheme, dtype, ro
     assert (got.double() - want).abs().max() <= tol * want.abs().max()
 
 
+@pytest.mark.parametrize("offset", [0, 12, 1])
+def test_int8_kernel_runs_on_weights_and_activations_at_any_address(offset):
+    """An int8 weight at an odd offset of a read buffer (layer files align files, not each int8
+    tensor) and an activation view at an odd address: torch's AVX-512 int8 kernel faults on
+    unaligned operands, so they are copied there; the result equals the aligned computation."""
+    from layerrun.formats.quant import QuantizedWeight
+
+    g = torch.Generator().manual_seed(3)
+    q = torch.randint(-128, 127, (64, 64), dtype=torch.int8, generator=g)
+    buf = torch.zeros(64 * 64 + 256, dtype=torch.int8)
+    buf[offset : offset + q.numel()] = q.reshape(-1)
+    scale = torch.rand(64, 1, generator=g) / 64
+    aligned = QuantizedWeight("int8", q, scale, None, torch.bfloat16)
+    odd = QuantizedWeight("int8", buf[offset : offset + q.numel()].view(64, 64), scale, None, torch.bfloat16)
+    assert odd.kernel == "int8"
+    xb = torch.randn(4 * 64 + 8, generator=g).to(torch.bfloat16)
+    x = xb[3 : 3 + 4 * 64].view(4, 64)  # 6 bytes past an aligned address
+    assert torch.equal(F.linear(x, odd), F.linear(x.clone(), aligned))
+
+
 def test_other_torch_functions_see_the_dequantized_weight():
     qw, _ = _roundtrip(_weights(), "int4")
     assert torch.equal(torch.add(qw, 0), qw.dequantize())

@@ -56,6 +56,7 @@ activation dtype and call the dense ``F.linear``, which is fastest there.
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 from collections.abc import Mapping
@@ -382,6 +383,25 @@ def _probe_layout():
 
 
 # ---- compute ------------------------------------------------------------------
+KERNEL_ALIGN = 64
+
+
+@functools.cache
+def _needs_aligned_operands() -> bool:
+    """torch's AVX-512 ``_weight_int8pack_mm`` uses aligned vector loads: an operand that is not
+    16-byte aligned (an int8 weight at an odd offset of a layer file, a view of an activation)
+    kills the process with SIGSEGV (torch 2.13, seen on an AVX-512 EPYC). The AVX2 kernel does not
+    care, so only AVX-512 builds pay for the copy."""
+    return "AVX512" in str(torch.backends.cpu.get_cpu_capability()).upper()
+
+
+def _kernel_aligned(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or an aligned copy of it where the CPU kernel would fault on its address."""
+    if t.data_ptr() % KERNEL_ALIGN and _needs_aligned_operands():
+        return t.clone(memory_format=torch.contiguous_format)  # the CPU allocator aligns to 64 bytes
+    return t
+
+
 class QuantizedWeight:
     """A linear weight kept quantized; ``F.linear(x, w, b)`` on it runs a quantized kernel.
 
@@ -412,6 +432,7 @@ class QuantizedWeight:
         N, K = self.shape
         if self.method == "int8" and self.group_size == K and hasattr(torch, "_weight_int8pack_mm"):
             self.kernel, self._kdtype = "int8", kd
+            self.q = _kernel_aligned(self.q)
             self._kscale = self.scale.reshape(N).to(kd)
         elif self.method == "int4" and N % 16 == 0 and self.group_size in GROUP_SIZES:
             layout = cpu_int4_layout()
@@ -480,6 +501,7 @@ class QuantizedWeight:
             return F.linear(x, self.dequantize(x.dtype), bias)
         x2 = x.reshape(rows, K).to(self._kdtype).contiguous()
         if self.kernel == "int8":
+            x2 = _kernel_aligned(x2)
             y = torch._weight_int8pack_mm(x2, self.q, self._kscale)
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self._kscale)
