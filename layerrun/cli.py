@@ -13,6 +13,7 @@ from pathlib import Path
 
 from layerrun import __version__
 from layerrun.errors import LayerRunError
+from layerrun.options import add_engine_flags, engine_options, human_bytes, human_count, print_stats
 
 DEFAULT_MAX_NEW_TOKENS = 256
 EXIT_ERROR = 1
@@ -21,21 +22,6 @@ EXIT_INVALID = 2
 
 def _err(msg: str) -> None:
     print(f"error: {msg}", file=sys.stderr)
-
-
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"
-
-
-def _human_count(n: int) -> str:
-    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= div:
-            return f"{n / div:.2f}{unit}"
-    return str(n)
 
 
 def _console():
@@ -54,7 +40,7 @@ def cmd_convert(a) -> int:
     )
     print(
         f"converted {a.src} -> {a.dst}: {m.model_type}, {m.num_layers} layers, {m.dtype}, "
-        f"{_human_bytes(m.total_bytes)} in {len(m.files)} files ({m.source.get('seconds', 0):.1f} s)",
+        f"{human_bytes(m.total_bytes)} in {len(m.files)} files ({m.source.get('seconds', 0):.1f} s)",
         file=sys.stderr,
     )
     return 0
@@ -83,18 +69,18 @@ def cmd_inspect(a) -> int:
         if k in skip:
             continue
         if "bytes" in k and isinstance(v, int):
-            v = f"{_human_bytes(v)} ({v:,} bytes)" + (
+            v = f"{human_bytes(v)} ({v:,} bytes)" + (
                 " (one sequence, routed experts only)" if k == "bytes_stream_per_token" else "")
         elif k == "bytes_per_layer" and isinstance(v, dict):
-            v = f"{_human_bytes(v['min'])}" + ("" if v["min"] == v["max"] else f" .. {_human_bytes(v['max'])}")
+            v = f"{human_bytes(v['min'])}" + ("" if v["min"] == v["max"] else f" .. {human_bytes(v['max'])}")
         elif k in ("parameters", "active_parameters"):
-            v = f"{_human_count(v)} ({v:,})" + (" per token (routed experts only)" if k == "active_parameters" else "")
+            v = f"{human_count(v)} ({v:,})" + (" per token (routed experts only)" if k == "active_parameters" else "")
         elif isinstance(v, (list, dict)):
             v = json.dumps(v) if v else "-"
         t.add_row(k.replace("_", " "), str(v))
     if "tensor_types" in info:
         t.add_row("tensor types", ", ".join(
-            f"{k} x{n['count']} ({_human_bytes(n['bytes'])})" if isinstance(n, dict) else f"{k}: {n}"
+            f"{k} x{n['count']} ({human_bytes(n['bytes'])})" if isinstance(n, dict) else f"{k}: {n}"
             for k, n in info["tensor_types"].items()))
     check = info.get("tensor_check")
     if check is not None:
@@ -221,14 +207,6 @@ def cmd_generate(a) -> int:
                 print(f"trace written to {a.trace} (open it at ui.perfetto.dev)", file=sys.stderr)
 
 
-def engine_options(a) -> dict:
-    return dict(
-        mode=a.mode, max_memory=a.max_memory, prefetch=a.prefetch, throttle=a.throttle, device=a.device,
-        reader=a.reader, dtype=a.compute_dtype, context=a.context, batch_size=a.batch_size,
-        experts=getattr(a, "experts", "routed"), kv_cache=getattr(a, "kv_cache", "auto"),
-    )
-
-
 def _read_prompts(path: str) -> list[dict]:
     prompts = []
     try:
@@ -294,79 +272,6 @@ def _generate_file(engine, a) -> int:
     print(f"{len(results)} sequences, {total} tokens in {elapsed:.2f} s = {total / elapsed:.2f} tok/s aggregate "
           f"(batch size {engine.batch_size}, {engine.mode})", file=sys.stderr)
     return 0
-
-
-def add_engine_flags(c) -> None:
-    c.add_argument("--mode", default="auto", choices=["auto", "stream", "partial", "full"],
-                   help="auto: the governor picks from free memory; stream: one layer at a time from disk; "
-                        "partial: some layers resident; full: every layer resident")
-    c.add_argument("--max-memory", default=None, help="memory budget for the whole process, e.g. 1.5GiB or 800MB")
-    c.add_argument("--prefetch", type=int, default=2, help="layers read ahead of compute (0 = no overlap)")
-    c.add_argument("--throttle", default=None, help="limit read bandwidth to simulate a slow disk, e.g. 200MB/s")
-    c.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="compute device")
-    c.add_argument("--reader", default="auto", choices=["auto", "pread", "direct", "mmap"],
-                   help="how layer files are read: auto (mmap when the streamed layers fit in the page cache, "
-                        "else pread), pread, direct (O_DIRECT), mmap")
-    c.add_argument("--compute-dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="compute dtype (default: the stored dtype; float16 is computed as float32 on CPU)")
-    c.add_argument("--context", type=int, default=None,
-                   help="context length the KV cache is planned for (default: the model's, at most 4096)")
-    c.add_argument("--batch-size", type=int, default=8, help="most sequences generated at once (batch mode, server)")
-    c.add_argument("--kv-cache", default="auto", choices=["auto", "device", "host"],
-                   help="where the KV cache lives: auto (the governor decides), device (with the computing layers), "
-                        "host (host memory, each layer's part copied to the GPU for its compute: frees VRAM)")
-    c.add_argument("--experts", default="routed", choices=["routed", "all"],
-                   help="mixture-of-experts models (Mixtral): routed reads only the experts each step routes to "
-                        "in streamed layers; all reads whole layers ahead, like a dense model")
-
-
-def print_stats(stats, file=sys.stderr) -> None:
-    """The --stats table: pipeline figures and per-layer medians."""
-    import statistics
-
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title="layerrun --stats", show_header=False, title_justify="left")
-    t.add_column("what", style="bold")
-    t.add_column("value")
-    rows = [
-        ("mode", f"{stats.mode} ({stats.resident_layers} resident, {stats.streamed_layers} streamed, prefetch {stats.prefetch})"),
-        ("reader", f"{stats.reader}{' (O_DIRECT)' if stats.direct_io else ''}"),
-        ("device / dtype", f"{stats.device} / {stats.dtype}"),
-        ("KV cache", {"host": "host memory, each layer's part copied to the device for its compute"}.get(
-            stats.kv_location, f"on {stats.kv_location}")),
-        ("tokens", f"prompt {stats.prompt_tokens}, generated {stats.generated_tokens}"),
-        ("prefill", f"{stats.prefill_s:.3f} s"),
-        ("decode", f"{stats.decode_tokens_per_s:.2f} tok/s"),
-        ("forward steps", f"{stats.steps}, {stats.step_s:.3f} s"),
-        ("read", f"{stats.bytes_read / 1e9:.3f} GB, disk busy {stats.read_busy_s:.3f} s ({stats.read_gb_s:.2f} GB/s)"),
-        ("compute", f"{stats.compute_s:.3f} s"),
-        ("stall (compute waited for I/O)", f"{stats.stall_s:.3f} s = {stats.stall_pct:.1f}% of step time"),
-        ("overlap efficiency", f"{stats.overlap_efficiency:.3f} (step time / max(reads, computes); 1.0 is ideal)"),
-        ("peak RSS", _human_bytes(stats.peak_rss_bytes)),
-    ]
-    if stats.experts_total:
-        seen = stats.expert_bytes_read + stats.expert_bytes_skipped
-        rows.append(("experts (routed reads)",
-                     f"{stats.experts_read} of {stats.experts_total} expert loads read, "
-                     f"{stats.expert_bytes_read / 1e9:.3f} GB; skipped {stats.expert_bytes_skipped / 1e9:.3f} GB "
-                     f"({100 * stats.expert_bytes_skipped / max(seen, 1):.0f}% of expert bytes never read)"))
-    if stats.peak_vram_bytes:
-        rows.append(("peak VRAM", _human_bytes(stats.peak_vram_bytes)))
-    if stats.copy_s:
-        rows.append(("host -> device copies", f"{stats.copy_s:.3f} s on the copy stream "
-                                              f"({stats.bytes_read / stats.copy_s / 1e9:.2f} GB/s)"))
-    if stats.layer_compute_s and stats.steps:
-        per = [v / stats.steps for v in stats.layer_compute_s.values()]
-        rows.append(("compute per layer (median)", f"{statistics.median(per) * 1e3:.3f} ms"))
-    for k, v in rows:
-        t.add_row(k, v)
-    for line in stats.plan:
-        t.add_row("governor", line)
-    for n in stats.notes:
-        t.add_row("note", n)
-    Console(file=file).print(t)
 
 
 def _generate(engine, prompt, a) -> int:
@@ -439,7 +344,7 @@ def cmd_list(a) -> int:
     for col in ("name", "size", "dtype", "format", "path"):
         t.add_column(col)
     for m in models:
-        t.add_row(m["name"], _human_bytes(m.get("size", 0)), str(m.get("dtype", "")), str(m.get("format", "")),
+        t.add_row(m["name"], human_bytes(m.get("size", 0)), str(m.get("dtype", "")), str(m.get("format", "")),
                   str(m.get("path", "")))
     _console().print(t)
     return 0

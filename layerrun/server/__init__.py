@@ -65,8 +65,8 @@ def _resolve_model(model: str | None) -> tuple[str, str]:
 
 def cmd_serve(a) -> int:
     import layerrun
-    from layerrun.cli import engine_options
     from layerrun.io.throttle import parse_size
+    from layerrun.options import engine_options
 
     _require_server_packages()
     if not 0 <= a.port <= 65535:
@@ -97,7 +97,7 @@ def cmd_serve(a) -> int:
 
 def add_serve_parser(subparsers) -> None:
     """Register ``layerrun serve`` on the CLI's subparsers."""
-    from layerrun.cli import add_engine_flags
+    from layerrun.options import add_engine_flags
 
     c = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
     c.add_argument("model", nargs="?", default=None, metavar="MODEL",
