@@ -26,6 +26,7 @@ import torch
 from layerrun.engine.kv_cache import layer_add_rows, layer_drop_prefix, layer_select_rows
 from layerrun.engine.sampling import SamplingParams
 from layerrun.engine.telemetry import GenerationStats
+from layerrun.engine.text import split_stop
 from layerrun.engine.tokenizer import StreamDecoder
 from layerrun.errors import LayerRunError
 
@@ -204,9 +205,7 @@ class BatchGenerator:
             return self._finish(r, "stop", None)
         r.token_ids.append(tok)
         r._held += r._decoder.push(tok) if r._decoder else ""
-        from layerrun.engine.engine import _split_stop
-
-        out, hit = _split_stop(r._held, r.stop)
+        out, hit = split_stop(r._held, r.stop)
         if hit:
             r.text += out
             r._held = ""
@@ -222,9 +221,7 @@ class BatchGenerator:
         if reason != "stop" or not r.stop or r._held:
             # flush what was held back for a possible stop string, and any incomplete UTF-8
             tail = r._held + (r._decoder.flush() if r._decoder else "")
-            from layerrun.engine.engine import _split_stop
-
-            out, hit = _split_stop(tail, r.stop)
+            out, hit = split_stop(tail, r.stop)
             tail = out if hit else tail
             r.text += tail
             text += tail

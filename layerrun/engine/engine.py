@@ -1,8 +1,10 @@
-"""The engine: loads a layered model and generates, streaming layers from disk.
+"""The engine: loads a layered model and runs its forward pass, streaming layers from disk.
 
-``Engine.stream`` is a step generator yielding :class:`Chunk` objects as tokens
-arrive; ``Engine.generate`` collects them into a :class:`Generation`;
-``Engine.logits`` runs a plain forward pass for validation.
+:class:`Engine` owns the weights (resident or streamed through the pipeline), the memory plan
+and the forward pass (``_forward``: one pass of every layer over a block of new tokens, with
+an optional KV cache). ``Engine.logits`` runs a plain forward pass for validation. Generation
+(``stream``, ``generate``, batches) lives in :mod:`layerrun.engine.generation`, mixed in here,
+and drives the one generation loop in :mod:`layerrun.engine.batch`.
 """
 
 from __future__ import annotations
@@ -10,14 +12,12 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from layerrun.engine.generation import BATCH_FIELDS, DEFAULT_MAX_NEW_TOKENS, Chunk, Generation, GenerationAPI
 from layerrun.engine.kv_cache import KVCache
-from layerrun.engine.sampling import SamplingParams, make_sampler
 from layerrun.engine.telemetry import GenerationStats, peak_rss_bytes
 from layerrun.engine.tokenizer import Tokenizer
 from layerrun.engine.trace import TraceRecorder
@@ -29,8 +29,7 @@ from layerrun.io.reader import FileReader
 from layerrun.models import build_model
 from layerrun.models.base import expert_index
 
-DEFAULT_MAX_NEW_TOKENS = 256
-BATCH_FIELDS = {"max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "chat", "system", "ignore_eos"}
+__all__ = ["BATCH_FIELDS", "DEFAULT_MAX_NEW_TOKENS", "Chunk", "Engine", "Generation", "resolve_model_path"]
 DEFAULT_PREFETCH = 2
 DEFAULT_CONTEXT = 4096  # KV reservation when the caller does not say
 
@@ -43,34 +42,6 @@ def _pick_device(device: str) -> torch.device:
     if device not in ("cpu", "cuda"):
         raise LayerRunError(f"--device {device!r} is not one of: cpu, cuda, auto")
     return torch.device(device)
-
-
-@dataclass
-class Chunk:
-    """One streamed piece of output: the new text (may be empty while UTF-8 is incomplete)."""
-
-    text: str
-    token_id: int | None
-    index: int
-    finish_reason: str | None = None
-    stats: GenerationStats | None = None
-
-
-@dataclass
-class Generation:
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-    stats: GenerationStats
-    prompt_token_ids: list[int] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return {
-            "text": self.text,
-            "token_ids": self.token_ids,
-            "finish_reason": self.finish_reason,
-            "stats": self.stats.to_dict(),
-        }
 
 
 def resolve_model_path(path: str | Path) -> Path:
@@ -89,7 +60,7 @@ def resolve_model_path(path: str | Path) -> Path:
     raise FormatError(f"{path}: no such model folder (nor a model name in the local store; see `layerrun list`)")
 
 
-class Engine:
+class Engine(GenerationAPI):
     """A loaded layered model.
 
     Options (all keyword): ``mode`` ("auto" picks from free memory; "stream":
@@ -422,109 +393,7 @@ class Engine:
         if ids.numel() and (ids.min() < 0 or ids.max() >= self.args.vocab_size):
             raise LayerRunError(f"token ids must be in [0, {self.args.vocab_size}); got {ids.min()}..{ids.max()}")
 
-    # ---- prompts ----------------------------------------------------------
-    @property
-    def has_chat_template(self) -> bool:
-        try:
-            return bool(self.tokenizer.chat_template)
-        except FormatError:
-            return False
-
-    def encode_prompt(self, prompt, chat: bool | None = None, system: str | None = None) -> list[int]:
-        """Token ids for a string (chat template applied when the model has one, unless chat=False),
-        a list of chat messages, or a list of ids (used as-is)."""
-        if isinstance(prompt, str):
-            try:
-                prompt.encode("utf-8")
-            except UnicodeEncodeError:
-                raise LayerRunError("the prompt is not valid Unicode text (it contains lone surrogates)") from None
-            use_chat = self.has_chat_template if chat is None else chat
-            if use_chat:
-                msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-                return self.tokenizer.encode_chat(msgs)
-            return self.tokenizer.encode(prompt)
-        if isinstance(prompt, Sequence) and prompt and isinstance(prompt[0], dict):
-            return self.tokenizer.encode_chat(list(prompt))
-        if isinstance(prompt, torch.Tensor):
-            prompt = prompt.reshape(-1).tolist()
-        try:
-            ids = [int(i) for i in prompt]
-            self._check_ids(torch.tensor(ids, dtype=torch.long))
-        except (TypeError, ValueError, OverflowError, RuntimeError):
-            raise LayerRunError(f"a prompt must be text, chat messages or token ids in [0, {self.args.vocab_size})") from None
-        return ids
-
-    # ---- generation -------------------------------------------------------
-    def stream(
-        self,
-        prompt,
-        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        stop: Sequence[str] | str | None = None,
-        chat: bool | None = None,
-        system: str | None = None,
-        ignore_eos: bool = False,
-    ) -> Iterator[Chunk]:
-        """Yield chunks as tokens are generated; the last chunk carries finish_reason and stats.
-
-        One sequence is a batch of one: the same step, stop-string, end-of-sequence and cache logic
-        as the batch generator and the server (which run many).
-        """
-        from layerrun.engine.batch import BatchGenerator
-
-        with self._lock:  # one sequence at a time owns the layer schedule
-            bg = BatchGenerator(self, 1)
-            req = bg.request(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, chat, system, ignore_eos)
-            n = 0
-            try:
-                while not req.done:
-                    for ev in bg.step():
-                        if ev.token_id is not None:
-                            yield Chunk(ev.text, ev.token_id, n)
-                            n += 1
-                        if ev.finish_reason is not None:  # the last chunk: no token, the finish reason and stats
-                            yield Chunk("" if ev.token_id is not None else ev.text, None, n, ev.finish_reason, req.stats)
-            finally:
-                if not req.done:  # the caller stopped early: nothing more runs for this sequence
-                    bg.cancel(req)
-
-    def check_request(self, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, chat, system):
-        """Validate one request; returns (prompt ids, max new tokens within the context, params,
-        sampler, stop strings). Raises LayerRunError naming what is wrong."""
-        params = SamplingParams(temperature, top_k, top_p, seed)
-        sampler = make_sampler(params)
-        if max_new_tokens < 1:
-            raise LayerRunError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        prompt_ids = self.encode_prompt(prompt, chat=chat, system=system)
-        if not prompt_ids:
-            raise LayerRunError("the prompt is empty")
-        # The context the KV cache and workspace were planned for (the governor's budget), within the model's.
-        model_ctx = self.args.max_position_embeddings
-        ctx_len = min(self.context, model_ctx)
-        if len(prompt_ids) >= ctx_len:
-            if ctx_len < model_ctx:
-                raise LayerRunError(
-                    f"the prompt has {len(prompt_ids)} tokens; this engine was planned for a context of {ctx_len} "
-                    f"(the model allows {model_ctx}: pass a larger --context / context=)"
-                )
-            raise LayerRunError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {ctx_len}")
-        stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
-        return prompt_ids, min(max_new_tokens, ctx_len - len(prompt_ids)), params, sampler, stops
-
-    def generate(self, prompt, **kwargs) -> Generation:
-        """Generate to completion; returns text, token ids, finish reason and stats."""
-        text, ids = [], []
-        for c in self.stream(prompt, **kwargs):
-            text.append(c.text)
-            if c.token_id is not None:
-                ids.append(c.token_id)
-            if c.finish_reason:
-                return Generation("".join(text), ids, c.finish_reason, c.stats)
-        raise RuntimeError("stream ended without a final chunk")  # unreachable
-
+    # ---- per-request figures ------------------------------------------------
     def _new_stats(self, prompt_tokens: int) -> GenerationStats:
         return GenerationStats(
             prompt_tokens=prompt_tokens, mode=self.mode, reader=self.reader_backend, device=str(self.device),
@@ -545,102 +414,6 @@ class Engine:
         if note and note not in stats.notes:
             stats.notes.append(note)
         stats.direct_io = bool(self._stream is not None and self._stream.reader.backend == "direct")
-
-    async def astream(self, prompt, **kwargs):
-        """Async generator of chunks. Compute runs in its own thread, never on the caller's event loop."""
-        import asyncio
-        import threading
-
-        loop = asyncio.get_running_loop()
-        q: asyncio.Queue = asyncio.Queue()
-        done = object()
-        cancelled = threading.Event()
-
-        def work():
-            try:
-                for chunk in self.stream(prompt, **kwargs):
-                    loop.call_soon_threadsafe(q.put_nowait, chunk)
-                    if cancelled.is_set():
-                        break
-            except BaseException as e:  # delivered to the awaiting side
-                loop.call_soon_threadsafe(q.put_nowait, e)
-            finally:
-                loop.call_soon_threadsafe(q.put_nowait, done)
-
-        t = threading.Thread(target=work, name="layerrun-engine", daemon=True)
-        t.start()
-        try:
-            while True:
-                item = await q.get()
-                if item is done:
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            cancelled.set()
-            await loop.run_in_executor(None, t.join)
-
-    @property
-    def has_tokenizer(self) -> bool:
-        return self._tokenizer is not None or (self.path / "tokenizer.json").is_file()
-
-    @property
-    def eos_token_ids(self) -> set[int]:
-        return self.tokenizer.eos_token_ids if self.has_tokenizer else _config_eos(self.config)
-
-    def batch_generator(self, batch_size: int | None = None):
-        """A :class:`~layerrun.engine.batch.BatchGenerator` for continuous batching (the server uses it)."""
-        from layerrun.engine.batch import BatchGenerator
-
-        return BatchGenerator(self, batch_size or self.batch_size)
-
-    def generate_batch(self, prompts: Sequence, batch_size: int | None = None, on_event=None, **sampling) -> list[Generation]:
-        """Generate for many prompts, sharing each layer load across the live batch.
-
-        Each prompt is a string, a list of ids, chat messages, or a dict with
-        ``prompt`` and per-prompt sampling fields (``max_new_tokens`` or
-        ``max_tokens``, ``temperature``, ``top_k``, ``top_p``, ``seed``,
-        ``stop``). Results come back in the order of ``prompts``. At most
-        ``batch_size`` sequences run at once; a finished one makes room for
-        the next at the following step.
-        """
-        bg = self.batch_generator(batch_size)
-        reqs = []
-        for p in prompts:
-            kw = dict(sampling)
-            if isinstance(p, dict):
-                if "prompt" not in p and "messages" not in p:
-                    raise LayerRunError(f"each prompt object needs a 'prompt' field; got keys {sorted(p)}")
-                extra = {k: v for k, v in p.items() if k not in ("prompt", "messages")}
-                if "max_tokens" in extra:
-                    extra["max_new_tokens"] = extra.pop("max_tokens")
-                unknown = set(extra) - BATCH_FIELDS
-                if unknown:
-                    raise LayerRunError(f"unknown prompt field(s) {sorted(unknown)}; known: {sorted(BATCH_FIELDS)}")
-                kw.update(extra)
-                p = p.get("prompt", p.get("messages"))
-            reqs.append(bg.request(p, **kw))
-        with self._lock:
-            bg.run(on_event)
-        return [Generation(r.text, r.token_ids, r.finish_reason, r.stats, r.prompt_ids) for r in reqs]
-
-    async def agenerate_batch(self, prompts: Sequence, **kwargs) -> list[Generation]:
-        """``generate_batch`` off the caller's event loop."""
-        import asyncio
-
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(None, lambda: self.generate_batch(prompts, **kwargs))
-
-    async def agenerate(self, prompt, **kwargs) -> Generation:
-        text, ids = [], []
-        async for c in self.astream(prompt, **kwargs):
-            text.append(c.text)
-            if c.token_id is not None:
-                ids.append(c.token_id)
-            if c.finish_reason:
-                return Generation("".join(text), ids, c.finish_reason, c.stats)
-        raise RuntimeError("stream ended without a final chunk")
 
     def close(self) -> None:
         if self._stream is not None:
@@ -687,35 +460,3 @@ class _ExpertLoader(dict):
         st.read_intervals.append((rec.start, rec.end))
         st.stall_s += time.perf_counter() - t0  # compute waits for these reads
         eng.trace.read(self._staged.layer, f"layer_{self._staged.layer:03d} experts {ids}", rec.start, rec.end, rec.bytes)
-
-
-def _config_eos(config: dict) -> set[int]:
-    v = config.get("eos_token_id")
-    if isinstance(v, int):
-        return {v}
-    if isinstance(v, list):
-        return {int(x) for x in v}
-    return set()
-
-
-def _split_stop(text: str, stops: list[str]) -> tuple[str, bool]:
-    """(text safe to emit, whether a stop string was hit). On a hit, the text before it.
-
-    Without a hit, holds back the longest suffix that could begin a stop string.
-    """
-    if not stops:
-        return text, False
-    first = None
-    for s in stops:
-        i = text.find(s)
-        if i >= 0 and (first is None or i < first):
-            first = i
-    if first is not None:
-        return text[:first], True
-    keep = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:k]):
-                keep = max(keep, k)
-                break
-    return text[: len(text) - keep], False

@@ -1,0 +1,251 @@
+"""The generation API of an :class:`~layerrun.engine.engine.Engine`: prompts, requests, streams.
+
+``stream`` is a step generator yielding :class:`Chunk` objects as tokens arrive; ``generate``
+collects them into a :class:`Generation`; ``generate_batch`` runs many prompts sharing each layer
+load. All of them drive the one generation loop, :class:`~layerrun.engine.batch.BatchGenerator`
+(a single sequence is a batch of one); this module only turns requests into its input and its
+events into results.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from layerrun.engine.batch import BatchGenerator
+from layerrun.engine.sampling import SamplingParams, make_sampler
+from layerrun.engine.telemetry import GenerationStats
+from layerrun.engine.text import config_eos
+from layerrun.errors import FormatError, LayerRunError
+
+DEFAULT_MAX_NEW_TOKENS = 256
+BATCH_FIELDS = {"max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "chat", "system", "ignore_eos"}
+
+
+@dataclass
+class Chunk:
+    """One streamed piece of output: the new text (may be empty while UTF-8 is incomplete)."""
+
+    text: str
+    token_id: int | None
+    index: int
+    finish_reason: str | None = None
+    stats: GenerationStats | None = None
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    stats: GenerationStats
+    prompt_token_ids: list[int] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "finish_reason": self.finish_reason,
+            "stats": self.stats.to_dict(),
+        }
+
+
+class GenerationAPI:
+    """Mixed into Engine: everything that turns prompts into tokens through the generation loop."""
+
+    # ---- prompts ----------------------------------------------------------
+    @property
+    def has_chat_template(self) -> bool:
+        try:
+            return bool(self.tokenizer.chat_template)
+        except FormatError:
+            return False
+
+    def encode_prompt(self, prompt, chat: bool | None = None, system: str | None = None) -> list[int]:
+        """Token ids for a string (chat template applied when the model has one, unless chat=False),
+        a list of chat messages, or a list of ids (used as-is)."""
+        if isinstance(prompt, str):
+            try:
+                prompt.encode("utf-8")
+            except UnicodeEncodeError:
+                raise LayerRunError("the prompt is not valid Unicode text (it contains lone surrogates)") from None
+            use_chat = self.has_chat_template if chat is None else chat
+            if use_chat:
+                msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+                return self.tokenizer.encode_chat(msgs)
+            return self.tokenizer.encode(prompt)
+        if isinstance(prompt, Sequence) and prompt and isinstance(prompt[0], dict):
+            return self.tokenizer.encode_chat(list(prompt))
+        if isinstance(prompt, torch.Tensor):
+            prompt = prompt.reshape(-1).tolist()
+        try:
+            ids = [int(i) for i in prompt]
+            self._check_ids(torch.tensor(ids, dtype=torch.long))
+        except (TypeError, ValueError, OverflowError, RuntimeError):
+            raise LayerRunError(f"a prompt must be text, chat messages or token ids in [0, {self.args.vocab_size})") from None
+        return ids
+
+    # ---- generation -------------------------------------------------------
+    def stream(
+        self,
+        prompt,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: Sequence[str] | str | None = None,
+        chat: bool | None = None,
+        system: str | None = None,
+        ignore_eos: bool = False,
+    ) -> Iterator[Chunk]:
+        """Yield chunks as tokens are generated; the last chunk carries finish_reason and stats.
+
+        One sequence is a batch of one: the same step, stop-string, end-of-sequence and cache logic
+        as the batch generator and the server (which run many).
+        """
+        with self._lock:  # one sequence at a time owns the layer schedule
+            bg = BatchGenerator(self, 1)
+            req = bg.request(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, chat, system, ignore_eos)
+            n = 0
+            try:
+                while not req.done:
+                    for ev in bg.step():
+                        if ev.token_id is not None:
+                            yield Chunk(ev.text, ev.token_id, n)
+                            n += 1
+                        if ev.finish_reason is not None:  # the last chunk: no token, the finish reason and stats
+                            yield Chunk("" if ev.token_id is not None else ev.text, None, n, ev.finish_reason, req.stats)
+            finally:
+                if not req.done:  # the caller stopped early: nothing more runs for this sequence
+                    bg.cancel(req)
+
+    def check_request(self, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, chat, system):
+        """Validate one request; returns (prompt ids, max new tokens within the context, params,
+        sampler, stop strings). Raises LayerRunError naming what is wrong."""
+        params = SamplingParams(temperature, top_k, top_p, seed)
+        sampler = make_sampler(params)
+        if max_new_tokens < 1:
+            raise LayerRunError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        prompt_ids = self.encode_prompt(prompt, chat=chat, system=system)
+        if not prompt_ids:
+            raise LayerRunError("the prompt is empty")
+        # The context the KV cache and workspace were planned for (the governor's budget), within the model's.
+        model_ctx = self.args.max_position_embeddings
+        ctx_len = min(self.context, model_ctx)
+        if len(prompt_ids) >= ctx_len:
+            if ctx_len < model_ctx:
+                raise LayerRunError(
+                    f"the prompt has {len(prompt_ids)} tokens; this engine was planned for a context of {ctx_len} "
+                    f"(the model allows {model_ctx}: pass a larger --context / context=)"
+                )
+            raise LayerRunError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {ctx_len}")
+        stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
+        return prompt_ids, min(max_new_tokens, ctx_len - len(prompt_ids)), params, sampler, stops
+
+    def generate(self, prompt, **kwargs) -> Generation:
+        """Generate to completion; returns text, token ids, finish reason and stats."""
+        text, ids = [], []
+        for c in self.stream(prompt, **kwargs):
+            text.append(c.text)
+            if c.token_id is not None:
+                ids.append(c.token_id)
+            if c.finish_reason:
+                return Generation("".join(text), ids, c.finish_reason, c.stats)
+        raise RuntimeError("stream ended without a final chunk")  # unreachable
+
+    async def astream(self, prompt, **kwargs):
+        """Async generator of chunks. Compute runs in its own thread, never on the caller's event loop."""
+        import asyncio
+        import threading
+
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        done = object()
+        cancelled = threading.Event()
+
+        def work():
+            try:
+                for chunk in self.stream(prompt, **kwargs):
+                    loop.call_soon_threadsafe(q.put_nowait, chunk)
+                    if cancelled.is_set():
+                        break
+            except BaseException as e:  # delivered to the awaiting side
+                loop.call_soon_threadsafe(q.put_nowait, e)
+            finally:
+                loop.call_soon_threadsafe(q.put_nowait, done)
+
+        t = threading.Thread(target=work, name="layerrun-engine", daemon=True)
+        t.start()
+        try:
+            while True:
+                item = await q.get()
+                if item is done:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            cancelled.set()
+            await loop.run_in_executor(None, t.join)
+
+    @property
+    def has_tokenizer(self) -> bool:
+        return self._tokenizer is not None or (self.path / "tokenizer.json").is_file()
+
+    @property
+    def eos_token_ids(self) -> set[int]:
+        return self.tokenizer.eos_token_ids if self.has_tokenizer else config_eos(self.config)
+
+    def batch_generator(self, batch_size: int | None = None):
+        """A :class:`~layerrun.engine.batch.BatchGenerator` for continuous batching (the server uses it)."""
+        return BatchGenerator(self, batch_size or self.batch_size)
+
+    def generate_batch(self, prompts: Sequence, batch_size: int | None = None, on_event=None, **sampling) -> list[Generation]:
+        """Generate for many prompts, sharing each layer load across the live batch.
+
+        Each prompt is a string, a list of ids, chat messages, or a dict with
+        ``prompt`` and per-prompt sampling fields (``max_new_tokens`` or
+        ``max_tokens``, ``temperature``, ``top_k``, ``top_p``, ``seed``,
+        ``stop``). Results come back in the order of ``prompts``. At most
+        ``batch_size`` sequences run at once; a finished one makes room for
+        the next at the following step.
+        """
+        bg = self.batch_generator(batch_size)
+        reqs = []
+        for p in prompts:
+            kw = dict(sampling)
+            if isinstance(p, dict):
+                if "prompt" not in p and "messages" not in p:
+                    raise LayerRunError(f"each prompt object needs a 'prompt' field; got keys {sorted(p)}")
+                extra = {k: v for k, v in p.items() if k not in ("prompt", "messages")}
+                if "max_tokens" in extra:
+                    extra["max_new_tokens"] = extra.pop("max_tokens")
+                unknown = set(extra) - BATCH_FIELDS
+                if unknown:
+                    raise LayerRunError(f"unknown prompt field(s) {sorted(unknown)}; known: {sorted(BATCH_FIELDS)}")
+                kw.update(extra)
+                p = p.get("prompt", p.get("messages"))
+            reqs.append(bg.request(p, **kw))
+        with self._lock:
+            bg.run(on_event)
+        return [Generation(r.text, r.token_ids, r.finish_reason, r.stats, r.prompt_ids) for r in reqs]
+
+    async def agenerate_batch(self, prompts: Sequence, **kwargs) -> list[Generation]:
+        """``generate_batch`` off the caller's event loop."""
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(None, lambda: self.generate_batch(prompts, **kwargs))
+
+    async def agenerate(self, prompt, **kwargs) -> Generation:
+        text, ids = [], []
+        async for c in self.astream(prompt, **kwargs):
+            text.append(c.text)
+            if c.token_id is not None:
+                ids.append(c.token_id)
+            if c.finish_reason:
+                return Generation("".join(text), ids, c.finish_reason, c.stats)
+        raise RuntimeError("stream ended without a final chunk")
