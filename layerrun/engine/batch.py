@@ -6,11 +6,12 @@ is loaded. :class:`BatchGenerator` keeps a live batch of up to ``max_batch``
 sequences; at every step boundary finished sequences leave and waiting ones
 join (continuous batching).
 
-Layout: every row is right-aligned, so each row's newest token is in the last
-column. A step feeds live rows their last sampled token and joining rows their
-whole prompt, left-padded to the longest; ``key_pos`` (B, S) holds each cached
-key's token position, -1 for padding, which gives both the attention mask and
-sliding windows measured in tokens even across padding gaps.
+Layout (:mod:`layerrun.engine.lane`): every row is right-aligned in each block,
+so each row's newest token is in the last column. A step feeds live rows their
+last sampled token and joining rows their whole prompt, left-padded to the
+longest; the lane's ``key_pos`` (B, S) holds each cached key's token position,
+-1 for padding, which gives both the attention mask and sliding windows
+measured in tokens even across padding gaps.
 """
 
 from __future__ import annotations
@@ -23,14 +24,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from layerrun.engine.kv_cache import layer_add_rows, layer_drop_prefix, layer_select_rows
+from layerrun.engine.lane import Lane
 from layerrun.engine.sampling import SamplingParams
 from layerrun.engine.telemetry import GenerationStats
 from layerrun.engine.text import split_stop
 from layerrun.engine.tokenizer import StreamDecoder
 from layerrun.errors import LayerRunError
 
-COMPACT_AT = 64  # drop leading all-padding cache columns once there are this many
 _ids = itertools.count()
 
 
@@ -81,8 +81,7 @@ class BatchGenerator:
         self.max_batch = max_batch
         self.rows: list[Request] = []
         self.waiting: deque[Request] = deque()
-        self.cache = engine.new_cache()
-        self.key_pos: torch.Tensor | None = None  # (B, S) int64, -1 = padding
+        self.lane = Lane(engine)  # the model's KV cache for the live rows
         self.steps = 0
         self.last_stats: GenerationStats | None = None  # the latest step's figures (bytes read, stall); the server reads them
 
@@ -133,20 +132,7 @@ class BatchGenerator:
         if len(keep) == len(self.rows):
             return
         self.rows = [self.rows[i] for i in keep]
-        if not self.rows:
-            self.cache = self.engine.new_cache()
-            self.key_pos = None
-            return
-        idx = torch.tensor(keep, dtype=torch.long)
-        for layer in self.cache.layers:
-            layer_select_rows(layer, idx)
-        self.key_pos = self.key_pos.index_select(0, idx)
-        used = (self.key_pos >= 0).any(0).nonzero()
-        first = int(used[0]) if len(used) else self.key_pos.shape[1]
-        if first >= COMPACT_AT:
-            for layer in self.cache.layers:
-                layer_drop_prefix(layer, first)
-            self.key_pos = self.key_pos[:, first:]
+        self.lane.keep_rows(keep)
 
     def step(self) -> list[Event]:
         """Run one forward pass over the live batch (joining waiting requests first)."""
@@ -175,17 +161,10 @@ class BatchGenerator:
         for b, (f, s) in enumerate(zip(feeds, starts)):
             ids[b, T - len(f) :] = torch.tensor(f)
             pos[b, T - len(f) :] = torch.arange(s, s + len(f))
-        if joined:
-            for layer in self.cache.layers:
-                layer_add_rows(layer, len(joined))
-            if self.key_pos is not None:
-                pad = torch.full((len(joined), self.key_pos.shape[1]), -1, dtype=torch.long)
-                self.key_pos = torch.cat([self.key_pos, pad])
-        self.key_pos = pos.clone() if self.key_pos is None else torch.cat([self.key_pos, pos], dim=1)
+        self.lane.add_rows(len(joined))
         self.rows = self.rows + joined
-        key_valid = None if bool((self.key_pos >= 0).all()) else self.key_pos
         step_stats = GenerationStats()
-        logits = self.engine._forward(ids, self.cache, pos.clamp(min=0), key_valid, step_stats, last_only=True)
+        logits = self.lane.forward(ids, pos, step_stats)
         self.steps += 1
         self.last_stats = step_stats
         events = []

@@ -290,7 +290,14 @@ class Engine(GenerationAPI):
         stats: GenerationStats,
         last_only: bool,
         collect: list | None = None,
+        tree: torch.Tensor | None = None,
+        select: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """One pass of every layer over ``ids`` (B, T); returns float32 logits (B, T or 1, V).
+
+        ``tree`` (bool (B, T, R)): the new tokens are a token tree (see ``models.base.build_mask``);
+        ``select`` (long (N,), flat indices into B*T): return logits (N, V) of those tokens only.
+        """
         past = cache.length if cache is not None else 0
         ids, positions = ids.to(self.device), positions.to(self.device)
         if key_valid is not None:
@@ -299,7 +306,10 @@ class Engine(GenerationAPI):
         x = self.model.embed(self.embeddings, ids)
         if collect is not None:
             collect.append(x.float().cpu())
-        ctx = self.model.prepare(positions, key_valid, past + ids.shape[1], self.dtype)
+        if tree is None:
+            ctx = self.model.prepare(positions, key_valid, past + ids.shape[1], self.dtype)
+        else:
+            ctx = self.model.prepare(positions, key_valid, past + ids.shape[1], self.dtype, tree=tree.to(self.device))
         stream = self._stream
         if self.expert_groups:
             stream.whole = self._expect_all_experts(ids.numel())
@@ -350,10 +360,14 @@ class Engine(GenerationAPI):
             raise
         if self.expert_groups:
             stream.whole = self._expect_all_experts(ids.shape[0])  # the next step: one new token per row
-        if last_only:
+        if select is not None:
+            x = x.reshape(-1, x.shape[-1])[select.to(self.device)][None]  # (1, N, H)
+        elif last_only:
             x = x[:, -1:]
         t0 = time.perf_counter()
         out = self.model.head(self.final, x, self.embeddings).float()
+        if select is not None:
+            out = out[0]  # (N, V)
         stats.compute_s += time.perf_counter() - t0
         stats.steps += 1
         stats.step_s += time.perf_counter() - step_t0

@@ -164,3 +164,20 @@ def layer_drop_prefix(layer: LayerKV, n: int) -> None:
         layer.k[:, :, :keep] = k
         layer.v[:, :, :keep] = v
         layer.length = keep
+
+
+@torch.inference_mode()
+def layer_keep_columns(layer: LayerKV, start: int, index: torch.Tensor) -> None:
+    """Keep, of the columns from ``start`` on, only ``index`` (long (B, L), relative to ``start``) per
+    row, gathered to ``start .. start + L``; the cache ends there. After a token tree is verified
+    this keeps each row's accepted path, so the cache grows by what was accepted, not by the tree."""
+    if layer.k is None:
+        return
+    _host_sync(layer)
+    B, H, _, D = layer.k.shape
+    L = index.shape[1]
+    idx = (index.to(layer.k.device) + start)[:, None, :, None].expand(B, H, L, D)  # (B, H, L, D)
+    k, v = layer.k.gather(2, idx), layer.v.gather(2, idx)
+    layer.k[:, :, start : start + L] = k
+    layer.v[:, :, start : start + L] = v
+    layer.length = start + L

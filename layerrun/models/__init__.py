@@ -8,8 +8,10 @@ the engine relies on:
   (names relative to the group, e.g. ``self_attn.q_proj.weight``; "layer" is
   the same for every layer);
 - ``sanitize(weights) -> weights`` on one file's tensors (pure; may drop or rename);
-- ``prepare(positions (B,T), key_valid (B,S) bool | None, k_len, dtype) -> ctx``
-  per step, shared by all layers (RoPE tables, masks; opaque to the engine);
+- ``prepare(positions (B,T), key_valid (B,S) bool | int | None, k_len, dtype, tree=None) -> ctx``
+  per step, shared by all layers (RoPE tables, masks; opaque to the engine). ``tree`` (bool
+  (B, T, R)) makes the new tokens a token tree (speculative decoding): each sees the cache plus
+  its ancestors, at position root + depth (:func:`layerrun.models.base.build_mask`);
 - ``embed(w, input_ids) -> x (B,T,H)``;
 - ``layer(i, w, x, cache: LayerKV | None, ctx) -> x``;
 - ``head(w, x, embeddings_w) -> logits (B,T,V)``.
@@ -20,6 +22,9 @@ Optional, for families that need them:
   tensors are named ``...experts.J...`` (:func:`layerrun.models.base.expert_index`). Its layer
   calls ``w.load_experts(ids)`` when the weight dict has that method, before touching experts
   ``ids`` (the engine then reads only those; :mod:`layerrun.models.moe`).
+- ``max_tree_depth(position) -> int | None``: how far past a token tree's root at ``position`` one
+  pass may reach and still compute what a token at a time would (dynamic NTK RoPE, Phi-3
+  LongRoPE before its switch); absent or None: no limit.
 - ``rerun_prefix_at``: a position at which a running sequence's KV cache must be recomputed
   from its whole sequence (Phi-3 LongRoPE switching to its long factors).
 """

@@ -118,7 +118,7 @@ class AttnContext:
     """Per-step attention inputs shared by every layer.
 
     ``mask`` is a boolean (B, 1, T, S) "may attend" mask, or None when plain
-    causal attention over the whole cache is right (no padding, no window).
+    causal attention over the whole cache is right (no padding, window or token tree).
     """
 
     positions: torch.Tensor  # (B, T) absolute positions of the new tokens
@@ -134,6 +134,7 @@ def build_mask(
     window: int | None = None,
     device=None,
     q_positions: torch.Tensor | None = None,
+    tree: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Boolean (B or 1, 1, T, S) mask: causal, optional sliding window, padding keys masked.
 
@@ -141,10 +142,23 @@ def build_mask(
     integer (B, S) tensor of each key's token position with -1 for padding. A
     batch can hold padding gaps mid-sequence (a sequence that joined later), so
     the sliding window is then measured in token positions, not columns.
+
+    ``tree`` (bool (B, T, R), R >= T): the new tokens are a token tree rather than a chain; entry
+    [b, t, j] says whether new token t may see the j-th of the last R key columns (the T new ones
+    and any recent ones before them: its ancestors and itself). Keys before those R columns follow
+    the causal and padding rules as usual. A tree needs ``key_valid`` as key positions and
+    ``q_positions`` (a node's position is its root's plus its depth): windows are measured in
+    positions, never columns.
     """
     q_col = torch.arange(k_len - q_len, k_len, device=device)[:, None]  # (T, 1)
     k_col = torch.arange(k_len, device=device)[None, :]  # (1, S)
     m = (k_col <= q_col)[None, None]  # (1, 1, T, S)
+    if tree is not None:
+        if key_valid is None or key_valid.dtype == torch.bool or q_positions is None:
+            raise ValueError("a token tree needs each key's position (integer key_valid) and q_positions")
+        B, T, R = tree.shape
+        older = torch.ones((B, T, k_len - R), dtype=torch.bool, device=device)
+        m = m & torch.cat([older, tree.to(device)], dim=-1)[:, None]  # (B, 1, T, S)
     if key_valid is not None and not key_valid.dtype == torch.bool and q_positions is not None:
         kp = key_valid[:, None, None, :]  # (B, 1, 1, S)
         m = m & (kp >= 0)
@@ -195,23 +209,25 @@ def step_context(
     cos: torch.Tensor,
     sin: torch.Tensor,
     window: int | None = None,
+    tree: torch.Tensor | None = None,
 ) -> AttnContext:
     """An AttnContext with RoPE tables ``{"cos", "sin"}`` and the mask for one attention type.
 
-    The mask is None (plain causal SDPA) when no padding, window or partial prefill needs one.
-    A window no shorter than the keys changes nothing and is dropped. A query row that sees no key
-    at all (a left-padding position) is let see every key: its output is never used, and this keeps
-    the explicit soft-capped softmax finite (an all -inf row would be NaN and poison later layers).
+    The mask is None (plain causal SDPA) when no padding, window, tree or partial prefill needs
+    one. A window no shorter than the keys changes nothing and is dropped. A query row that sees
+    no key at all (a left-padding position) is let see every key: its output is never used, and
+    this keeps the explicit soft-capped softmax finite (an all -inf row would be NaN and poison
+    later layers). ``tree``: see :func:`build_mask`.
     """
     T = positions.shape[1]
     if window is not None and k_len <= window:
         window = None
     rope = {"cos": cos, "sin": sin}
-    if key_valid is None and window is None and (T == 1 or T == k_len):
+    if tree is None and key_valid is None and window is None and (T == 1 or T == k_len):
         return AttnContext(positions, None, T > 1, rope)
-    mask = build_mask(key_valid, T, k_len, window, device=positions.device, q_positions=positions)  # (B|1, 1, T, S)
-    if key_valid is not None:
-        mask = mask | ~mask.any(-1, keepdim=True)
+    mask = build_mask(key_valid, T, k_len, window, device=positions.device, q_positions=positions, tree=tree)
+    if key_valid is not None or tree is not None:
+        mask = mask | ~mask.any(-1, keepdim=True)  # (B|1, 1, T, S)
     return AttnContext(positions, mask, False, rope)
 
 

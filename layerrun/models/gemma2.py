@@ -56,11 +56,13 @@ class Model(gemma.Model):
         cs = rope_cos_sin(self.step_inv_freq(positions), positions, dtype, self.rope_scale)
         return {FULL: cs, SLIDING: cs}
 
-    def prepare(self, positions: torch.Tensor, key_valid: torch.Tensor | None, k_len: int, dtype) -> dict:
+    def prepare(self, positions: torch.Tensor, key_valid: torch.Tensor | None, k_len: int, dtype, tree=None) -> dict:
         """One AttnContext per layer type: the global and the sliding-window mask, each with its RoPE."""
         ropes = self.rope_tables(positions, dtype)
         window = {FULL: None, SLIDING: self.args.sliding_window}
-        return {t: step_context(positions, key_valid, k_len, *ropes[t], window[t]) for t in set(self.args.layer_types)}
+        return {
+            t: step_context(positions, key_valid, k_len, *ropes[t], window[t], tree) for t in set(self.args.layer_types)
+        }
 
     def layer_context(self, i: int, ctx: dict) -> AttnContext:
         return ctx[self.args.layer_types[i]]

@@ -99,20 +99,36 @@ class Model:
         return {k: v for k, v in weights.items() if not k.endswith("rotary_emb.inv_freq")}
 
     # ---- compute ---------------------------------------------------------
-    def prepare(self, positions: torch.Tensor, key_valid: torch.Tensor | None, k_len: int, dtype) -> AttnContext:
-        """Per-step tables shared by all layers: RoPE cos/sin and the attention mask."""
-        B, T = positions.shape
+    def prepare(
+        self, positions: torch.Tensor, key_valid: torch.Tensor | None, k_len: int, dtype, tree: torch.Tensor | None = None
+    ) -> AttnContext:
+        """Per-step tables shared by all layers: RoPE cos/sin and the attention mask (``tree``: the new
+        tokens form a token tree, see :func:`layerrun.models.base.build_mask`)."""
         cos, sin = rope_cos_sin(self.step_inv_freq(positions), positions, dtype, self.rope_scale)
-        return step_context(positions, key_valid, k_len, cos, sin, self.args.sliding_window or None)
+        return step_context(positions, key_valid, k_len, cos, sin, self.args.sliding_window or None, tree)
 
     def step_inv_freq(self, positions: torch.Tensor) -> torch.Tensor:
-        """RoPE inverse frequencies for this step; only dynamic NTK scaling depends on the positions."""
+        """RoPE inverse frequencies for this step; only dynamic NTK scaling depends on the positions.
+
+        Dynamic NTK: as transformers, a step's furthest position decides the base; per row (B, 1,
+        dim/2), since the rows of a batch are independent sequences.
+        """
         if self.dynamic_factor is None:
             return self.inv_freq.to(positions.device)
         a = self.args
-        seq_len = int(positions.max()) + 1  # as transformers: the step's furthest position decides the base
-        inv = dynamic_ntk_inv_freq(a.head_dim, a.rope_theta, self.dynamic_factor, seq_len, a.max_position_embeddings)
-        return inv.to(positions.device)
+        rows = [
+            dynamic_ntk_inv_freq(a.head_dim, a.rope_theta, self.dynamic_factor, int(m) + 1, a.max_position_embeddings)
+            for m in positions.max(dim=-1).values.tolist()
+        ]
+        return torch.stack(rows)[:, None].to(positions.device)  # (B, 1, dim/2)
+
+    def max_tree_depth(self, position: int) -> int | None:
+        """How far past a token tree's root at ``position`` one pass may reach and still compute what
+        a token at a time would (None: no limit). Dynamic NTK RoPE past max_position_embeddings
+        changes its base with each step's furthest position, so a tree must stay below it."""
+        if self.dynamic_factor is None:
+            return None
+        return max(0, self.args.max_position_embeddings - 1 - position)
 
     def embed(self, w: dict[str, torch.Tensor], input_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(input_ids, w["embed_tokens.weight"])  # (B, T, H)

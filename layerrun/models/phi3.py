@@ -78,6 +78,14 @@ class Model(llama.Model):
         transformers does (Phi3ForCausalLM.prepare_inputs_for_generation drops the cache)."""
         return self.args.original_max_position_embeddings if self.long_inv_freq is not None else None
 
+    def max_tree_depth(self, position: int) -> int | None:
+        """A token tree rooted before the switch to the long factors must end before it: its pass
+        would rotate every node with the long factors, where a token at a time uses the short ones."""
+        orig = self.args.original_max_position_embeddings
+        if self.long_inv_freq is None or position >= orig:
+            return None
+        return orig - 1 - position
+
     def expected_tensors(self) -> dict[str, dict[str, tuple[int, ...]]]:
         a = self.args
         H, D, I = a.hidden_size, a.head_dim, a.intermediate_size

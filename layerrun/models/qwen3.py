@@ -45,11 +45,11 @@ class Model(llama.Model):
         exp["layer"].update({"self_attn.q_norm.weight": (D,), "self_attn.k_norm.weight": (D,)})
         return exp
 
-    def prepare(self, positions: torch.Tensor, key_valid: torch.Tensor | None, k_len: int, dtype) -> dict:
+    def prepare(self, positions: torch.Tensor, key_valid: torch.Tensor | None, k_len: int, dtype, tree=None) -> dict:
         """One AttnContext per layer type (they differ only by the window)."""
         cos, sin = rope_cos_sin(self.step_inv_freq(positions), positions, dtype, self.rope_scale)
         window = {FULL: None, SLIDING: self.args.sliding_window}
-        return {t: step_context(positions, key_valid, k_len, cos, sin, window[t]) for t in set(self.args.layer_types)}
+        return {t: step_context(positions, key_valid, k_len, cos, sin, window[t], tree) for t in set(self.args.layer_types)}
 
     def layer_context(self, i: int, ctx: dict) -> AttnContext:
         return ctx[self.args.layer_types[i]]
