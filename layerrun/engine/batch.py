@@ -1,17 +1,22 @@
-"""Batched generation: one layer load serves many sequences.
+"""The generation loop: one layer load serves many sequences, and each sequence may get many tokens.
 
 In stream mode every decode step reads the whole model, so tokens/s past the
-disk's limit come only from running many sequences through each layer while it
-is loaded. :class:`BatchGenerator` keeps a live batch of up to ``max_batch``
-sequences; at every step boundary finished sequences leave and waiting ones
-join (continuous batching).
+disk's limit come from running many sequences through each layer while it is
+loaded, and from getting more than one token per sequence out of each pass.
+:class:`BatchGenerator` keeps a live batch of up to ``max_batch`` sequences; at
+every step boundary finished sequences leave and waiting ones join (continuous
+batching). A single sequence (``Engine.stream``) is a batch of one.
+
+One step: rows with a draft (:mod:`layerrun.engine.speculative`) grow a token
+tree from their last token; one target pass computes every row's block (a tree,
+the last token alone, or a joining row's whole prompt); each tree is verified
+(the accepted path and one more token come out, exactly what decoding one token
+at a time would give) and the KV caches keep only the accepted paths.
 
 Layout (:mod:`layerrun.engine.lane`): every row is right-aligned in each block,
-so each row's newest token is in the last column. A step feeds live rows their
-last sampled token and joining rows their whole prompt, left-padded to the
-longest; the lane's ``key_pos`` (B, S) holds each cached key's token position,
--1 for padding, which gives both the attention mask and sliding windows
-measured in tokens even across padding gaps.
+so each row's newest token is in the last column; the lane's ``key_pos`` (B, S)
+holds each cached key's token position, -1 for padding, which gives both the
+attention mask and sliding windows measured in tokens even across padding gaps.
 """
 
 from __future__ import annotations
@@ -26,10 +31,14 @@ import torch
 
 from layerrun.engine.lane import Lane
 from layerrun.engine.sampling import SamplingParams
+from layerrun.engine.speculative import MAX_DEPTH, SpecRow, SpecTotals, Tree
 from layerrun.engine.telemetry import GenerationStats
 from layerrun.engine.text import split_stop
 from layerrun.engine.tokenizer import StreamDecoder
 from layerrun.errors import LayerRunError
+
+# A per-row logits processor (constrained decoding): (tokens generated so far, logits (V,)) -> logits.
+LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
 
 _ids = itertools.count()
 
@@ -43,6 +52,8 @@ class Request:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    speculate: bool = True  # use the engine's draft, if it has one
+    logits_processor: LogitsProcessor | None = None
     id: int = field(default_factory=lambda: next(_ids))
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
@@ -65,12 +76,22 @@ class Request:
 
 @dataclass
 class Event:
-    """What one step produced for one request: new text, the token, and whether it finished."""
+    """What one step produced for one request: new text, the token, and whether it finished.
+    A step can produce several events for one request (speculation: the accepted tokens)."""
 
     request: Request
     text: str
     token_id: int | None
     finish_reason: str | None = None
+
+
+@dataclass
+class _Block:
+    """One row's part of a step's block: its tokens, their positions, its tree (None: a chain)."""
+
+    tokens: list[int]
+    start: int
+    tree: Tree | None = None
 
 
 class BatchGenerator:
@@ -82,8 +103,11 @@ class BatchGenerator:
         self.rows: list[Request] = []
         self.waiting: deque[Request] = deque()
         self.lane = Lane(engine)  # the model's KV cache for the live rows
+        self.spec = getattr(engine, "speculator", None)
+        self.drafting = self.spec.draft.session() if self.spec is not None else None  # the draft's state, row for row
         self.steps = 0
         self.last_stats: GenerationStats | None = None  # the latest step's figures (bytes read, stall); the server reads them
+        self.last_spec = SpecTotals()  # the latest step's drafted and accepted tokens
 
     # ---- requests ---------------------------------------------------------
     def request(
@@ -98,16 +122,21 @@ class BatchGenerator:
         chat: bool | None = None,
         system: str | None = None,
         ignore_eos: bool = False,
+        speculate: bool = True,
     ) -> Request:
-        """Build and check a request (raises LayerRunError on bad input) and queue it."""
+        """Build and check a request (raises LayerRunError on bad input) and queue it.
+
+        ``speculate=False``: decode one token per pass even when the engine has a draft."""
         eng = self.engine
         ids, max_new, params, sampler, stops = eng.check_request(
             prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, chat, system
         )
-        req = Request(list(ids), max_new, params, stops, ignore_eos)
+        req = Request(list(ids), max_new, params, stops, ignore_eos, speculate=bool(speculate))
         req._sampler = sampler
         req._decoder = StreamDecoder(eng.tokenizer) if eng.has_tokenizer else None
         req.stats = eng._new_stats(len(ids))
+        if self.spec is not None and req.speculate:
+            req.stats.draft = self.spec.draft.spec
         self.waiting.append(req)
         return req
 
@@ -128,15 +157,16 @@ class BatchGenerator:
         self._keep_rows(keep)
 
     def _keep_rows(self, keep: list[int]) -> None:
-        """Keep only rows ``keep`` (indices into self.rows) in the batch and its cache."""
+        """Keep only rows ``keep`` (indices into self.rows) in the batch and its caches."""
         if len(keep) == len(self.rows):
             return
         self.rows = [self.rows[i] for i in keep]
         self.lane.keep_rows(keep)
+        if self.drafting is not None:
+            self.drafting.keep_rows(keep)
 
-    def step(self) -> list[Event]:
-        """Run one forward pass over the live batch (joining waiting requests first)."""
-        t0 = time.perf_counter()
+    def _admit(self) -> tuple[list[Request], set[int]]:
+        """Rows joining this step (waiting requests, and rows whose cache must be recomputed)."""
         self.waiting = deque(r for r in self.waiting if not r.cancelled or _cancel(r))
         self._remove_finished()
         # A row reaching the position where its family must recompute its cache (Phi-3 LongRoPE
@@ -151,30 +181,128 @@ class BatchGenerator:
             r = self.waiting.popleft()
             r._joined_at = time.perf_counter()
             joined.append(r)
-        if not self.rows and not joined:
-            return []
-        feeds = [[r._next] for r in self.rows] + [r.prompt_ids + (r.token_ids if r.id in rerun_ids else []) for r in joined]
-        starts = [r._pos for r in self.rows] + [0] * len(joined)
-        B, T = len(feeds), max(len(f) for f in feeds)
-        ids = torch.zeros((B, T), dtype=torch.long)
-        pos = torch.full((B, T), -1, dtype=torch.long)
-        for b, (f, s) in enumerate(zip(feeds, starts)):
-            ids[b, T - len(f) :] = torch.tensor(f)
-            pos[b, T - len(f) :] = torch.arange(s, s + len(f))
         self.lane.add_rows(len(joined))
+        if self.drafting is not None:
+            self.drafting.add_rows(len(joined))
         self.rows = self.rows + joined
+        return joined, rerun_ids
+
+    def _spec_rows(self, joined: set[int]) -> list[SpecRow]:
+        """The live rows that draft this step, with how deep their trees may go."""
+        if self.spec is None:
+            return []
+        model, draft_model = self.engine.model, getattr(self.spec.draft, "engine", None)
+        out = []
+        for b, r in enumerate(self.rows):
+            if r.id in joined or not r.speculate or r._next is None:
+                continue
+            depth = min(MAX_DEPTH, r.max_new_tokens - len(r.token_ids) - 1)  # the tokens it may still emit
+            limit = getattr(model, "max_tree_depth", None)
+            if limit is not None and limit(r._pos) is not None:
+                depth = min(depth, limit(r._pos))
+            if draft_model is not None:
+                depth = min(depth, draft_model.args.max_position_embeddings - 1 - r._pos)
+            if depth >= 1:
+                out.append(SpecRow(b, r.prompt_ids + r.token_ids, depth, self.spec.max_nodes, r.sampling,
+                                   getattr(r._sampler, "generator", None)))
+        return out
+
+    def step(self) -> list[Event]:
+        """Run one forward pass over the live batch (joining waiting requests first)."""
+        t0 = time.perf_counter()
+        joined, rerun_ids = self._admit()
+        if not self.rows:
+            return []
+        joined_ids = {r.id for r in joined}
+        # ---- drafting
+        totals = SpecTotals()
+        spec_rows = self._spec_rows(joined_ids)
+        trees: dict[int, Tree] = {}
+        if spec_rows:
+            base = sum(len(r.prompt_ids) + (len(r.token_ids) if r.id in rerun_ids else 0) if r.id in joined_ids else 1
+                       for r in self.rows)
+            for sr, tree in zip(spec_rows, self.spec.propose(self.drafting, spec_rows, base, totals)):
+                trees[sr.b] = tree
+        t_draft = time.perf_counter()
+        # ---- the target pass
+        blocks = []
+        for b, r in enumerate(self.rows):
+            if r.id in joined_ids:
+                blocks.append(_Block(r.prompt_ids + (r.token_ids if r.id in rerun_ids else []), 0))
+            elif b in trees and len(trees[b]) > 1:
+                blocks.append(_Block(trees[b].tokens, r._pos, trees[b]))
+            else:
+                blocks.append(_Block([r._next], r._pos))
         step_stats = GenerationStats()
-        logits = self.lane.forward(ids, pos, step_stats)
+        start = self.lane.width
+        if any(bl.tree is not None for bl in blocks):
+            out = self._tree_pass(blocks, spec_rows, trees, step_stats, start)
+        else:
+            logits = self.lane.forward(*_block_tensors(blocks)[:2], step_stats)[:, -1]
+            out = [[t] for t in _sample_rows(self.rows, logits)]
+            if trees:  # drafted but nothing worth verifying: the draft's cache keeps what preceded the root
+                self.drafting.commit(spec_rows, [trees[sr.b] for sr in spec_rows], [[0] for _ in spec_rows])
+        t_end = time.perf_counter()
+        if self.spec is not None:
+            T = max(len(bl.tokens) for bl in blocks)
+            self.spec.target.observe(len(blocks) * T, t_end - t_draft, step_stats.stall_s)
         self.steps += 1
         self.last_stats = step_stats
+        self.last_spec = totals
+        trace = self.engine.trace
+        if totals.draft_s:
+            trace.draft(t0, t_draft, {"rows": len(trees), "drafted": totals.draft_tokens,
+                                      "forwards": totals.draft_forwards})
         events = []
-        tokens = _sample_rows(self.rows, logits[:, -1])
-        dt = time.perf_counter() - t0  # the whole step as the rows see it: batching, forward, sampling
-        joined_ids = {r.id for r in joined}
-        for r, tok in zip(self.rows, tokens):
-            _account(r, step_stats, dt, first=r.id in joined_ids and r.id not in rerun_ids)
-            events.append(self._advance(r, tok))
+        dt = t_end - t0  # the whole step as the rows see it: batching, drafting, forward, verification
+        accepted = 0
+        for b, (r, toks) in enumerate(zip(self.rows, out)):
+            tree = blocks[b].tree
+            if tree is not None:
+                accepted += len(toks) - 1
+                trace.verify(t_draft, t_end, {"row": b, "drafted": len(tree) - 1, "accepted": len(toks) - 1})
+            _account(r, step_stats, dt, first=r.id in joined_ids and r.id not in rerun_ids, tree=tree,
+                     accepted=len(toks) - 1, draft_s=totals.draft_s if b in trees else 0.0, verify_s=t_end - t_draft)
+            for tok in toks:
+                events.append(self._advance(r, tok))
+                if r.done:
+                    break
+        totals.accepted_tokens = accepted
         return events
+
+    def _tree_pass(self, blocks: list[_Block], spec_rows: list[SpecRow], trees: dict[int, Tree],
+                   stats: GenerationStats, start: int) -> list[list[int]]:
+        """The target pass over a block holding token trees; verify each and keep the accepted paths."""
+        ids, pos, tree_mask = _block_tensors(blocks)
+        T = ids.shape[1]
+        select, where = [], []
+        for b, bl in enumerate(blocks):
+            n = len(bl.tokens) if bl.tree is not None else 1
+            where.append(len(select))
+            select += [b * T + t for t in range(T - n, T)]
+        logits = self.lane.forward(ids, pos, stats, tree=tree_mask, select=torch.tensor(select, dtype=torch.long))
+        out, keep, paths = [], [], {}
+        by_b = {sr.b: sr for sr in spec_rows}
+        plain = [b for b, bl in enumerate(blocks) if bl.tree is None]
+        sampled = dict(zip(plain, _sample_rows([self.rows[b] for b in plain], logits[[where[b] for b in plain]])))
+        for b, (r, bl) in enumerate(zip(self.rows, blocks)):
+            n = len(bl.tokens)
+            if bl.tree is None:
+                out.append([sampled[b]])
+                keep.append(list(range(T - n, T)))
+                continue
+            process = None
+            if r.logits_processor is not None:
+                done = list(r.token_ids)
+                process = lambda path, x, done=done, f=r.logits_processor: f(done + path, x)  # noqa: E731
+            path, toks = self.spec.verify(bl.tree, by_b[b], logits[where[b] : where[b] + n], process)
+            paths[b] = path
+            out.append(toks)
+            keep.append([T - n + j for j in path])
+        self.lane.keep_columns(start, keep)
+        if trees:
+            self.drafting.commit(spec_rows, [trees[sr.b] for sr in spec_rows], [paths.get(sr.b, [0]) for sr in spec_rows])
+        return out
 
     def _advance(self, r: Request, tok: int) -> Event:
         r.stats.generated_tokens += 1
@@ -222,9 +350,35 @@ def _cancel(r: Request) -> bool:
     return False
 
 
+def _block_tensors(blocks: list[_Block]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """ids (B, T), positions (B, T; -1: padding) and, when any row holds a tree, the (B, T, T) tree mask
+    of one right-aligned block; a chain's tree mask is causal."""
+    B, T = len(blocks), max(len(bl.tokens) for bl in blocks)
+    ids = torch.zeros((B, T), dtype=torch.long)
+    pos = torch.full((B, T), -1, dtype=torch.long)
+    trees = any(bl.tree is not None for bl in blocks)
+    mask = torch.zeros((B, T, T), dtype=torch.bool) if trees else None
+    for b, bl in enumerate(blocks):
+        n = len(bl.tokens)
+        ids[b, T - n :] = torch.tensor(bl.tokens)
+        if bl.tree is None:
+            pos[b, T - n :] = torch.arange(bl.start, bl.start + n)
+            if mask is not None:
+                mask[b, T - n :, T - n :] = torch.ones((n, n), dtype=torch.bool).tril()
+        else:
+            pos[b, T - n :] = bl.start + torch.tensor(bl.tree.depth)
+            mask[b, T - n :, T - n :] = bl.tree.ancestors()
+    return ids, pos, mask
+
+
 def _sample_rows(rows: list[Request], logits: torch.Tensor) -> list[int]:
     """Sample each row with its own sampler; greedy rows share one argmax."""
     out = [0] * len(rows)
+    if any(r.logits_processor is not None for r in rows):
+        logits = logits.clone()
+        for i, r in enumerate(rows):
+            if r.logits_processor is not None:
+                logits[i] = r.logits_processor(list(r.token_ids), logits[i])
     greedy = [i for i, r in enumerate(rows) if r.sampling.temperature == 0]
     if greedy:
         am = logits[greedy].argmax(-1).tolist()
@@ -236,12 +390,19 @@ def _sample_rows(rows: list[Request], logits: torch.Tensor) -> list[int]:
     return out
 
 
-def _account(r: Request, s: GenerationStats, dt: float, first: bool) -> None:
+def _account(r: Request, s: GenerationStats, dt: float, first: bool, tree: Tree | None = None, accepted: int = 0,
+             draft_s: float = 0.0, verify_s: float = 0.0) -> None:
     st = r.stats
     if first:
         st.prefill_s = dt
     else:
         st.decode_s += dt
+    st.passes += 1
+    st.draft_s += draft_s
+    if tree is not None:
+        st.draft_tokens += len(tree) - 1
+        st.accepted_tokens += accepted
+        st.verify_s += verify_s
     st.bytes_read += s.bytes_read
     st.read_s += s.read_s
     st.compute_s += s.compute_s

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import torch
 
+from layerrun.engine.draft import open_draft
 from layerrun.engine.generation import BATCH_FIELDS, DEFAULT_MAX_NEW_TOKENS, Chunk, Generation, GenerationAPI
 from layerrun.engine.kv_cache import KVCache
+from layerrun.engine.speculative import Speculator
 from layerrun.engine.telemetry import GenerationStats, peak_rss_bytes
 from layerrun.engine.tokenizer import Tokenizer
 from layerrun.engine.trace import TraceRecorder
@@ -32,6 +34,7 @@ from layerrun.models.base import expert_index
 __all__ = ["BATCH_FIELDS", "DEFAULT_MAX_NEW_TOKENS", "Chunk", "Engine", "Generation", "resolve_model_path"]
 DEFAULT_PREFETCH = 2
 DEFAULT_CONTEXT = 4096  # KV reservation when the caller does not say
+MAX_DRAFT_NODES = 1024
 
 
 def _pick_device(device: str) -> torch.device:
@@ -78,6 +81,13 @@ class Engine(GenerationAPI):
     ``kv_cache`` ("auto": the governor decides; "device": with the layers on the
     compute device; "host": in host memory, each layer's part brought to the
     device for its compute and prefetched while the layer before computes).
+
+    Speculative decoding: ``draft`` ("ngram", or a layered model folder or store name with the
+    same tokenizer: a smaller sibling, or an int8/int4 copy of this model, loaded in full mode on
+    the compute device) proposes token trees that each target pass verifies
+    (:mod:`layerrun.engine.speculative`); ``draft_nodes`` caps a tree's drafted tokens (the
+    engine sizes each tree up to it from measured costs; ``draft_fixed=True`` always grows it to
+    the cap). Generation calls take ``speculate=False`` to decode without it.
     """
 
     def __init__(
@@ -96,6 +106,9 @@ class Engine(GenerationAPI):
         trace: bool = False,
         experts: str = "routed",
         kv_cache: str = "auto",
+        draft=None,
+        draft_nodes: int | None = None,
+        draft_fixed: bool = False,
     ):
         from layerrun.engine.governor import plan_memory
         from layerrun.io.throttle import Throttle, parse_size
@@ -139,6 +152,20 @@ class Engine(GenerationAPI):
         if batch_size < 1:
             raise LayerRunError(f"--batch-size must be >= 1, got {batch_size}")
         self.batch_size = int(batch_size)
+        self.draft, self.speculator = None, None
+        self._tokenizer: Tokenizer | None = None
+        draft_lines = []
+        if draft is not None:
+            if draft_nodes is not None and not 1 <= int(draft_nodes) <= MAX_DRAFT_NODES:
+                raise LayerRunError(f"--draft-nodes must be in 1..{MAX_DRAFT_NODES}, got {draft_nodes}")
+            self.draft = open_draft(draft, self)
+            self.draft.check_tokenizer(self)
+            self.speculator = Speculator(self.draft, draft_nodes, fixed=draft_fixed)
+            need = getattr(getattr(self.draft, "engine", None), "plan", None)
+            if need is not None:
+                draft_lines.append(f"draft model resident: {need.need / 2**20:.0f} MiB (weights, its KV cache, workspace)")
+                if budget is not None:
+                    budget -= need.need  # the budget is for the whole process
         cast_factor = self.dtype.itemsize / stored.itemsize if self.dtype != stored else 1.0
         self.plan = plan_memory(
             self.manifest, self.args, mode=mode, max_memory=budget, prefetch=prefetch, batch=batch_size,
@@ -146,6 +173,7 @@ class Engine(GenerationAPI):
             kv=kv_cache, moe_dense=getattr(self.model, "moe", False) and experts == "routed",
         )
         self.mode = self.plan.mode
+        self.explain_lines = list(self.plan.lines) + draft_lines + (self.speculator.rule() if self.speculator else [])
         self.kv_host = self.plan.kv_location == "host"
         self.reader_backend = self._pick_reader(reader)
         self.reader = FileReader(self.path, "mmap" if self.reader_backend == "mmap" else "pread")
@@ -435,6 +463,8 @@ class Engine(GenerationAPI):
             self._stream = None
         self.reader.close()
         self._resident.clear()
+        if self.draft is not None:
+            self.draft.close()
 
     def __enter__(self):
         return self

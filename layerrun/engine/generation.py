@@ -21,7 +21,8 @@ from layerrun.engine.text import config_eos
 from layerrun.errors import FormatError, LayerRunError
 
 DEFAULT_MAX_NEW_TOKENS = 256
-BATCH_FIELDS = {"max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "chat", "system", "ignore_eos"}
+BATCH_FIELDS = {"max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "chat", "system", "ignore_eos",
+                "speculate"}
 
 
 @dataclass
@@ -100,6 +101,7 @@ class GenerationAPI:
         chat: bool | None = None,
         system: str | None = None,
         ignore_eos: bool = False,
+        speculate: bool = True,
     ) -> Iterator[Chunk]:
         """Yield chunks as tokens are generated; the last chunk carries finish_reason and stats.
 
@@ -108,7 +110,8 @@ class GenerationAPI:
         """
         with self._lock:  # one sequence at a time owns the layer schedule
             bg = BatchGenerator(self, 1)
-            req = bg.request(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, chat, system, ignore_eos)
+            req = bg.request(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, chat, system, ignore_eos,
+                             speculate)
             n = 0
             try:
                 while not req.done:

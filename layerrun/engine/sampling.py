@@ -59,18 +59,33 @@ def apply_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
 GREEDY_BELOW = 1e-5  # temperatures this small are argmax (and would overflow the logits)
 
 
+def is_greedy(params: SamplingParams) -> bool:
+    return params.temperature < GREEDY_BELOW
+
+
+def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution a sampling row draws from: temperature, then top-k, then top-p (float32).
+
+    Speculative sampling matches exactly this distribution, so it is the one definition of it.
+    """
+    x = logits.float() / params.temperature
+    x = apply_top_k(x, params.top_k)
+    x = apply_top_p(x, params.top_p)
+    return torch.softmax(x, dim=-1)
+
+
 def make_sampler(params: SamplingParams) -> Sampler:
+    """A sampler for ``params``; a sampling one carries its seeded ``torch.Generator`` as
+    ``.generator`` (speculative sampling draws its uniforms and draft samples from it)."""
     params.check()
-    if params.temperature < GREEDY_BELOW:
+    if is_greedy(params):
         return greedy
     gen = torch.Generator()
     gen.manual_seed(params.seed if params.seed is not None else torch.seed())
 
     def sample(logits: torch.Tensor) -> torch.Tensor:
-        x = logits.float() / params.temperature
-        x = apply_top_k(x, params.top_k)
-        x = apply_top_p(x, params.top_p)
-        probs = torch.softmax(x, dim=-1)
+        probs = probabilities(logits, params)
         return torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(-1).to(logits.device)
 
+    sample.generator = gen
     return sample

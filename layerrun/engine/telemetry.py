@@ -65,12 +65,29 @@ class GenerationStats:
     experts_total: int = 0  # experts those layers hold, summed the same way
     expert_bytes_read: int = 0
     expert_bytes_skipped: int = 0  # bytes of experts no token routed to: never read
+    # speculative decoding (a draft proposes token trees, the target verifies each in one pass)
+    draft: str | None = None  # the draft used ("ngram", a model path), None without one
+    passes: int = 0  # target passes this sequence took part in (its prefill included)
+    draft_tokens: int = 0  # drafted tokens the target verified
+    accepted_tokens: int = 0  # of those, accepted
+    draft_s: float = 0.0  # time spent drafting (the batch's drafting, as the sequence saw it)
+    verify_s: float = 0.0  # time of the target passes (and verification) that checked this sequence's trees
 
     @property
     def decode_tokens_per_s(self) -> float:
         # The first generated token comes from prefill; decode covers the rest.
         n = self.generated_tokens - 1
         return n / self.decode_s if n > 0 and self.decode_s > 0 else 0.0
+
+    @property
+    def tokens_per_pass(self) -> float:
+        """Tokens generated per target pass (1.0 without a draft)."""
+        return self.generated_tokens / self.passes if self.passes else 0.0
+
+    @property
+    def acceptance(self) -> float:
+        """Share of drafted tokens the target accepted."""
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
 
     @property
     def read_gb_s(self) -> float:
@@ -108,7 +125,8 @@ class GenerationStats:
         d["layer_compute_s"] = {str(k): round(v, 5) for k, v in self.layer_compute_s.items()}
         d["decode_tokens_per_s"] = round(self.decode_tokens_per_s, 3)
         d["read_gb_s"] = round(self.read_gb_s, 3)
-        for k in ("prefill_s", "decode_s", "read_s", "compute_s", "stall_s", "step_s", "copy_s"):
+        d["tokens_per_pass"] = round(self.tokens_per_pass, 3)
+        for k in ("prefill_s", "decode_s", "read_s", "compute_s", "stall_s", "step_s", "copy_s", "draft_s", "verify_s"):
             d[k] = round(d[k], 4)
         return d
 
@@ -119,4 +137,6 @@ class GenerationStats:
             f"read {self.bytes_read / 1e9:.2f} GB at {self.read_gb_s:.2f} GB/s | "
             f"stall {self.stall_pct:.0f}% | peak RSS {self.peak_rss_bytes / 2**20:.0f} MiB | "
             f"{self.mode}/{self.reader}/{self.device}/{self.dtype}"
+            + (f" | {self.tokens_per_pass:.2f} tok/pass, {self.accepted_tokens}/{self.draft_tokens} drafted accepted"
+               if self.draft else "")
         )

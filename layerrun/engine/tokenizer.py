@@ -54,6 +54,10 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
+    def vocab(self) -> dict[str, int]:
+        """Every token string (added tokens included) -> its id."""
+        return self._tok.get_vocab(with_added_tokens=True)
+
     def id_to_token(self, i: int) -> str | None:
         return self._tok.id_to_token(i)
 

@@ -1,7 +1,8 @@
 """A Chrome/Perfetto trace of the pipeline: reads, stalls and compute per layer.
 
 Open the JSON written by ``--trace FILE`` at ui.perfetto.dev or chrome://tracing.
-Reads appear on the "io" track, compute and stalls on the "compute" track.
+Reads appear on the "io" track, compute and stalls on the "compute" track, and with a draft
+(speculative decoding) each step's drafting and each row's verification on the "speculation" track.
 """
 
 from __future__ import annotations
@@ -50,10 +51,23 @@ class TraceRecorder:
             return
         self._add(f"stall before layer {layer}", "stall", 1, t0, t1, {"layer": layer})
 
+    def draft(self, t0: float, t1: float, args: dict) -> None:
+        """A step's drafting (every round of every drafting row)."""
+        if not self.enabled:
+            return
+        self._add("draft", "draft", 3, t0, t1, args)
+
+    def verify(self, t0: float, t1: float, args: dict) -> None:
+        """A row's tree verified by the target pass (the pass itself is on the compute track)."""
+        if not self.enabled:
+            return
+        self._add(f"verify row {args.get('row', 0)}", "verify", 3, t0, t1, args)
+
     def write(self, path: str | Path) -> None:
         meta = [
             {"name": "thread_name", "ph": "M", "pid": 1, "tid": 1, "args": {"name": "compute"}},
             {"name": "thread_name", "ph": "M", "pid": 1, "tid": 2, "args": {"name": "io"}},
+            {"name": "thread_name", "ph": "M", "pid": 1, "tid": 3, "args": {"name": "speculation"}},
             {"name": "process_name", "ph": "M", "pid": 1, "args": {"name": "layerrun"}},
         ]
         with self._lock:
