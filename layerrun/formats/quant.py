@@ -501,6 +501,10 @@ class QuantizedWeight:
             return F.linear(x, self.dequantize(x.dtype), bias)
         x2 = x.reshape(rows, K).to(self._kdtype).contiguous()
         if self.kernel == "int8":
+            if rows > 1 and (K * x2.element_size()) % KERNEL_ALIGN and _needs_aligned_operands():
+                # the AVX-512 kernel also loads every row aligned: rows of K elements that are not a
+                # multiple of 64 bytes (K = 40 in bf16) kill the process; such small layers dequantize
+                return F.linear(x, self.dequantize(x.dtype), bias)
             x2 = _kernel_aligned(x2)
             y = torch._weight_int8pack_mm(x2, self.q, self._kscale)
         else:
