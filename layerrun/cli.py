@@ -196,7 +196,7 @@ def cmd_generate(a) -> int:
     model, prompt = _resolve_generate_args(a)
     with layerrun.load(model, **engine_options(a), trace=bool(a.trace)) as engine:
         if a.explain:
-            print("\n".join(engine.plan.lines), file=sys.stderr)
+            print("\n".join(engine.explain_lines), file=sys.stderr)
         try:
             if a.prompts_file:
                 return _generate_file(engine, a)
@@ -242,6 +242,7 @@ def _generate_file(engine, a) -> int:
     sampling = dict(
         max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
         seed=a.seed, stop=a.stop, chat=False if a.raw else None, system=a.system, ignore_eos=a.ignore_eos,
+        speculate=not a.no_speculate,
     )
     t0 = time.perf_counter()
     tokens = 0
@@ -278,6 +279,7 @@ def _generate(engine, prompt, a) -> int:
     kwargs = dict(
         max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
         seed=a.seed, stop=a.stop, chat=False if a.raw else None, system=a.system, ignore_eos=a.ignore_eos,
+        speculate=not a.no_speculate,
     )
     if a.json:
         g = engine.generate(prompt, **kwargs)
@@ -409,6 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep generating past end-of-sequence tokens (for benchmarks: always max-new-tokens)")
     c.add_argument("--system", default=None, help="system message (chat models)")
     add_engine_flags(c)
+    c.add_argument("--no-speculate", action="store_true",
+                   help="decode one token per pass even with --draft (to compare; the draft is still loaded)")
     c.add_argument("--prompts-file", default=None, metavar="JSONL",
                    help='batch mode: one JSON object per line, {"prompt": ...} with optional sampling fields')
     c.add_argument("--output", default=None, metavar="JSONL", help="batch mode: write results here (default: stdout)")

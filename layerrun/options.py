@@ -29,6 +29,8 @@ def engine_options(a) -> dict:
         mode=a.mode, max_memory=a.max_memory, prefetch=a.prefetch, throttle=a.throttle, device=a.device,
         reader=a.reader, dtype=a.compute_dtype, context=a.context, batch_size=a.batch_size,
         experts=getattr(a, "experts", "routed"), kv_cache=getattr(a, "kv_cache", "auto"),
+        draft=getattr(a, "draft", None), draft_nodes=getattr(a, "draft_nodes", None),
+        draft_fixed=getattr(a, "draft_fixed", False),
     )
 
 
@@ -54,6 +56,16 @@ def add_engine_flags(c) -> None:
     c.add_argument("--experts", default="routed", choices=["routed", "all"],
                    help="mixture-of-experts models (Mixtral): routed reads only the experts each step routes to "
                         "in streamed layers; all reads whole layers ahead, like a dense model")
+    c.add_argument("--draft", default=None, metavar="MODEL|ngram",
+                   help="speculative decoding: a draft proposes token trees that each pass of the model verifies "
+                        "(same output, more tokens per pass): a layered model folder or local model name with the "
+                        "same tokenizer (a smaller sibling, or an int8/int4 copy: layerrun convert --quantize int4), "
+                        "kept resident; or ngram (lookup in the prompt and the text so far, no model)")
+    c.add_argument("--draft-nodes", type=int, default=None, metavar="N",
+                   help="most drafted tokens in one tree (default 64); the engine sizes each tree up to it from "
+                        "measured costs")
+    c.add_argument("--draft-fixed", action="store_true",
+                   help="always grow trees to --draft-nodes instead of sizing them from measured costs")
 
 
 def print_stats(stats, file=sys.stderr) -> None:
@@ -96,6 +108,13 @@ def print_stats(stats, file=sys.stderr) -> None:
     if stats.layer_compute_s and stats.steps:
         per = [v / stats.steps for v in stats.layer_compute_s.values()]
         rows.append(("compute per layer (median)", f"{statistics.median(per) * 1e3:.3f} ms"))
+    if stats.draft:
+        rows += [
+            ("speculation", f"draft {stats.draft}: {stats.tokens_per_pass:.2f} tokens per pass ({stats.passes} passes)"),
+            ("drafted / accepted", f"{stats.draft_tokens} / {stats.accepted_tokens} tokens "
+                                   f"({100 * stats.acceptance:.0f}% accepted)"),
+            ("draft / verify time", f"{stats.draft_s:.3f} s / {stats.verify_s:.3f} s"),
+        ]
     for k, v in rows:
         t.add_row(k, v)
     for line in stats.plan:

@@ -81,7 +81,7 @@ def cmd_serve(a) -> int:
     names = a.served_model_name or [name]
     api_key = a.api_key or os.environ.get(API_KEY_ENV) or None
     with layerrun.load(model, **engine_options(a)) as engine:
-        print("\n".join(engine.plan.lines), file=sys.stderr)
+        print("\n".join(engine.explain_lines), file=sys.stderr)
         host = f"[{a.host}]" if ":" in a.host else a.host
         print(f"serving {names[0]} ({engine.mode}, batch size {engine.batch_size}, up to {a.max_waiting} waiting) "
               f"at http://{host}:{a.port}/v1{' (API key required)' if api_key else ''}", file=sys.stderr)

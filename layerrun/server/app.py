@@ -202,7 +202,7 @@ def create_app(
             temperature=0.0 if temperature < GREEDY_BELOW else temperature,
             # a top_p that rounds to 0 in float32 would drop every token (the sampler keeps none)
             top_p=1.0 if body.top_p is None else max(body.top_p, GREEDY_BELOW),
-            top_k=top_k, seed=seed, ignore_eos=body.ignore_eos,
+            top_k=top_k, seed=seed, ignore_eos=body.ignore_eos, speculate=body.speculate,
             stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
         )
 

@@ -135,6 +135,10 @@ class ServerMetrics:
             r, "layerrun_expert_bytes_skipped_total",
             "Mixture-of-experts models: bytes of streamed experts no token routed to, so never read")
         self.steps = Counter(r, "layerrun_steps_total", "Forward steps run")
+        self.spec_draft = Counter(r, "layerrun_spec_decode_draft_tokens_total",
+                                  "Speculative decoding: drafted tokens the model verified")
+        self.spec_accepted = Counter(r, "layerrun_spec_decode_accepted_tokens_total",
+                                     "Speculative decoding: drafted tokens the model accepted")
         self.finished = Counter(r, "layerrun_requests_finished_total", "Sequences finished, by reason", ("finish_reason",))
         self.rejected = Counter(r, "layerrun_requests_rejected_total", "Requests refused before queueing, by reason", ("reason",))
         self.batch_limit.set(batch_size)

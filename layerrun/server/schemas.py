@@ -63,6 +63,8 @@ class _Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = Field(False, description="extension: keep generating after the end-of-sequence token")
     return_token_ids: bool = Field(False, description="extension: add token_ids to each choice (and chunk)")
+    speculate: bool = Field(True, description="extension: false decodes one token per pass even when the server "
+                                              "has a draft (layerrun serve --draft)")
     user: str | None = None
 
     _unicode = field_validator("model", "stop", "user")(_valid_unicode)

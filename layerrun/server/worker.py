@@ -179,11 +179,17 @@ class Worker:
         st = self.bg.last_stats
         m.steps.inc()
         m.step.observe(dt)
-        m.batch.observe(len(events))
+        per_row: dict[int, int] = {}  # a row gets several events when its draft was accepted
+        for ev in events:
+            per_row[ev.request.id] = per_row.get(ev.request.id, 0) + 1
+        m.batch.observe(len(per_row))
         if st is not None:
             m.bytes_read.inc(st.bytes_read)
             m.stall.inc(st.stall_s)
             m.expert_bytes_skipped.inc(st.expert_bytes_skipped)
+        spec = self.bg.last_spec
+        m.spec_draft.inc(spec.draft_tokens)
+        m.spec_accepted.inc(spec.accepted_tokens)
         m.generation_tokens.inc(len(events))
         items = []
         for ev in events:
@@ -194,9 +200,14 @@ class Worker:
             if t.t_last is None:
                 m.ttft.observe(now - t.t_submit)
                 m.prompt_tokens.inc(len(r.prompt_ids))
-            else:
-                m.itl.observe(now - t.t_last)
-            t.t_last = now
+                t.t_last = now
+            elif t.t_last != now:
+                # tokens that arrive together share the interval: the observed latencies still add up
+                # to the time between steps
+                k = per_row[r.id]
+                for _ in range(k):
+                    m.itl.observe((now - t.t_last) / k)
+                t.t_last = now
             out = Output(ev.text, ev.token_id, ev.finish_reason)
             if ev.finish_reason:
                 t.finished = True
