@@ -384,6 +384,7 @@ def _probe_layout():
 
 # ---- compute ------------------------------------------------------------------
 KERNEL_ALIGN = 64
+INT8_KERNEL_K = 16  # the int8 kernel's input width must be a multiple of this
 
 
 @functools.cache
@@ -501,9 +502,9 @@ class QuantizedWeight:
             return F.linear(x, self.dequantize(x.dtype), bias)
         x2 = x.reshape(rows, K).to(self._kdtype).contiguous()
         if self.kernel == "int8":
-            if rows > 1 and (K * x2.element_size()) % KERNEL_ALIGN and _needs_aligned_operands():
-                # the AVX-512 kernel also loads every row aligned: rows of K elements that are not a
-                # multiple of 64 bytes (K = 40 in bf16) kill the process; such small layers dequantize
+            if K % INT8_KERNEL_K:
+                # torch's AVX-512 int8 kernel computes garbage for such widths (and kills the process with
+                # several rows): K = 40, 56, 100 seen (a tiny MoE's experts); real layers are multiples
                 return F.linear(x, self.dequantize(x.dtype), bias)
             x2 = _kernel_aligned(x2)
             y = torch._weight_int8pack_mm(x2, self.q, self._kscale)
