@@ -283,3 +283,54 @@ def test_pull_hf_repo_offline_is_one_clear_line(tmp_path, monkeypatch):
     with pytest.raises(LayerRunError, match=r"^could not download someorg/somemodel from the Hugging Face Hub \(") as e:
         store.pull("someorg/somemodel", log=None)
     assert "\n" not in str(e.value)
+
+
+# ---- speculative decoding on the real models ---------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def quantized_copy(tmp_path_factory):
+    """quantized_copy(real, scheme) -> a layered int8/int4 copy of a store model (a draft for it)."""
+    from layerrun.formats.convert import convert
+
+    cache = {}
+
+    def get(real: Real, scheme: str):
+        key = (str(real.folder), scheme)
+        if key not in cache:
+            dst = tmp_path_factory.mktemp(f"draft_{scheme}") / "model"
+            convert(real.gguf, dst, progress=False, quantize=scheme)
+            cache[key] = dst
+        return cache[key]
+
+    return get
+
+
+@pytest.mark.slow
+def test_smollm2_speculative_greedy_tokens_equal_plain(smollm2, quantized_copy):
+    """An int4 copy of SmolLM2 drafting for itself (fp32): the same tokens, several per pass."""
+    plain = layerrun.load(smollm2.folder, mode="full")
+    want = [plain.generate(chat, max_new_tokens=STEPS, ignore_eos=True).token_ids for chat in CHATS]
+    plain.close()
+    eng = layerrun.load(smollm2.folder, mode="full", draft=quantized_copy(smollm2, "int4"), draft_nodes=16,
+                        draft_fixed=True)
+    got = [eng.generate(chat, max_new_tokens=STEPS, ignore_eos=True) for chat in CHATS]
+    assert [g.token_ids for g in got] == want
+    assert sum(g.stats.accepted_tokens for g in got) > 0
+    assert max(g.stats.tokens_per_pass for g in got) > 2
+    ngram = layerrun.load(smollm2.folder, mode="full", draft="ngram")
+    assert [ngram.generate(chat, max_new_tokens=STEPS, ignore_eos=True).token_ids for chat in CHATS] == want
+
+
+@pytest.mark.slow
+def test_gemma3_speculative_greedy_tokens_equal_plain(gemma3, quantized_copy):
+    """An int8 copy of Gemma-3-270M drafting for itself (fp32, sliding-window layers): the same tokens."""
+    texts = ("The capital of France is", "def fibonacci(n):")
+    plain = layerrun.load(gemma3.folder, mode="full")
+    want = [plain.generate(t, max_new_tokens=STEPS, ignore_eos=True).token_ids for t in texts]
+    plain.close()
+    eng = layerrun.load(gemma3.folder, mode="full", draft=quantized_copy(gemma3, "int8"), draft_nodes=16,
+                        draft_fixed=True)
+    got = [eng.generate(t, max_new_tokens=STEPS, ignore_eos=True) for t in texts]
+    assert [g.token_ids for g in got] == want
+    assert max(g.stats.tokens_per_pass for g in got) > 2

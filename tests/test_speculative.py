@@ -22,8 +22,8 @@ from layerrun.engine.sampling import SamplingParams, probabilities
 from layerrun.engine.speculative import (
     Children,
     SpecRow,
-    Speculator,
     SpecTotals,
+    Speculator,
     Tree,
     children_from_logits,
     verify_sampled,
@@ -170,7 +170,7 @@ def test_rejection_sampling_over_siblings_matches_the_target():
                 for t in ch.tokens:
                     tree.add(t, 0, 1.0, 1.0)
                 tree.dist[0] = ch.dist
-                path, tok, _ = verify_sampled(tree, lambda u: p, gen)
+                path, tok, _ = verify_sampled(tree, lambda u, p=p: p, gen)
                 first = (tree.path_tokens(path) + [tok])[0]
                 counts[kind][first] = counts[kind].get(first, 0) + 1
         assert tv(counts["exact"], want, n) < bound, (params, counts["exact"])
@@ -201,7 +201,7 @@ def test_rejection_sampling_two_levels_and_point_masses():
             for t in ((tree.tokens[c] + 1) % V, (tree.tokens[c] + 2) % V):  # point-mass children
                 tree.add(t, c, 1.0, 1.0)
 
-        def probs(u):
+        def probs(u, tree=tree):
             return p1 if u == 0 else p2[tree.tokens[u]]
 
         path, tok, _ = verify_sampled(tree, probs, gen)

@@ -280,7 +280,8 @@ class BatchGenerator:
             n = len(bl.tokens) if bl.tree is not None else 1
             where.append(len(select))
             select += [b * T + t for t in range(T - n, T)]
-        logits = self.lane.forward(ids, pos, stats, tree=tree_mask, select=torch.tensor(select, dtype=torch.long))
+        # (N, V) for every row's nodes; verification runs on the CPU (small, branchy, seeded generators)
+        logits = self.lane.forward(ids, pos, stats, tree=tree_mask, select=torch.tensor(select, dtype=torch.long)).cpu()
         out, keep, paths = [], [], {}
         by_b = {sr.b: sr for sr in spec_rows}
         plain = [b for b, bl in enumerate(blocks) if bl.tree is None]

@@ -23,6 +23,7 @@ from layerrun.engine.lane import Lane
 from layerrun.engine.speculative import MAX_CHILDREN, Children, LinearCost, SpecRow, Tree, children_from_logits
 from layerrun.engine.telemetry import GenerationStats
 from layerrun.errors import FormatError, LayerRunError
+from layerrun.formats.quant import FUSED_MAX_ROWS
 
 NGRAM_MAX = 4  # longest n-gram looked up
 NGRAM_MIN = 1
@@ -133,9 +134,10 @@ class ModelDraftSession:
         """Predicted seconds of one draft forward feeding ``per_row`` tokens to each drafting row."""
         return self.draft.cost(self.lane.rows * max(per_row, default=0)) if per_row else 0.0
 
-    def _forward(self, feeds: dict[int, tuple[list[int], list[int]]], trees=None) -> dict[int, torch.Tensor]:
+    def _forward(self, feeds: dict[int, tuple[list[int], list[int]]], trees=None,
+                 last_only: bool = False) -> dict[int, torch.Tensor]:
         """One draft forward: row b gets tokens feeds[b][0] at positions feeds[b][1]; others padding.
-        Returns each fed row's logits (n, V), over the target's vocabulary."""
+        Returns each fed row's logits (n, V) (``last_only``: (1, V)), over the target's vocabulary."""
         t0 = time.perf_counter()
         B, T = self.lane.rows, max(len(t) for t, _ in feeds.values())
         ids = torch.zeros((B, T), dtype=torch.long)
@@ -145,20 +147,41 @@ class ModelDraftSession:
             n = len(toks)
             ids[b, T - n :] = torch.tensor(toks)
             pos[b, T - n :] = torch.tensor(ps)
-            sel += [b * T + t for t in range(T - n, T)]
+            sel += [b * T + t for t in range(T - (1 if last_only else n), T)]
         select = torch.tensor(sel, dtype=torch.long)
         tree = trees(T) if trees is not None else None
-        logits = self.draft.adapt(self.lane.forward(ids, pos, GenerationStats(), tree=tree, select=select))
+        logits = self.draft.adapt(self.lane.forward(ids, pos, GenerationStats(), tree=tree, select=select)).cpu()
         out, k = {}, 0
         for b, (toks, _) in sorted(feeds.items()):
-            out[b] = logits[k : k + len(toks)]
-            k += len(toks)
+            n = 1 if last_only else len(toks)
+            out[b] = logits[k : k + n]
+            k += n
         self.forwards += 1
         self.draft.cost.observe(B * T, time.perf_counter() - t0)
         return out
 
+    def _catch_up(self, rows: list[SpecRow], keep: int) -> None:
+        """Feed what the draft's cache lacks, but each row's last ``keep`` tokens, in blocks of ``keep``
+        (a quantized draft's fused kernels take at most FUSED_MAX_ROWS rows; a long block, such as a
+        prompt, would dequantize every weight instead: many times slower on a CPU)."""
+        while True:
+            feeds = {}
+            for r in rows:
+                n = min(keep, len(r.seq) - keep - self.done[r.b])
+                if n > 0:
+                    d = self.done[r.b]
+                    feeds[r.b] = (r.seq[d : d + n], list(range(d, d + n)))
+            if not feeds:
+                return
+            self._forward(feeds, last_only=True)
+            for b, (toks, _) in feeds.items():
+                self.done[b] += len(toks)
+
     def start(self, rows: list[SpecRow]) -> list[Children]:
         """Feed each drafting row what its draft cache lacks (ending with the root); the root's children."""
+        e = self.draft.engine
+        if e.manifest.quantization and e.device.type == "cpu":
+            self._catch_up(rows, max(1, FUSED_MAX_ROWS // self.lane.rows))
         self.region = self.lane.width
         self.active = True
         feeds = {r.b: (r.seq[self.done[r.b] :], list(range(self.done[r.b], len(r.seq)))) for r in rows}

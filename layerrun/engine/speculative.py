@@ -28,8 +28,8 @@ tokens, per second it costs (its draft forward plus the target's extra compute f
 nodes) exceeds the step's expected tokens per second so far. Costs are measured: the target
 pass as ``max(disk read per pass, a + b * tokens)``, the draft forward as ``a + b * tokens``.
 A pass streamed from disk costs seconds, so trees grow to the node limit; a resident target
-costs milliseconds, so the tree shrinks to a short chain or to nothing (then a probe every
-``PROBE_EVERY`` steps keeps the estimates current).
+costs milliseconds, so the tree shrinks to a short chain or to nothing (then an occasional probe,
+costing at most ``PROBE_SHARE`` of the time since speculation last ran, keeps the estimates current).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from layerrun.engine.sampling import SamplingParams, is_greedy, probabilities
 MAX_CHILDREN = 8  # candidate children drafted per node
 DEFAULT_MAX_NODES = 64  # drafted tokens per row and pass, at most
 MAX_DEPTH = 32  # drafted tokens past the root, at most
-PROBE_EVERY = 32  # steps without speculation before one small tree re-measures whether it pays
+PROBE_SHARE = 0.02  # while speculation does not pay, a probe may cost this share of the time since it last ran
 CAL_BINS = 10
 CAL_PRIOR = 4.0  # pseudo-observations per bin: acceptance = draft probability until measured
 CAL_CAP = 2000.0  # observations per bin before old ones are halved (follows drift)
@@ -136,6 +136,8 @@ def children_from_logits(logits: torch.Tensor, row: SpecRow, k: int = MAX_CHILDR
     """A node's children from the draft's logits (V,): the k most likely tokens for a greedy row;
     for a sampling row k draws without replacement (Gumbel top-k) from the draft distribution
     processed like the target's (temperature, top-k, top-p)."""
+    if not bool(torch.isfinite(logits).any()) or bool(torch.isnan(logits).any()):
+        return Children([], [], [])  # a broken draft proposes nothing (the target decides anyway)
     if row.greedy:
         q = torch.softmax(logits.float(), dim=-1)
         top = torch.topk(q, min(k, q.shape[-1]))
@@ -326,7 +328,7 @@ class Speculator:
         self.calibration = {"greedy": Calibration(), "sampled": Calibration()}
         self.continues = {"greedy": 0.5, "sampled": 0.5}  # P(some child accepted | node reached), EMA
         self.target = TargetCost()
-        self.idle_steps = 0
+        self.idle_s = 0.0  # target time since speculation last ran (it did not pay)
 
     def rule(self) -> list[str]:
         """The sizing rule, for ``--explain``."""
@@ -357,15 +359,15 @@ class Speculator:
         t0 = time.perf_counter()
         trees = [Tree.root(r.seq[-1]) for r in rows]
         if not self.fixed:
-            # would one round pay at all? (a probe every PROBE_EVERY idle steps keeps the estimates current)
+            # would one round pay at all? (when not, an occasional probe keeps the estimates current)
             gain = sum(self.continues["greedy" if r.greedy else "sampled"] for r in rows)
             rate = len(rows) / max(self.target(base_tokens), 1e-9)
             cost = session.cost([session.pending_tokens(r) for r in rows]) + self.target(base_tokens + len(rows)) - self.target(
                 base_tokens)
-            if gain <= rate * cost and self.idle_steps < PROBE_EVERY:
-                self.idle_steps += 1
+            if gain <= rate * cost and cost > PROBE_SHARE * self.idle_s:
+                self.idle_s += self.target(base_tokens)
                 return trees
-        self.idle_steps = 0
+        self.idle_s = 0.0
         forwards = session.forwards
         first = session.start(rows)
         kids: list[dict[int, Children]] = [{0: c} for c in first]
