@@ -359,12 +359,14 @@ class Speculator:
         t0 = time.perf_counter()
         trees = [Tree.root(r.seq[-1]) for r in rows]
         if not self.fixed:
-            # would one round pay at all? (when not, an occasional probe keeps the estimates current)
+            # Would one round pay at all? While speculation runs, judge by a round's steady cost (the draft
+            # catching up on a new prompt is paid once, for every step after it); once it does not pay, an
+            # occasional probe, paying what the draft has to catch up on, keeps the estimates current.
             gain = sum(self.continues["greedy" if r.greedy else "sampled"] for r in rows)
             rate = len(rows) / max(self.target(base_tokens), 1e-9)
-            cost = session.cost([session.pending_tokens(r) for r in rows]) + self.target(base_tokens + len(rows)) - self.target(
-                base_tokens)
-            if gain <= rate * cost and cost > PROBE_SHARE * self.idle_s:
+            feed = [1] * len(rows) if not self.idle_s else [session.pending_tokens(r) for r in rows]
+            cost = session.cost(feed) + self.target(base_tokens + len(rows)) - self.target(base_tokens)
+            if gain <= rate * cost and (not self.idle_s or cost > PROBE_SHARE * self.idle_s):
                 self.idle_s += self.target(base_tokens)
                 return trees
         self.idle_s = 0.0
