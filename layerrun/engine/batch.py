@@ -42,6 +42,9 @@ class Request:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    # Per-request logits processors (penalties, a grammar): see ``sample_rows``.
+    processors: list = field(default_factory=list)
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the k most likely
     id: int = field(default_factory=lambda: next(_ids))
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
@@ -70,6 +73,8 @@ class Event:
     text: str
     token_id: int | None
     finish_reason: str | None = None
+    logprob: float | None = None  # of token_id under the model's distribution (when the request asked)
+    top_logprobs: list[tuple[int, float]] | None = None
 
 
 class BatchGenerator:
@@ -98,13 +103,22 @@ class BatchGenerator:
         chat: bool | None = None,
         system: str | None = None,
         ignore_eos: bool = False,
+        **options,
     ) -> Request:
-        """Build and check a request (raises LayerRunError on bad input) and queue it."""
+        """Build and check a request (raises LayerRunError on bad input) and queue it.
+
+        ``options``: the other sampling fields (``min_p``, penalties), ``logprobs``, structured output
+        (``json_schema``, ``response_format``) and chat template fields; see
+        :func:`layerrun.engine.request_options.build_request_options`.
+        """
+        from layerrun.engine.request_options import build_request_options
+
         eng = self.engine
-        ids, max_new, params, sampler, stops = eng.check_request(
-            prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, chat, system
+        ids, max_new, params, sampler, stops, extra = build_request_options(
+            eng, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, chat, system, options
         )
-        req = Request(list(ids), max_new, params, stops, ignore_eos)
+        req = Request(list(ids), max_new, params, stops, ignore_eos, processors=extra.processors,
+                      logprobs=extra.logprobs)
         req._sampler = sampler
         req._decoder = StreamDecoder(eng.tokenizer) if eng.has_tokenizer else None
         req.stats = eng._new_stats(len(ids))
@@ -188,12 +202,15 @@ class BatchGenerator:
         self.steps += 1
         self.last_stats = step_stats
         events = []
-        tokens = _sample_rows(self.rows, logits[:, -1])
+        tokens, logprobs = sample_rows(self.rows, logits[:, -1])
         dt = time.perf_counter() - t0  # the whole step as the rows see it: batching, forward, sampling
         joined_ids = {r.id for r in joined}
-        for r, tok in zip(self.rows, tokens):
+        for r, tok, lp in zip(self.rows, tokens, logprobs):
             _account(r, step_stats, dt, first=r.id in joined_ids and r.id not in rerun_ids)
-            events.append(self._advance(r, tok))
+            ev = self._advance(r, tok)
+            if lp is not None:
+                ev.logprob, ev.top_logprobs = lp
+            events.append(ev)
         return events
 
     def _advance(self, r: Request, tok: int) -> Event:
@@ -246,18 +263,43 @@ def _cancel(r: Request) -> bool:
     return False
 
 
-def _sample_rows(rows: list[Request], logits: torch.Tensor) -> list[int]:
-    """Sample each row with its own sampler; greedy rows share one argmax."""
+def sample_rows(rows: list[Request], logits: torch.Tensor) -> tuple[list[int], list]:
+    """Sample each row with its own sampler; plain greedy rows share one argmax.
+
+    The logits-processor hook: a row with ``processors`` has its logits passed through each
+    (``proc(prompt + output so far, logits (V,))``) before its sampler, and each is told the
+    chosen token (``proc.accept(tok)``): that is how penalties and grammars (structured output)
+    apply, row by row. Logprobs (for rows that ask) come from the model's own distribution,
+    before any processor, temperature or filter (as vLLM's default).
+    Returns (token per row, per row None or (logprob, [(token, logprob)] top-k)).
+    """
     out = [0] * len(rows)
-    greedy = [i for i, r in enumerate(rows) if r.sampling.temperature == 0]
-    if greedy:
-        am = logits[greedy].argmax(-1).tolist()
-        for i, t in zip(greedy, am):
+    plain = [i for i, r in enumerate(rows) if r.sampling.temperature == 0 and not r.processors]
+    if plain:
+        am = logits[plain].argmax(-1).tolist()
+        for i, t in zip(plain, am):
             out[i] = t
     for i, r in enumerate(rows):
-        if r.sampling.temperature != 0:
-            out[i] = int(r._sampler(logits[i : i + 1])[0])
-    return out
+        if r.processors:
+            x = logits[i]
+            history = r.prompt_ids + r.token_ids
+            for proc in r.processors:
+                x = proc(history, x)
+            x = x[None]
+        elif r.sampling.temperature != 0:
+            x = logits[i : i + 1]
+        else:
+            continue
+        out[i] = int(x.argmax(-1)[0]) if r.sampling.temperature == 0 else int(r._sampler(x)[0])
+        for proc in r.processors:
+            proc.accept(out[i])
+    lps: list = [None] * len(rows)
+    for i, r in enumerate(rows):
+        if r.logprobs is not None:
+            lp = torch.log_softmax(logits[i].float(), dim=-1)
+            top = torch.topk(lp, r.logprobs) if r.logprobs else None
+            lps[i] = (float(lp[out[i]]), list(zip(top.indices.tolist(), top.values.tolist())) if top else [])
+    return out, lps
 
 
 def _account(r: Request, s: GenerationStats, dt: float, first: bool) -> None:
