@@ -34,6 +34,8 @@ class Output:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None  # the sequence failed (engine error, shutdown)
+    logprob: float | None = None  # when the request asked for logprobs
+    top_logprobs: list[tuple[int, float]] | None = None
 
 
 @dataclass(eq=False)
@@ -153,7 +155,7 @@ class Worker:
     def _admit(self, t: Ticket) -> None:
         try:
             t.req = self.bg.request(t.prompt_ids, **t.options)
-        except LayerRunError as e:  # the HTTP side checks first; this is a safety net
+        except (LayerRunError, ValueError, RuntimeError) as e:  # the HTTP side checks first; this is a safety net
             t.finished = True
             self._send([(t, Output(error=str(e)))])
             return
@@ -197,7 +199,7 @@ class Worker:
             else:
                 m.itl.observe(now - t.t_last)
             t.t_last = now
-            out = Output(ev.text, ev.token_id, ev.finish_reason)
+            out = Output(ev.text, ev.token_id, ev.finish_reason, logprob=ev.logprob, top_logprobs=ev.top_logprobs)
             if ev.finish_reason:
                 t.finished = True
                 del self._tickets[r.id]
