@@ -247,8 +247,10 @@ def call_grammar(tools: Sequence[dict], fmt: str, name: str | None = None, paral
                                                  key: f.get("parameters") or {"type": "object"}},
                 "required": ["name", key], "additionalProperties": False} for f in funcs]
     one = options[0] if len(options) == 1 else {"anyOf": options}
+    one = {**one, "x-guidance": {"whitespace_flexible": False}}  # compact JSON: small models repeat optional spaces
     if fmt == MISTRAL:
-        arr = {"type": "array", "items": one, "minItems": 1, **({} if parallel else {"maxItems": 1})}
+        arr = {"type": "array", "items": one, "minItems": 1, **({} if parallel else {"maxItems": 1}),
+               "x-guidance": {"whitespace_flexible": False}}
         lark = f'start: "[TOOL_CALLS]" calls\ncalls: %json {json.dumps(arr)}'
     elif fmt == LLAMA3:
         lark = f"start: call\ncall: %json {json.dumps(one)}"  # Llama 3 makes one call per turn
