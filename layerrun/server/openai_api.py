@@ -9,6 +9,7 @@ json_schema, by constrained decoding), ``logprobs`` / ``top_logprobs`` and ``cha
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -227,33 +228,74 @@ class _ChatPlan:
 
 
 class _TokenText:
-    """Token strings for logprobs, in OpenAI's shapes."""
+    """Token strings for logprobs, in OpenAI's shapes: the token's text, or ``bytes:\\xe6\\x97`` for a
+    token that is only part of a UTF-8 character (as OpenAI writes them), and its exact bytes."""
 
     def __init__(self, engine):
         self.tok = engine.tokenizer if engine.has_tokenizer else None
+        self._byte_level = self.tok is not None and "ByteLevel" in repr(self.tok._tok.decoder)
+        self._cache: dict[int, tuple[str, list[int]]] = {}
 
-    def text(self, i: int) -> str:
-        return self.tok.decode([i], skip_special_tokens=False) if self.tok is not None else f"<{i}>"
+    def token(self, i: int) -> tuple[str, list[int]]:
+        if i not in self._cache:
+            b = self._bytes(i)
+            try:
+                s = b.decode("utf-8")
+            except UnicodeDecodeError:
+                s = "bytes:" + "".join(f"\\x{x:02x}" for x in b)
+            self._cache[i] = (s, list(b))
+        return self._cache[i]
+
+    def _bytes(self, i: int) -> bytes:
+        if self.tok is None:
+            return f"<{i}>".encode()
+        raw = self.tok.id_to_token(i)
+        if raw is None:
+            return b""
+        m = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", raw)  # SentencePiece byte fallback
+        if m:
+            return bytes([int(m.group(1), 16)])
+        if self._byte_level and all(c in _BYTE_DECODER for c in raw):
+            return bytes(_BYTE_DECODER[c] for c in raw)
+        if not self._byte_level:
+            return raw.replace("\u2581", " ").encode()  # SentencePiece's word-start mark is a space
+        return self.tok.decode([i], skip_special_tokens=False).encode()
 
     def entry(self, i: int, lp: float) -> dict:
-        s = self.text(i)
-        return {"token": s, "logprob": _finite(lp), "bytes": list(s.encode("utf-8", "replace"))}
+        s, b = self.token(i)
+        return {"token": s, "logprob": _finite(lp), "bytes": b}
 
     def chat_logprobs(self, lps: list, top: int | None) -> list[dict]:
         return [{**self.entry(i, lp), "top_logprobs": [self.entry(j, v) for j, v in (tops or [])[: top or 0]]}
                 for i, lp, tops in lps]
 
     def completion_logprobs(self, lps: list) -> dict:
+        from layerrun.engine.tokenizer import StreamDecoder
+
         out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        offset = 0
+        dec, offset = (StreamDecoder(self.tok) if self.tok is not None else None), 0
         for i, lp, tops in lps:
-            s = self.text(i)
-            out["tokens"].append(s)
+            out["tokens"].append(self.token(i)[0])
             out["token_logprobs"].append(_finite(lp))
-            out["top_logprobs"].append({self.text(j): _finite(v) for j, v in tops})
-            out["text_offset"].append(offset)
-            offset += len(s)
+            out["top_logprobs"].append({self.token(j)[0]: _finite(v) for j, v in tops})
+            out["text_offset"].append(offset)  # where the token's text starts in the completion
+            offset += len(dec.push(i)) if dec is not None else 0
         return out
+
+
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: the printable character standing for each byte, inverted."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + list(range(ord("\xae"), 256))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs)}
+
+
+_BYTE_DECODER = _byte_decoder()
 
 
 def _finite(x: float) -> float:
