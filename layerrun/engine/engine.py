@@ -597,6 +597,11 @@ class Engine:
             await loop.run_in_executor(None, t.join)
 
     @property
+    def layers_read(self) -> int:
+        """Streamed layers consumed so far (a progress counter: the pipeline's reads, all time)."""
+        return len(self._stream.stats.reads) if self._stream is not None else 0
+
+    @property
     def has_tokenizer(self) -> bool:
         return self._tokenizer is not None or (self.path / "tokenizer.json").is_file()
 
