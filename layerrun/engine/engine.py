@@ -192,6 +192,7 @@ class Engine:
         self._tokenizer: Tokenizer | None = None
         self.trace = TraceRecorder(enabled=trace)
         self._lock = threading.RLock()
+        self._scheduler = None
 
         # Embeddings and final norm/head are used every step and stay resident.
         self.embeddings = self._load_resident(self.manifest.embeddings)
@@ -562,39 +563,51 @@ class Engine:
         stats.direct_io = bool(self._stream is not None and self._stream.reader.backend == "direct")
 
     async def astream(self, prompt, **kwargs):
-        """Async generator of chunks. Compute runs in its own thread, never on the caller's event loop."""
+        """Async generator of chunks (the options of :meth:`stream`). Compute runs in the engine's
+        scheduler thread, never on the caller's event loop, and concurrent callers share its
+        continuous batching: up to ``batch_size`` (of :func:`load`) sequences per step."""
         import asyncio
-        import threading
+
+        from layerrun.engine.scheduler import Job
 
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        done = object()
-        cancelled = threading.Event()
 
-        def work():
+        def deliver(item) -> None:
             try:
-                for chunk in self.stream(prompt, **kwargs):
-                    loop.call_soon_threadsafe(q.put_nowait, chunk)
-                    if cancelled.is_set():
-                        break
-            except BaseException as e:  # delivered to the awaiting side
-                loop.call_soon_threadsafe(q.put_nowait, e)
-            finally:
-                loop.call_soon_threadsafe(q.put_nowait, done)
+                loop.call_soon_threadsafe(q.put_nowait, item)
+            except RuntimeError:  # the caller's loop has closed
+                pass
 
-        t = threading.Thread(target=work, name="layerrun-engine", daemon=True)
-        t.start()
+        job = Job(prompt, kwargs, deliver)
+        self.scheduler.submit([job])
+        n = 0
         try:
             while True:
                 item = await q.get()
-                if item is done:
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+                if isinstance(item, str):
+                    raise LayerRunError(item)
+                if item.token_id is not None:
+                    yield Chunk(item.text, item.token_id, n, logprob=item.logprob, top_logprobs=item.top_logprobs)
+                    n += 1
+                if item.finish_reason is not None:
+                    text = "" if item.token_id is not None else item.text
+                    yield Chunk(text, None, n, item.finish_reason, item.request.stats)
+                    return
         finally:
-            cancelled.set()
-            await loop.run_in_executor(None, t.join)
+            if not job.finished:
+                self.scheduler.cancel(job)  # the caller stopped early: the sequence leaves the batch
+
+    @property
+    def scheduler(self):
+        """The :class:`~layerrun.engine.scheduler.Scheduler` behind ``astream``/``agenerate`` (started on first use)."""
+        if self._scheduler is None:
+            from layerrun.engine.scheduler import Scheduler
+
+            with self._lock:
+                if self._scheduler is None:
+                    self._scheduler = Scheduler(self, self.batch_size)
+        return self._scheduler
 
     @property
     def layers_read(self) -> int:
@@ -657,6 +670,9 @@ class Engine:
         return _collect(chunks)
 
     def close(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.stop()
+            self._scheduler = None
         if self._stream is not None:
             self._stream.close()
             self._stream = None

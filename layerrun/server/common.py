@@ -111,7 +111,7 @@ class Backend:
             for j in range(n):
                 opts = options_for(j)
                 opts["max_new_tokens"] = min(max_tokens or context, context - len(ids))
-                tickets.append(Ticket(ids, opts, q, index=i * n + j))
+                tickets.append(Ticket(ids, opts, queue=q, index=i * n + j))
         worker.submit(tickets)
         return tickets, q
 
