@@ -114,14 +114,42 @@ def bench_outlines(folder: Path, ids: list[int], vocab: int, eos: int):
     return t_tok, t_compile, times
 
 
+def bench_layerrun(folder: Path, ids: list[int], vocab: int, eos: int):
+    """What the generation loop pays per token: layerrun's GrammarProcessor (llguidance's mask, unpacked
+    to a bool vector and applied to a (vocab,) float32 logits row), then accept()."""
+    from types import SimpleNamespace
+
+    from layerrun.engine.constrained import Grammar, processor
+    from layerrun.engine.tokenizer import Tokenizer
+
+    t0 = time.perf_counter()
+    eng = SimpleNamespace(tokenizer=Tokenizer(folder), args=SimpleNamespace(vocab_size=vocab), eos_token_ids={eos},
+                          path=folder)
+    processor(eng, Grammar.json_schema(SCHEMA))  # builds (and caches) the vocabulary index
+    t_tok = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    proc = processor(eng, Grammar.json_schema(SCHEMA))
+    t_compile = time.perf_counter() - t0
+    logits = torch.randn(vocab)
+    times = []
+    for t in ids:
+        a = time.perf_counter()
+        out = proc(ids, logits)
+        times.append(time.perf_counter() - a)
+        assert out[t] > float("-inf"), "the path's token was masked"
+        proc.accept(t)
+    return t_tok, t_compile, times
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--libs", default="llguidance,xgrammar,outlines-core")
+    ap.add_argument("--libs", default="llguidance,xgrammar,outlines-core,layerrun")
     a = ap.parse_args()
     from tokenizers import Tokenizer
 
-    fns = {"llguidance": bench_llguidance, "xgrammar": bench_xgrammar, "outlines-core": bench_outlines}
+    fns = {"llguidance": bench_llguidance, "xgrammar": bench_xgrammar, "outlines-core": bench_outlines,
+           "layerrun": bench_layerrun}
     libs = a.libs.split(",")
     for name, folder in MODELS.items():
         tok = Tokenizer.from_file(str(folder / "tokenizer.json"))

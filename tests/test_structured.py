@@ -250,3 +250,23 @@ def test_llama3_forced_call_grammar(engine):
     _, calls = parse_tool_calls(g.text, LLAMA3)
     assert calls[0]["function"]["name"] == "get_weather"
     jsonschema.validate(json.loads(calls[0]["function"]["arguments"]), WEATHER[0]["function"]["parameters"])
+
+
+def test_grammar_checks_drafted_tokens_and_rolls_back(engine):
+    from layerrun.engine.constrained import processor
+
+    proc = processor(engine, Grammar.json_schema(POINT))
+    good = engine.tokenizer.encode('{"x":3,"y":4}', add_special_tokens=False)
+    bad = engine.tokenizer.encode('{"x":3,"z":4}', add_special_tokens=False)
+    assert proc.valid_prefix(good) == len(good)
+    n = proc.valid_prefix(bad)
+    assert 0 < n < len(bad) and bad[:n] == good[:n]  # accepted up to where they differ
+    for t in good[:3]:
+        proc.accept(t)
+    before = proc.allowed().clone()
+    proc.accept(good[3])
+    proc.rollback(1)
+    assert torch.equal(proc.allowed(), before)
+    for t in good[3:]:
+        proc.accept(t)
+    assert proc.complete and proc.allowed().nonzero().flatten().tolist() == sorted(engine.eos_token_ids)

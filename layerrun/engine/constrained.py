@@ -166,6 +166,18 @@ class GrammarProcessor:
         if not self.matcher.is_error() and not self.matcher.is_stopped():
             self.matcher.consume_token(token)
 
+    def valid_prefix(self, tokens: list[int]) -> int:
+        """How many of ``tokens`` (drafted ahead, e.g. by speculative decoding) the grammar accepts in
+        a row from here, without advancing it."""
+        if self.matcher.is_error() or self.matcher.is_stopped():
+            return 0
+        return self.matcher.validate_tokens(list(tokens))
+
+    def rollback(self, n: int) -> None:
+        """Undo the last ``n`` accepted tokens (a rejected speculative suffix)."""
+        if n:
+            self.matcher.rollback(n)
+
     @property
     def complete(self) -> bool:
         """Whether the output so far is a whole match."""
