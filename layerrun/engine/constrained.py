@@ -18,6 +18,7 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from layerrun.errors import LayerRunError
@@ -138,28 +139,42 @@ class GrammarProcessor:
 
         lltok = _lltokenizer(engine)
         self.grammar = grammar
-        self.matcher = LLMatcher(lltok, grammar.llguidance())
+        try:
+            self.matcher = LLMatcher(lltok, grammar.llguidance())
+        except (ValueError, RuntimeError) as e:
+            raise LayerRunError(f"{grammar.what}: {str(e).strip().splitlines()[0]}") from None
         if self.matcher.is_error():
             raise LayerRunError(f"{grammar.what}: {self.matcher.get_error()}")
         self.vocab = lltok.vocab_size
         self.eos = sorted(i for i in engine.eos_token_ids if i < self.vocab)
         self.mask = torch.zeros((self.vocab + 31) // 32, dtype=torch.int32)
-        self._bits = torch.arange(32, dtype=torch.int32)
 
     def allowed(self) -> torch.Tensor:
         """(vocab,) bool: the tokens the grammar takes next (only EOS once it is complete or broken)."""
+        return torch.from_numpy(self._allowed_np())
+
+    def _allowed_np(self) -> np.ndarray:
         if self.matcher.is_error() or self.matcher.is_stopped():
-            allowed = torch.zeros(self.vocab, dtype=torch.bool)
+            allowed = np.zeros(self.vocab, dtype=np.bool_)
             allowed[self.eos] = True
             return allowed
         self.matcher.unsafe_compute_mask_ptr(self.mask.data_ptr(), self.mask.numel() * 4)
-        return ((self.mask[:, None] >> self._bits) & 1).reshape(-1)[: self.vocab].bool()  # (W, 32) -> (vocab,)
+        # bit i of word w allows token 32 w + i. numpy, single-threaded: torch's thread pool made this
+        # 20x slower on a busy 2-core machine (bench/constrained_mask.py)
+        return np.unpackbits(self.mask.numpy().view(np.uint8), bitorder="little")[: self.vocab].view(np.bool_)
 
     def __call__(self, history: Sequence[int], logits: torch.Tensor) -> torch.Tensor:
-        allowed = self.allowed()[: logits.shape[-1]]
+        n = min(self.vocab, logits.shape[-1])
+        allowed = self._allowed_np()[:n]
+        if logits.device.type == "cpu":
+            out = logits.numpy().astype(np.float32, copy=True) if logits.dtype == torch.float32 else \
+                logits.float().numpy().copy()
+            out[:n][~allowed] = -np.inf
+            out[n:] = -np.inf  # a head wider than the tokenizer: never a real token
+            return torch.from_numpy(out)
         out = logits.float().clone()
-        out[: allowed.shape[0]].masked_fill_(~allowed, float("-inf"))
-        out[allowed.shape[0] :] = float("-inf")  # a head wider than the tokenizer: never a real token
+        out[:n].masked_fill_(~torch.from_numpy(allowed).to(out.device), float("-inf"))
+        out[n:] = float("-inf")
         return out
 
     def accept(self, token: int) -> None:

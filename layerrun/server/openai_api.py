@@ -106,6 +106,7 @@ def add_openai_routes(app: FastAPI, backend: Backend) -> None:
                     finish, delta = o.finish_reason, {}
                     if sp is not None:
                         rest, calls = sp.finish()
+                        calls = calls if body.parallel_tool_calls else calls[:1]
                         if rest:
                             delta["content"] = rest
                         if calls:
@@ -195,12 +196,14 @@ class _ChatPlan:
             name = None if body.tool_choice == "required" else body.tool_choice.function.name
             self.grammar = call_grammar(self.tools, self.fmt, name, parallel=body.parallel_tool_calls)
         if self.grammar is not None:
-            from layerrun.engine.constrained import prepare
+            from layerrun.engine.constrained import processor
 
             try:
                 self.grammar.check()
-                prepare(engine)  # the first structured request builds the vocabulary's index here, not in the worker
-            except LayerRunError as e:
+                # Built once here (and thrown away): a grammar the matcher cannot start is a 400 now, not a
+                # failed sequence later; the first structured request also builds the vocabulary's index here.
+                processor(engine, self.grammar)
+            except (LayerRunError, ValueError, RuntimeError) as e:
                 param = "tools" if self.force else "response_format"
                 raise APIError(400, f"{param}: {e}", param=param) from None
         return ids
