@@ -157,6 +157,8 @@ def test_chat_template_kwargs_reach_the_template(engine, tmp_path):
         assert engine.render_chat("hi", enable_thinking=False) == "hi[no-think]"
         a = engine.generate("hi", max_new_tokens=1, chat_template_kwargs={"enable_thinking": False}, logprobs=0)
         assert a.stats.prompt_tokens == len(tok.encode("hi[no-think]", add_special_tokens=False))
+        with pytest.raises(LayerRunError, match="chat_template_kwargs must be an object"):
+            engine.generate("hi", chat_template_kwargs=[1])
     finally:
         tok.chat_template, tok._template = old
 

@@ -28,9 +28,10 @@ class RequestExtras:
 
 def template_options(options: dict) -> dict:
     """What the chat template is rendered with besides the messages: ``tools`` and ``chat_template_kwargs``."""
-    extra = dict(options.get("chat_template_kwargs") or {})
-    if not isinstance(options.get("chat_template_kwargs") or {}, dict):
-        raise LayerRunError("chat_template_kwargs must be an object (a dict)")
+    given = options.get("chat_template_kwargs") or {}
+    if not isinstance(given, dict):
+        raise LayerRunError(f"chat_template_kwargs must be an object (a dict), got {type(given).__name__}")
+    extra = dict(given)
     if options.get("tools") is not None:
         extra["tools"] = options["tools"]
     return extra
