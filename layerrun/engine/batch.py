@@ -37,9 +37,6 @@ from layerrun.engine.text import split_stop
 from layerrun.engine.tokenizer import StreamDecoder
 from layerrun.errors import LayerRunError
 
-# A per-row logits processor (constrained decoding): (tokens generated so far, logits (V,)) -> logits.
-LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
-
 _ids = itertools.count()
 
 
@@ -52,8 +49,10 @@ class Request:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    # Per-request logits processors (penalties, a grammar): see ``sample_rows``.
+    processors: list = field(default_factory=list)
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the k most likely
     speculate: bool = True  # use the engine's draft, if it has one
-    logits_processor: LogitsProcessor | None = None
     id: int = field(default_factory=lambda: next(_ids))
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
@@ -64,7 +63,8 @@ class Request:
     _sampler: Callable | None = None
     _decoder: StreamDecoder | None = None
     _held: str = ""
-    _pos: int = 0  # position of the next token to feed
+    _pos: int = 0  # position of the next token to feed (= the cache entries this row holds)
+    reused_prompt_tokens: int = 0  # prompt tokens whose KV entries came from the previous sequence (reuse_prefix)
     _next: int | None = None  # token to feed at the next step
     _joined_at: float = 0.0
     _submitted_at: float = field(default_factory=time.perf_counter)
@@ -83,6 +83,8 @@ class Event:
     text: str
     token_id: int | None
     finish_reason: str | None = None
+    logprob: float | None = None  # of token_id under the model's distribution (when the request asked)
+    top_logprobs: list[tuple[int, float]] | None = None
 
 
 @dataclass
@@ -95,11 +97,15 @@ class _Block:
 
 
 class BatchGenerator:
-    def __init__(self, engine, max_batch: int = 8):
+    def __init__(self, engine, max_batch: int = 8, reuse_prefix: bool = False):
+        """``reuse_prefix``: when a lone sequence finishes, keep its KV cache; a next lone sequence whose
+        prompt begins with the same tokens (a chat's next turn) starts from it and prefills only the rest."""
         if max_batch < 1:
             raise LayerRunError(f"--batch-size must be >= 1, got {max_batch}")
         self.engine = engine
         self.max_batch = max_batch
+        self.reuse_prefix = reuse_prefix and getattr(engine.model, "rerun_prefix_at", None) is None
+        self._kept: tuple[list[int], object, torch.Tensor] | None = None  # (ids the cache holds, cache, key_pos)
         self.rows: list[Request] = []
         self.waiting: deque[Request] = deque()
         self.lane = Lane(engine)  # the model's KV cache for the live rows
@@ -123,15 +129,23 @@ class BatchGenerator:
         system: str | None = None,
         ignore_eos: bool = False,
         speculate: bool = True,
+        **options,
     ) -> Request:
         """Build and check a request (raises LayerRunError on bad input) and queue it.
 
-        ``speculate=False``: decode one token per pass even when the engine has a draft."""
+        ``speculate=False``: decode one token per pass even when the engine has a draft.
+        ``options``: the other sampling fields (``min_p``, penalties), ``logprobs``, structured output
+        (``json_schema``, ``response_format``) and chat template fields; see
+        :func:`layerrun.engine.request_options.build_request_options`.
+        """
+        from layerrun.engine.request_options import build_request_options
+
         eng = self.engine
-        ids, max_new, params, sampler, stops = eng.check_request(
-            prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, chat, system
+        ids, max_new, params, sampler, stops, extra = build_request_options(
+            eng, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, chat, system, options
         )
-        req = Request(list(ids), max_new, params, stops, ignore_eos, speculate=bool(speculate))
+        req = Request(list(ids), max_new, params, stops, ignore_eos, processors=extra.processors,
+                      logprobs=extra.logprobs, speculate=bool(speculate))
         req._sampler = sampler
         req._decoder = StreamDecoder(eng.tokenizer) if eng.has_tokenizer else None
         req.stats = eng._new_stats(len(ids))
@@ -160,13 +174,51 @@ class BatchGenerator:
         """Keep only rows ``keep`` (indices into self.rows) in the batch and its caches."""
         if len(keep) == len(self.rows):
             return
-        self.rows = [self.rows[i] for i in keep]
+        old, self.rows = self.rows, [self.rows[i] for i in keep]
+        if not self.rows:
+            self._kept = self._keepable(old)
         self.lane.keep_rows(keep)
         if self.drafting is not None:
             self.drafting.keep_rows(keep)
 
-    def _admit(self) -> tuple[list[Request], set[int]]:
-        """Rows joining this step (waiting requests, and rows whose cache must be recomputed)."""
+    def _keepable(self, rows: list[Request]):
+        """A lone sequence's cache, if it can seed the next one: its entries are exactly its positions
+        0.._pos-1 in every layer (not so after a step that stopped midway, e.g. on Ctrl-C)."""
+        from layerrun.engine.kv_cache import LayerKV
+
+        kp, cache = self.lane.key_pos, self.lane.cache
+        if not self.reuse_prefix or len(rows) != 1 or kp is None:
+            return None
+        r = rows[0]
+        if kp.shape[1] != r._pos or not torch.equal(kp[0], torch.arange(r._pos)):
+            return None
+        if not all(type(layer) is LayerKV and layer.length == r._pos for layer in cache.layers):
+            return None  # (a host-memory cache is not reused: its device copies have their own bookkeeping)
+        return (r.prompt_ids + r.token_ids)[: r._pos], cache, kp
+
+    def _resume(self, r: Request) -> bool:
+        """Start ``r`` from the kept cache when its prompt extends what the cache holds; True if so.
+        (A draft's cache is not kept: the draft catches up on the prompt when it first drafts.)"""
+        ids, cache, kp = self._kept
+        self._kept = None
+        n = 0
+        limit = min(len(ids), len(r.prompt_ids) - 1)  # at least one prompt token is fed, for the logits
+        while n < limit and ids[n] == r.prompt_ids[n]:
+            n += 1
+        if n == 0:
+            return False
+        for layer in cache.layers:
+            layer.length = n  # entries past the common prefix are overwritten as the new tokens are fed
+        self.lane.cache, self.lane.key_pos, self.lane.rows = cache, kp[:, :n], 1
+        if self.drafting is not None:
+            self.drafting.add_rows(1)
+        r._pos, r.reused_prompt_tokens = n, n
+        self.rows = [r]
+        return True
+
+    def _admit(self) -> tuple[list[Request], set[int], int | None]:
+        """Rows joining this step (waiting requests, and rows whose cache must be recomputed), and the
+        request resumed from the kept cache, if any."""
         self.waiting = deque(r for r in self.waiting if not r.cancelled or _cancel(r))
         self._remove_finished()
         # A row reaching the position where its family must recompute its cache (Phi-3 LongRoPE
@@ -177,6 +229,14 @@ class BatchGenerator:
         if rerun:
             self._keep_rows([i for i, r in enumerate(self.rows) if r.id not in rerun_ids])
         joined = list(rerun)
+        resumed = None
+        if self._kept is not None and not self.rows and not joined and len(self.waiting) == 1:
+            r = self.waiting[0]
+            if self._resume(r):
+                self.waiting.popleft()
+                r._joined_at = time.perf_counter()
+                resumed = r.id
+        self._kept = None
         while self.waiting and len(self.rows) + len(joined) < self.max_batch:
             r = self.waiting.popleft()
             r._joined_at = time.perf_counter()
@@ -185,7 +245,7 @@ class BatchGenerator:
         if self.drafting is not None:
             self.drafting.add_rows(len(joined))
         self.rows = self.rows + joined
-        return joined, rerun_ids
+        return joined, rerun_ids, resumed
 
     def _spec_rows(self, joined: set[int]) -> list[SpecRow]:
         """The live rows that draft this step, with how deep their trees may go."""
@@ -210,7 +270,7 @@ class BatchGenerator:
     def step(self) -> list[Event]:
         """Run one forward pass over the live batch (joining waiting requests first)."""
         t0 = time.perf_counter()
-        joined, rerun_ids = self._admit()
+        joined, rerun_ids, resumed = self._admit()
         if not self.rows:
             return []
         joined_ids = {r.id for r in joined}
@@ -231,6 +291,8 @@ class BatchGenerator:
                 blocks.append(_Block(r.prompt_ids + (r.token_ids if r.id in rerun_ids else []), 0))
             elif b in trees and len(trees[b]) > 1:
                 blocks.append(_Block(trees[b].tokens, r._pos, trees[b]))
+            elif r._next is None:  # resumed from a kept cache: the rest of its prompt
+                blocks.append(_Block(r.prompt_ids[r._pos :], r._pos))
             else:
                 blocks.append(_Block([r._next], r._pos))
         step_stats = GenerationStats()
@@ -239,7 +301,8 @@ class BatchGenerator:
             out = self._tree_pass(blocks, spec_rows, trees, step_stats, start)
         else:
             logits = self.lane.forward(*_block_tensors(blocks)[:2], step_stats)[:, -1]
-            out = [[t] for t in _sample_rows(self.rows, logits)]
+            tokens, lps = sample_rows(self.rows, logits)
+            out = [[(t, lp)] for t, lp in zip(tokens, lps)]
             if trees:  # drafted but nothing worth verifying: the draft's cache keeps what preceded the root
                 self.drafting.commit(spec_rows, [trees[sr.b] for sr in spec_rows], [[0] for _ in spec_rows])
         t_end = time.perf_counter()
@@ -256,23 +319,28 @@ class BatchGenerator:
         events = []
         dt = t_end - t0  # the whole step as the rows see it: batching, drafting, forward, verification
         accepted = 0
+        first = (joined_ids - rerun_ids) | {resumed}
         for b, (r, toks) in enumerate(zip(self.rows, out)):
             tree = blocks[b].tree
             if tree is not None:
                 accepted += len(toks) - 1
                 trace.verify(t_draft, t_end, {"row": b, "drafted": len(tree) - 1, "accepted": len(toks) - 1})
-            _account(r, step_stats, dt, first=r.id in joined_ids and r.id not in rerun_ids, tree=tree,
-                     accepted=len(toks) - 1, draft_s=totals.draft_s if b in trees else 0.0, verify_s=t_end - t_draft)
-            for tok in toks:
-                events.append(self._advance(r, tok))
+            _account(r, step_stats, dt, first=r.id in first, tree=tree, accepted=len(toks) - 1,
+                     draft_s=totals.draft_s if b in trees else 0.0, verify_s=t_end - t_draft)
+            for tok, lp in toks:
+                ev = self._advance(r, tok)
+                if lp is not None:
+                    ev.logprob, ev.top_logprobs = lp
+                events.append(ev)
                 if r.done:
                     break
         totals.accepted_tokens = accepted
         return events
 
     def _tree_pass(self, blocks: list[_Block], spec_rows: list[SpecRow], trees: dict[int, Tree],
-                   stats: GenerationStats, start: int) -> list[list[int]]:
-        """The target pass over a block holding token trees; verify each and keep the accepted paths."""
+                   stats: GenerationStats, start: int) -> list[list[tuple[int, tuple | None]]]:
+        """The target pass over a block holding token trees; verify each and keep the accepted paths.
+        Returns per row the tokens it emits, each with its logprobs (None unless the request asked)."""
         ids, pos, tree_mask = _block_tensors(blocks)
         T = ids.shape[1]
         select, where = [], []
@@ -285,20 +353,19 @@ class BatchGenerator:
         out, keep, paths = [], [], {}
         by_b = {sr.b: sr for sr in spec_rows}
         plain = [b for b, bl in enumerate(blocks) if bl.tree is None]
-        sampled = dict(zip(plain, _sample_rows([self.rows[b] for b in plain], logits[[where[b] for b in plain]])))
+        tokens, lps = sample_rows([self.rows[b] for b in plain], logits[[where[b] for b in plain]])
+        sampled = {b: (t, lp) for b, t, lp in zip(plain, tokens, lps)}
         for b, (r, bl) in enumerate(zip(self.rows, blocks)):
             n = len(bl.tokens)
             if bl.tree is None:
                 out.append([sampled[b]])
                 keep.append(list(range(T - n, T)))
                 continue
-            process = None
-            if r.logits_processor is not None:
-                done = list(r.token_ids)
-                process = lambda path, x, done=done, f=r.logits_processor: f(done + path, x)  # noqa: E731
-            path, toks = self.spec.verify(bl.tree, by_b[b], logits[where[b] : where[b] + n], process)
+            node_logits = logits[where[b] : where[b] + n]
+            path, toks = self.spec.verify(bl.tree, by_b[b], node_logits, r.prompt_ids + r.token_ids, r.processors)
             paths[b] = path
-            out.append(toks)
+            # the i-th emitted token was chosen at the i-th node of the path
+            out.append([(t, _logprobs(node_logits[u], t, r.logprobs)) for t, u in zip(toks, path)])
             keep.append([T - n + j for j in path])
         self.lane.keep_columns(start, keep)
         if trees:
@@ -307,7 +374,7 @@ class BatchGenerator:
 
     def _advance(self, r: Request, tok: int) -> Event:
         r.stats.generated_tokens += 1
-        r._pos += len(r.prompt_ids) if r._next is None else 1
+        r._pos = len(r.prompt_ids) if r._next is None else r._pos + 1
         eos = set() if r.ignore_eos else self.engine.eos_token_ids
         if tok in eos:
             return self._finish(r, "stop", None)
@@ -372,23 +439,52 @@ def _block_tensors(blocks: list[_Block]) -> tuple[torch.Tensor, torch.Tensor, to
     return ids, pos, mask
 
 
-def _sample_rows(rows: list[Request], logits: torch.Tensor) -> list[int]:
-    """Sample each row with its own sampler; greedy rows share one argmax."""
+def sample_rows(rows: list[Request], logits: torch.Tensor) -> tuple[list[int], list]:
+    """Sample each row with its own sampler; plain greedy rows share one argmax.
+
+    The logits-processor hook: a row with ``processors`` has its logits passed through each
+    (``proc(prompt + output so far, logits (V,))``) before its sampler, and each is told the
+    chosen token (``proc.accept(tok)``): that is how penalties and grammars (structured output)
+    apply, row by row. Logprobs (for rows that ask) come from the model's own distribution,
+    before any processor, temperature or filter (as vLLM's default).
+    Returns (token per row, per row None or (logprob, [(token, logprob)] top-k)).
+    """
     out = [0] * len(rows)
-    if any(r.logits_processor is not None for r in rows):
-        logits = logits.clone()
-        for i, r in enumerate(rows):
-            if r.logits_processor is not None:
-                logits[i] = r.logits_processor(list(r.token_ids), logits[i])
-    greedy = [i for i, r in enumerate(rows) if r.sampling.temperature == 0]
-    if greedy:
-        am = logits[greedy].argmax(-1).tolist()
-        for i, t in zip(greedy, am):
+    plain = [i for i, r in enumerate(rows) if r.sampling.temperature == 0 and not r.processors]
+    if plain:
+        am = logits[plain].argmax(-1).tolist()
+        for i, t in zip(plain, am):
             out[i] = t
     for i, r in enumerate(rows):
-        if r.sampling.temperature != 0:
-            out[i] = int(r._sampler(logits[i : i + 1])[0])
-    return out
+        if r.processors:
+            x = logits[i]
+            history = r.prompt_ids + r.token_ids
+            for proc in r.processors:
+                x = proc(history, x)
+            x = x[None]
+        elif r.sampling.temperature != 0:
+            x = logits[i : i + 1]
+        else:
+            continue
+        out[i] = int(x.argmax(-1)[0]) if r.sampling.temperature == 0 else int(r._sampler(x)[0])
+        for proc in r.processors:
+            proc.accept(out[i])
+    lps: list = [None] * len(rows)
+    for i, r in enumerate(rows):
+        if r.logprobs is not None:
+            lp = torch.log_softmax(logits[i].float(), dim=-1)
+            top = torch.topk(lp, r.logprobs) if r.logprobs else None
+            lps[i] = (float(lp[out[i]]), list(zip(top.indices.tolist(), top.values.tolist())) if top else [])
+    return out, lps
+
+
+def _logprobs(logits: torch.Tensor, tok: int, k: int | None) -> tuple | None:
+    """(logprob of ``tok``, the k most likely (token, logprob)) under the model's own distribution."""
+    if k is None:
+        return None
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    top = torch.topk(lp, k) if k else None
+    return float(lp[tok]), list(zip(top.indices.tolist(), top.values.tolist())) if top else []
 
 
 def _account(r: Request, s: GenerationStats, dt: float, first: bool, tree: Tree | None = None, accepted: int = 0,

@@ -186,6 +186,7 @@ class Engine(GenerationAPI):
         self._tokenizer: Tokenizer | None = None
         self.trace = TraceRecorder(enabled=trace)
         self._lock = threading.RLock()
+        self._scheduler = None
 
         # Embeddings and final norm/head are used every step and stay resident.
         self.embeddings = self._load_resident(self.manifest.embeddings)
@@ -457,7 +458,15 @@ class Engine(GenerationAPI):
             stats.notes.append(note)
         stats.direct_io = bool(self._stream is not None and self._stream.reader.backend == "direct")
 
+    @property
+    def layers_read(self) -> int:
+        """Streamed layers consumed so far (a progress counter: the pipeline's reads, all time)."""
+        return len(self._stream.stats.reads) if self._stream is not None else 0
+
     def close(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.stop()
+            self._scheduler = None
         if self._stream is not None:
             self._stream.close()
             self._stream = None

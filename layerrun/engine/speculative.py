@@ -452,28 +452,42 @@ class Speculator:
         return trees
 
     # ---- verification ------------------------------------------------------------------------------
-    def verify(self, tree: Tree, row: SpecRow, logits: torch.Tensor, process=None) -> tuple[list[int], list[int]]:
+    def verify(self, tree: Tree, row: SpecRow, logits: torch.Tensor, history: list[int] | None = None,
+               processors: list | None = None) -> tuple[list[int], list[int]]:
         """(accepted path of nodes, tokens the row emits: the accepted drafts, then the target's own).
 
-        ``logits`` (len(tree), V): the target's logits at every node. ``process(path_tokens, logits)``:
-        a per-row logits processor applied at each node (path_tokens: the drafted tokens from the
-        root's child to that node), before argmax or the sampling distribution."""
+        ``logits`` (len(tree), V): the target's logits at every node. ``processors``: the row's logits
+        processors (penalties, a grammar: ``proc(history, logits) -> logits`` and ``proc.accept(tok)``),
+        applied at each node the walk reaches, with ``history`` (prompt + output so far) plus the path
+        to it, and told each token the walk commits, in order: the calls plain decoding would make."""
         mode = "greedy" if row.greedy else "sampled"
+        procs = processors or []
 
         def at(u: int) -> torch.Tensor:
-            if process is None:
+            if not procs:
                 return logits[u]
             path, x = [], u
             while x > 0:
                 path.append(tree.tokens[x])
                 x = tree.parents[x]
-            return process(path[::-1], logits[u])
+            path.reverse()
+            if path:  # the walk moved to u: its token was chosen
+                for proc in procs:
+                    proc.accept(path[-1])
+            x = logits[u]
+            for proc in procs:
+                x = proc(list(history or []) + path, x)
+            return x
 
-        if row.greedy:
-            am = logits.argmax(-1).tolist() if process is None else None
-            path, bonus, seen = verify_greedy(tree, (lambda u: am[u]) if am is not None else (lambda u: int(at(u).argmax())))
+        if row.greedy and not procs:
+            am = logits.argmax(-1).tolist()
+            path, bonus, seen = verify_greedy(tree, lambda u: am[u])
+        elif row.greedy:
+            path, bonus, seen = verify_greedy(tree, lambda u: int(at(u).argmax()))
         else:
             path, bonus, seen = verify_sampled(tree, lambda u: probabilities(at(u), row.params), row.generator)
+        for proc in procs:
+            proc.accept(bonus)
         cal = self.calibration[mode]
         for f, rank, ok in seen:
             cal.observe(f, rank, ok)
