@@ -140,6 +140,31 @@ def test_speculate_false_per_call(tiny_layered, int8_copy):
     assert both[0].stats.draft_tokens == 0 and both[1].stats.draft_tokens > 0
 
 
+def test_processors_and_logprobs_along_the_verified_path(tiny_layered, int8_copy):
+    """Penalties, a grammar (structured output) and logprobs with a draft: the processors see the
+    calls plain decoding makes, so tokens, text and logprobs equal decoding without the draft."""
+    pytest.importorskip("llguidance")
+    point = {"type": "object", "properties": {"x": {"type": "integer", "minimum": -5, "maximum": 5},
+                                              "y": {"type": "integer", "minimum": 0, "maximum": 9}},
+             "required": ["x", "y"], "additionalProperties": False}
+    plain = layerrun.load(tiny_layered("qwen2"), mode="full")
+    eng = layerrun.load(tiny_layered("qwen2"), mode="full", draft=int8_copy("qwen2"), draft_nodes=8, draft_fixed=True)
+    cases = [dict(repetition_penalty=1.5, frequency_penalty=0.5, logprobs=3),
+             dict(json_schema=point, logprobs=2),
+             dict(json_schema=point, temperature=0.8, seed=3)]
+    for kw in cases:
+        want = plain.generate("Where?", max_new_tokens=24, **kw)
+        got = eng.generate("Where?", max_new_tokens=24, **kw)
+        if kw.get("temperature"):  # sampled: the same grammar holds (the draws differ)
+            assert json.loads(got.text).keys() == {"x", "y"}
+            continue
+        assert (got.token_ids, got.text, got.finish_reason) == (want.token_ids, want.text, want.finish_reason), kw
+        assert len(got.logprobs) == len(want.logprobs)
+        for (a, ta), (b, tb) in zip(got.logprobs, want.logprobs):
+            assert abs(a - b) < 1e-4 and [t for t, _ in ta] == [t for t, _ in tb]
+        assert got.stats.draft_tokens > 0
+
+
 # ---- sampling: the target's distribution -------------------------------------------------------------
 
 
