@@ -79,7 +79,7 @@ def run(a) -> list[dict]:
     for draft in a.drafts.split(","):
         d = make_draft(a.target, draft, a.dtype, work)
         eng = layerrun.load(target, mode=mode, throttle=throttle or None, reader=reader or "auto", draft=d,
-                            draft_nodes=a.nodes, context=1024)
+                            draft_nodes=a.nodes, context=1024, prefetch=a.prefetch)
         eng.generate("Hello", max_new_tokens=2)  # warm up: first-call costs, and the cost estimates
         for rep in range(a.repeat):
             for i, p in enumerate(prompts):
@@ -131,6 +131,7 @@ def main(argv=None) -> int:
     p.add_argument("--drafts", default="int4,int8", help="int4, int8, ngram or model paths, comma-separated")
     p.add_argument("--nodes", type=int, default=None, help="--draft-nodes (default: the engine's)")
     p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--prefetch", type=int, default=2, help="layers read ahead (reads continue this far while drafting)")
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--prompts", default=str(HERE / "spec_prompts.jsonl"))
     p.add_argument("--kinds", default=None, help="only these prompt kinds, e.g. rewrite,summary")

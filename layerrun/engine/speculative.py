@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -136,7 +137,7 @@ def children_from_logits(logits: torch.Tensor, row: SpecRow, k: int = MAX_CHILDR
     """A node's children from the draft's logits (V,): the k most likely tokens for a greedy row;
     for a sampling row k draws without replacement (Gumbel top-k) from the draft distribution
     processed like the target's (temperature, top-k, top-p)."""
-    if not bool(torch.isfinite(logits).any()) or bool(torch.isnan(logits).any()):
+    if not math.isfinite(float(logits.max())):  # NaN anywhere, or nothing finite
         return Children([], [], [])  # a broken draft proposes nothing (the target decides anyway)
     if row.greedy:
         q = torch.softmax(logits.float(), dim=-1)
