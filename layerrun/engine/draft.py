@@ -28,6 +28,10 @@ from layerrun.formats.quant import FUSED_MAX_ROWS
 NGRAM_MAX = 4  # longest n-gram looked up
 NGRAM_MIN = 1
 NGRAM_MATCHES = 8  # most recent occurrences whose continuations make the tree
+# A draft forward's matmuls are tiny (at most 16 rows): on a CPU one intra-op thread runs them as fast as
+# several, and far faster when the machine is busy (a 4-token SmolLM2-int4 forward on 2 shared cores:
+# 45 ms with 1 thread, 350-430 ms with 2, bench/RESULTS.md).
+DRAFT_THREADS = 1
 
 
 def open_draft(spec, target):
@@ -150,7 +154,15 @@ class ModelDraftSession:
             sel += [b * T + t for t in range(T - (1 if last_only else n), T)]
         select = torch.tensor(sel, dtype=torch.long)
         tree = trees(T) if trees is not None else None
-        logits = self.draft.adapt(self.lane.forward(ids, pos, GenerationStats(), tree=tree, select=select)).cpu()
+        threads = torch.get_num_threads()
+        cpu = self.draft.engine.device.type == "cpu"
+        if cpu:
+            torch.set_num_threads(DRAFT_THREADS)
+        try:
+            logits = self.draft.adapt(self.lane.forward(ids, pos, GenerationStats(), tree=tree, select=select)).cpu()
+        finally:
+            if cpu:
+                torch.set_num_threads(threads)
         out, k = {}, 0
         for b, (toks, _) in sorted(feeds.items()):
             n = 1 if last_only else len(toks)
