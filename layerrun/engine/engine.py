@@ -7,7 +7,7 @@ arrive; ``Engine.generate`` collects them into a :class:`Generation`;
 
 from __future__ import annotations
 
-import json
+import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -23,6 +23,8 @@ from layerrun.engine.tokenizer import Tokenizer
 from layerrun.engine.trace import TraceRecorder
 from layerrun.errors import FormatError, LayerRunError
 from layerrun.formats.convert import DTYPES
+from layerrun.formats.files import MissingFileError, read_json
+from layerrun.formats.integrity import Verifier
 from layerrun.formats.manifest import Manifest
 from layerrun.io.pipeline import LayerStream
 from layerrun.io.reader import FileReader
@@ -73,6 +75,35 @@ class Generation:
         }
 
 
+def load_config(folder: Path) -> tuple[dict, object]:
+    """config.json (an untrusted JSON object) and the model it builds; errors name the file."""
+    try:
+        config = read_json(folder, "config.json", "config")
+    except MissingFileError:
+        raise FormatError(f"{folder}: config.json is missing") from None
+    try:
+        return config, build_model(config)
+    except LayerRunError as e:
+        msg = str(e)
+        raise type(e)(f"{folder}/{msg}" if msg.startswith("config.json") else f"{folder / 'config.json'}: {msg}") from None
+
+
+def check_model_files(folder: Path, manifest: Manifest, model) -> None:
+    """Before anything is allocated from the manifest's sizes: every file it names is a regular file
+    inside the folder with the size the manifest says, and every tensor agrees with config.json."""
+    from layerrun.formats.validate import check_against_config
+    from layerrun.io.reader import check_size, open_layer_file
+
+    problems = check_against_config(manifest, model)
+    if problems:
+        more = f" (and {len(problems) - 3} more; `layerrun validate {folder}` lists them all)" if len(problems) > 3 else ""
+        raise FormatError(f"{folder}: the files do not match config.json: {'; '.join(problems[:3])}{more}")
+    for entry in manifest.files:
+        fd, st = open_layer_file(folder, entry)
+        os.close(fd)
+        check_size(folder, entry, st.st_size)
+
+
 def resolve_model_path(path: str | Path) -> Path:
     """A folder path, or the name of a model in the local store."""
     p = Path(path).expanduser()
@@ -100,7 +131,8 @@ class Engine:
     ``reader`` ("pread", "direct", "mmap"), ``dtype`` (compute dtype; default:
     the stored dtype, float16 -> float32 on CPU), ``context`` and
     ``batch_size`` (what the KV cache reservation is planned for), ``verify``
-    (check every file's sha256 first), ``trace`` (record a Perfetto trace of
+    (default True: every file's sha256 and NaN/Inf are checked before its bytes are first used,
+    once per file until it changes, :mod:`layerrun.formats.integrity`; False skips it), ``trace`` (record a Perfetto trace of
     reads and compute, written by ``engine.trace.write(path)``), ``experts``
     (mixture-of-experts models: "routed" reads only the experts a step routes
     to in streamed layers; "all" reads whole layers ahead like any other model),
@@ -121,7 +153,7 @@ class Engine:
         dtype: str | None = None,
         context: int | None = None,
         batch_size: int = 1,
-        verify: bool = False,
+        verify: bool = True,
         trace: bool = False,
         experts: str = "routed",
         kv_cache: str = "auto",
@@ -131,16 +163,15 @@ class Engine:
 
         self.path = resolve_model_path(path)
         self.manifest = Manifest.read(self.path)
-        cfg_path = self.path / "config.json"
-        if not cfg_path.is_file():
-            raise FormatError(f"{self.path}: config.json is missing")
-        self.config = json.loads(cfg_path.read_text())
-        self.model = build_model(self.config)
+        self.config, self.model = load_config(self.path)
         self.args = self.model.args
         if self.manifest.num_layers != self.args.num_hidden_layers:
             raise FormatError(
                 f"{self.path}: manifest has {self.manifest.num_layers} layers, config.json says {self.args.num_hidden_layers}"
             )
+        check_model_files(self.path, self.manifest, self.model)  # before anything is sized by them
+        # Every file's bytes are checked (sha256, NaN/Inf) before their first use, unless a stamp vouches for them.
+        self.verifier = Verifier(self.path) if verify else None
         self.device = _pick_device(device)
         stored = DTYPES.get(self.manifest.dtype, torch.float32)
         notes = []
@@ -154,12 +185,6 @@ class Engine:
                 raise LayerRunError(f"dtype {dtype!r} is not one of: {', '.join(DTYPES)}")
             self.dtype = DTYPES[dtype]
         self.notes = notes
-        if verify:
-            from layerrun.formats.validate import validate_folder
-
-            problems = validate_folder(self.path, check_sha=True)
-            if problems:
-                raise FormatError(f"{self.path}: " + "; ".join(problems))
         if experts not in ("routed", "all"):
             raise LayerRunError(f"--experts {experts!r} is not one of: routed, all")
         budget = parse_size(max_memory, "--max-memory") if max_memory is not None else None
@@ -177,7 +202,7 @@ class Engine:
         self.mode = self.plan.mode
         self.kv_host = self.plan.kv_location == "host"
         self.reader_backend = self._pick_reader(reader)
-        self.reader = FileReader(self.path, "mmap" if self.reader_backend == "mmap" else "pread")
+        self.reader = FileReader(self.path, "mmap" if self.reader_backend == "mmap" else "pread", self.verifier)
         # Streamed MoE layers: expert -> its tensor names, and the names of everything else (staged ahead).
         self.expert_groups, self._dense_names = self._split_experts() if experts == "routed" else ({}, {})
         self._expert_bytes = {  # per streamed MoE layer: the bytes of all its experts
@@ -273,6 +298,7 @@ class Engine:
                     self.manifest.layer(i).name: [] if i in self._dense else names
                     for i, names in self._dense_names.items()
                 },
+                verifier=self.verifier,
             )
 
     # ---- weights ---------------------------------------------------------
@@ -383,10 +409,30 @@ class Engine:
             x = x[:, -1:]
         t0 = time.perf_counter()
         out = self.model.head(self.final, x, self.embeddings).float()
+        if not torch.isfinite(out).all():  # one cheap check a step: NaN/Inf never reaches the sampler
+            raise self._nonfinite_error()
         stats.compute_s += time.perf_counter() - t0
         stats.steps += 1
         stats.step_s += time.perf_counter() - step_t0
         return out
+
+    def _nonfinite_error(self) -> LayerRunError:
+        """The logits hold NaN/Inf: name the file (layer) whose stored weights do (read again from disk,
+        one file at a time: this is the error path), or else call it a numerical overflow."""
+        from layerrun.formats.integrity import check_finite
+
+        reader = FileReader(self.path, "pread")
+        for entry in [self.manifest.embeddings, *self.manifest.layers, self.manifest.final]:
+            w, _ = reader.read(entry)
+            try:
+                check_finite(self.path / entry.name, w)
+            except FormatError as e:
+                where = f"layer {entry.layer}" if entry.layer is not None else entry.kind
+                return FormatError(f"the model's output became NaN/Inf because of its {where}: {e}")
+        return LayerRunError(
+            f"the model's output became NaN/Inf although its weights are finite: a numerical overflow computing in "
+            f"{str(self.dtype).replace('torch.', '')}; try --compute-dtype float32"
+        )
 
     def logits(self, input_ids, attention_mask=None) -> torch.Tensor:
         """Logits (batch, seq, vocab) in float32 for every position; rows may be left-padded."""
@@ -441,10 +487,10 @@ class Engine:
             use_chat = self.has_chat_template if chat is None else chat
             if use_chat:
                 msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-                return self.tokenizer.encode_chat(msgs)
-            return self.tokenizer.encode(prompt)
+                return self._tokenizer_ids(self.tokenizer.encode_chat(msgs))
+            return self._tokenizer_ids(self.tokenizer.encode(prompt))
         if isinstance(prompt, Sequence) and prompt and isinstance(prompt[0], dict):
-            return self.tokenizer.encode_chat(list(prompt))
+            return self._tokenizer_ids(self.tokenizer.encode_chat(list(prompt)))
         if isinstance(prompt, torch.Tensor):
             prompt = prompt.reshape(-1).tolist()
         try:
@@ -452,6 +498,17 @@ class Engine:
             self._check_ids(torch.tensor(ids, dtype=torch.long))
         except (TypeError, ValueError, OverflowError, RuntimeError):
             raise LayerRunError(f"a prompt must be text, chat messages or token ids in [0, {self.args.vocab_size})") from None
+        return ids
+
+    def _tokenizer_ids(self, ids: list[int]) -> list[int]:
+        """Ids from tokenizer.json, which must fit the model's embeddings (a tokenizer from another model
+        would otherwise index past them)."""
+        top = max(ids, default=-1)
+        if top >= self.args.vocab_size:
+            raise FormatError(
+                f"{self.path / 'tokenizer.json'}: the tokenizer produced token id {top}, but the model has "
+                f"{self.args.vocab_size} token embeddings (config.json vocab_size); the tokenizer belongs to another model"
+            )
         return ids
 
     # ---- generation -------------------------------------------------------
@@ -583,7 +640,9 @@ class Engine:
 
     @property
     def has_tokenizer(self) -> bool:
-        return self._tokenizer is not None or (self.path / "tokenizer.json").is_file()
+        from layerrun.formats.files import is_file
+
+        return self._tokenizer is not None or is_file(self.path, "tokenizer.json")
 
     @property
     def eos_token_ids(self) -> set[int]:

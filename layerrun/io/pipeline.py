@@ -34,8 +34,9 @@ import torch
 
 from layerrun.errors import FormatError
 from layerrun.formats.aligned import ALIGN
+from layerrun.formats.integrity import Verifier
 from layerrun.formats.manifest import FileEntry
-from layerrun.io.reader import FileReader, aligned_empty, views
+from layerrun.io.reader import FileReader, aligned_empty, check_size, open_layer_file, verify_buffer, views
 from layerrun.io.throttle import Throttle
 
 IO_CHUNK = 16 * 1024 * 1024  # bytes per preadv; a layer is split into several concurrent reads
@@ -92,6 +93,7 @@ class ChunkedReader:
         self.pool = pool
         self.note: str | None = None
         self._fds: dict[str, int] = {}
+        self._stats: dict[str, os.stat_result] = {}
         self._lock = threading.Lock()
 
     def _fd(self, entry: FileEntry) -> int:
@@ -99,31 +101,27 @@ class ChunkedReader:
             fd = self._fds.get(entry.name)
             if fd is not None:
                 return fd
-            path = self.folder / entry.name
-            flags = os.O_RDONLY
             if self.backend == "direct" and hasattr(os, "O_DIRECT"):
                 try:
-                    fd = os.open(path, flags | os.O_DIRECT)
-                except FileNotFoundError:
-                    raise FormatError(f"{path}: layer file is missing; run `layerrun validate {self.folder}`") from None
+                    fd, st = open_layer_file(self.folder, entry, direct=True)
                 except OSError as e:
                     self.note = f"O_DIRECT unavailable on this filesystem ({e.strerror}); fell back to pread"
                     self.backend = "pread"
             if fd is None:
-                try:
-                    fd = os.open(path, flags)
-                except FileNotFoundError:
-                    raise FormatError(f"{path}: layer file is missing; run `layerrun validate {self.folder}`") from None
-            size = os.fstat(fd).st_size
-            if size != entry.bytes:
+                fd, st = open_layer_file(self.folder, entry)
+            try:
+                check_size(self.folder, entry, st.st_size)
+            except FormatError:
                 os.close(fd)
-                what = "truncated" if size < entry.bytes else "longer than expected"
-                raise FormatError(
-                    f"{path}: file is {what} ({size} bytes, manifest says {entry.bytes}); "
-                    "re-run `layerrun convert` to rebuild it"
-                )
+                raise
             self._fds[entry.name] = fd
+            self._stats[entry.name] = st
             return fd
+
+    def stat(self, entry: FileEntry) -> os.stat_result:
+        """The fstat of the open file (taken when it was opened): its identity for verification."""
+        self._fd(entry)
+        return self._stats[entry.name]
 
     def _read_range(self, fd: int, arr: memoryview, file_off: int, length: int, limit: int) -> int:
         t0 = time.perf_counter()
@@ -192,9 +190,13 @@ class LayerStream:
         io_threads: int | None = None,
         clock_origin: float | None = None,
         subsets: dict[str, list[str]] | None = None,
+        verifier: Verifier | None = None,
     ):
         """``subsets`` maps a file name to the tensors staged ahead of compute; the rest of that file
-        is read on demand by :meth:`fetch` (a mixture-of-experts layer's routed experts)."""
+        is read on demand by :meth:`fetch` (a mixture-of-experts layer's routed experts).
+        ``verifier``: files not yet verified are hashed and checked in the staging thread, before the
+        layer is handed to compute (and staged whole the first time, so the hash covers every byte)."""
+        self.verifier = verifier
         self.entries = entries
         self.subsets = {k: set(v) for k, v in (subsets or {}).items()}
         self.whole = False  # set by the engine: stage whole files even where a subset is configured
@@ -227,7 +229,7 @@ class LayerStream:
         self._results: dict[int, cf.Future] = {}
         self._flock = threading.Lock()
         self.backend = backend
-        self._mmap_reader = FileReader(folder, "mmap") if backend == "mmap" else None
+        self._mmap_reader = FileReader(folder, "mmap", verifier) if backend == "mmap" else None
         self._next_consume = 0
         self._closed = False
         self._loop = None
@@ -281,7 +283,8 @@ class LayerStream:
     # ---- staging (runs in an I/O thread) ----------------------------------
     def _stage(self, seq: int, entry: FileEntry, slot: int) -> StagedLayer:
         t0 = time.perf_counter()
-        subset = None if self.whole else self.subsets.get(entry.name)
+        verify = self._needs_verify(entry)
+        subset = None if self.whole or verify else self.subsets.get(entry.name)
         ranges = None if subset is None else self._subset_ranges[entry.name]
         layer = entry.layer if entry.layer is not None else -1
         # Views only of what is staged: a MoE layer holds hundreds of expert tensors, and making
@@ -295,12 +298,23 @@ class LayerStream:
             rec = ReadRecord(layer, n, t0, time.perf_counter())
             return StagedLayer(rec.layer, self.prepare(w), slot, rec, seq, None, entry, subset is not None)
         n = self.reader.read(entry, self.slots[slot], ranges)
+        if verify:  # here, in the staging thread: compute never sees bytes that were not checked
+            data = self.slots[slot][: entry.bytes - entry.data_start]
+            verify_buffer(self.verifier, self.reader.folder, entry, self.reader.stat(entry),
+                          memoryview(data.numpy()), entry.data_start, views(entry, self.slots[slot], entry.data_start))
         rec = ReadRecord(layer, n, t0, time.perf_counter())
         if not self.cuda:
             w = views(staged_entry, self.slots[slot], entry.data_start)
             return StagedLayer(rec.layer, self.prepare(w), slot, rec, seq, None, entry, subset is not None)
         w, start, event = self._to_device(entry, slot, ranges, staged_entry)
         return StagedLayer(rec.layer, w, slot, rec, seq, event, entry, subset is not None, start)
+
+    def _needs_verify(self, entry: FileEntry) -> bool:
+        if self.verifier is None:
+            return False
+        if self._mmap_reader is not None and not self.cuda:
+            return False  # the mapping verifies itself when it is made
+        return self.verifier.needed(entry, self.reader.stat(entry))
 
     def _to_device(self, entry: FileEntry, slot: int, ranges, view_entry: FileEntry):
         """CUDA: copy the read ``ranges`` (default: all) of a slot to its device slot on the copy stream

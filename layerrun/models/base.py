@@ -50,20 +50,77 @@ class BaseArgs:
 
     @classmethod
     def from_dict(cls, d: dict):
-        names = {f.name for f in dataclasses.fields(cls)}
+        fields = dataclasses.fields(cls)
+        missing = [f.name for f in fields if f.name not in d and f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise ValueError(f"it lacks {', '.join(missing)}")
+        names = {f.name for f in fields}
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def __post_init__(self):
+        check_sizes(self)
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
+            if self.head_dim < 1:
+                raise ValueError(f"hidden_size={self.hidden_size} is smaller than num_attention_heads={self.num_attention_heads}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads={self.num_key_value_heads}")
         # transformers 5 moves rope_theta / rope_scaling into rope_parameters.
         rp = self.rope_parameters
         if isinstance(rp, dict) and "rope_type" in rp or isinstance(rp, dict) and "rope_theta" in rp:
             self.rope_theta = float(rp.get("rope_theta", self.rope_theta))
             if rp.get("rope_type", "default") != "default" and self.rope_scaling is None:
                 self.rope_scaling = rp
+
+
+# Sizes a config may state (when present), with a ceiling far above any real model: a config is
+# untrusted, and one claiming 10^9 layers or a 10^9 hidden size must be refused before anything is
+# sized by it (the engine then checks every size against the tensors actually stored).
+SIZE_LIMITS = {
+    "hidden_size": 2**20,
+    "num_hidden_layers": 10_000,
+    "intermediate_size": 2**22,
+    "moe_intermediate_size": 2**22,
+    "num_attention_heads": 2**16,
+    "num_key_value_heads": 2**16,
+    "head_dim": 2**16,
+    "vocab_size": 2**24,
+    "max_position_embeddings": 2**32,
+    "original_max_position_embeddings": 2**32,
+    "sliding_window_pattern": 10_000,
+    "num_local_experts": 2**16,
+    "num_experts": 2**16,
+    "num_experts_per_tok": 2**16,
+}
+
+
+def check_sizes(args) -> None:
+    """Every size field present is an integer within 1..its limit; the float fields are positive numbers."""
+    for name, hi in SIZE_LIMITS.items():
+        v = getattr(args, name, None)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"{name}={v!r} is not an integer")
+        if not 1 <= v <= hi:
+            raise ValueError(f"{name}={v} is out of range (1..{hi})")
+    for name in ("rms_norm_eps", "rope_theta"):
+        v = getattr(args, name, None)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
+            raise ValueError(f"{name}={v!r} is not a positive number")
+    for name in ("rope_scaling", "rope_parameters"):
+        v = getattr(args, name, None)
+        if v is not None and not isinstance(v, dict):
+            raise ValueError(f"{name} must be an object, found {type(v).__name__}")
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        v = getattr(args, name, None)
+        ids = v if isinstance(v, list) else [v]
+        if v is not None and not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise ValueError(f"{name}={v!r} is not a token id (or a list of them)")
 
 
 def rope_inv_freq(dim: int, base: float, scaling: dict | None, max_pos: int) -> tuple[torch.Tensor, float]:
