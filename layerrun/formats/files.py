@@ -208,6 +208,18 @@ def read_json(folder: str | os.PathLike, name: str, what: str = "file", limit: i
     return value
 
 
+def optional_json(folder: str | os.PathLike, name: str, what: str = "file", limit: int = MAX_JSON_BYTES,
+                  expect: type = dict):
+    """Like :func:`read_json`, but None when there is no file of that name at all (anything else under
+    the name, a FIFO or a link out of the folder, is still refused)."""
+    if not os.path.lexists(Path(folder) / name):
+        return None
+    try:
+        return read_json(folder, name, what, limit, expect)
+    except MissingFileError:  # a dangling symlink
+        return None
+
+
 def _json_kind(v) -> str:
     return {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
             bool: "true/false", type(None): "null"}.get(type(v), type(v).__name__)
