@@ -146,6 +146,20 @@ def open_file(folder: str | os.PathLike, name: str, what: str = "file", direct: 
     return fd, st
 
 
+def open_user_file(path: str | os.PathLike, what: str = "file") -> tuple[int, os.stat_result]:
+    """Open a file the user named (a command-line argument): symlinks are followed, since the user chose
+    the path, but it must still be a regular file (a FIFO or a device would block or never end)."""
+    path = Path(path)
+    real = Path(os.path.realpath(path))
+    try:
+        return open_file(real.parent, real.name, what)
+    except MissingFileError:
+        raise MissingFileError(f"{path}: no such file") from None
+    except FormatError as e:
+        msg = str(e)
+        raise FormatError(f"{path}: {msg[len(str(real)) + 2:]}" if msg.startswith(f"{real}: ") else msg) from None
+
+
 def is_file(folder: str | os.PathLike, name: str) -> bool:
     """Whether ``folder/name`` exists as something :func:`open_file` would open (a plain name; a regular
     file, or a symlink to one inside the folder). A quiet check for optional files."""

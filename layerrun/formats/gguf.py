@@ -57,6 +57,7 @@ import numpy as np
 import torch
 
 from layerrun.errors import FormatError, UnsupportedModelError
+from layerrun.formats.files import open_user_file
 from layerrun.formats.gguf_tokenizer import (  # noqa: F401  (TOKENIZER_KINDS: re-exported for older importers)
     TOKENIZER_KINDS,
     check_tokenizer,
@@ -128,27 +129,39 @@ class GGUFHeader:
         return self.metadata.get(f"{self.architecture}.{key}", default)
 
 
+MAX_NESTING = 4  # arrays of arrays of ...: llama.cpp writes none; a deeper file is damaged or hostile
+MAX_DIMS = 4  # GGML_MAX_DIMS
+MAX_ALIGNMENT = 1 << 20
+
+
 def read_header(path: str | Path) -> GGUFHeader:
     """Parse the metadata and the tensor table; reads no tensor data. Any damage is a FormatError."""
     path = Path(path)
-    if not path.is_file():
-        raise FormatError(f"{path}: no such file")
-    size = path.stat().st_size
-    if size < 24:
-        raise FormatError(f"{path}: not a GGUF file ({size} bytes, too short for a GGUF header)")
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        if mm[:4] != GGUF_MAGIC:
-            raise FormatError(f"{path}: not a GGUF file (starts with {bytes(mm[:4])!r}, expected b'GGUF')")
-        try:
-            return _parse(path, mm, size)
-        except (struct.error, IndexError, ValueError) as e:
-            raise FormatError(f"{path}: truncated or corrupt GGUF header ({e}); download the file again") from None
+    fd, st = open_user_file(path, "GGUF file")
+    try:
+        size = st.st_size
+        if size < 24:
+            raise FormatError(f"{path}: not a GGUF file ({size} bytes, too short for a GGUF header)")
+        with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as mm:
+            if mm[:4] != GGUF_MAGIC:
+                raise FormatError(f"{path}: not a GGUF file (starts with {bytes(mm[:4])!r}, expected b'GGUF')")
+            try:
+                return _parse(path, mm, size)
+            except (struct.error, IndexError, ValueError, OverflowError) as e:
+                raise FormatError(f"{path}: truncated or corrupt GGUF header ({e}); download the file again") from None
+            except RecursionError:
+                raise FormatError(f"{path}: corrupt GGUF header (metadata nested too deeply)") from None
+    finally:
+        os.close(fd)
 
 
 def _parse(path: Path, mm: mmap.mmap, size: int) -> GGUFHeader:
     version, n_tensors, n_kv = struct.unpack_from("<IQQ", mm, 4)
     if version not in (2, 3):
         raise FormatError(f"{path}: GGUF version {version} is not supported (supported: 2, 3)")
+    if n_kv * 12 > size or n_tensors * 24 > size:  # each entry takes at least that many bytes
+        raise FormatError(f"{path}: corrupt GGUF header: it claims {n_kv} metadata entries and {n_tensors} tensors, "
+                          f"more than {size} bytes can hold")
     pos = 24
 
     def string(p: int) -> tuple[str, int]:
@@ -157,13 +170,15 @@ def _parse(path: Path, mm: mmap.mmap, size: int) -> GGUFHeader:
             raise ValueError(f"a string runs past the end of the file at offset {p}")
         return mm[p + 8 : p + 8 + n].decode("utf-8"), p + 8 + n
 
-    def value(p: int, vtype: int):
+    def value(p: int, vtype: int, depth: int = 0):
         if vtype in _KV_FORMAT:
             fmt = "<" + _KV_FORMAT[vtype]
             return struct.unpack_from(fmt, mm, p)[0], p + struct.calcsize(fmt)
         if vtype == _STRING:
             return string(p)
         if vtype == _ARRAY:
+            if depth >= MAX_NESTING:
+                raise ValueError(f"arrays nested more than {MAX_NESTING} deep at offset {p}")
             etype, count = struct.unpack_from("<IQ", mm, p)
             p += 12
             if etype in _KV_NUMPY:
@@ -172,9 +187,11 @@ def _parse(path: Path, mm: mmap.mmap, size: int) -> GGUFHeader:
                 if end > size:
                     raise ValueError(f"an array runs past the end of the file at offset {p}")
                 return np.frombuffer(mm[p:end], dtype=dt).tolist(), end
+            if p + count * 8 > size:  # a string or an array takes at least 8 bytes
+                raise ValueError(f"an array of {count} entries runs past the end of the file at offset {p}")
             out = []
             for _ in range(count):
-                v, p = value(p, etype)
+                v, p = value(p, etype, depth + 1)
                 out.append(v)
             return out, p
         raise ValueError(f"unknown metadata value type {vtype} at offset {p}")
@@ -182,35 +199,75 @@ def _parse(path: Path, mm: mmap.mmap, size: int) -> GGUFHeader:
     metadata: dict = {}
     for _ in range(n_kv):
         key, pos = string(pos)
+        if key in metadata:
+            raise FormatError(f"{path}: corrupt GGUF header: metadata key {key!r} appears twice")
         (vtype,) = struct.unpack_from("<I", mm, pos)
         metadata[key], pos = value(pos + 4, vtype)
 
     types = _ggml_types()
     table = []
+    seen = set()
     for _ in range(n_tensors):
         name, pos = string(pos)
+        if name in seen:
+            raise FormatError(f"{path}: corrupt GGUF file: tensor {name!r} appears twice in its tensor table")
+        seen.add(name)
         (ndim,) = struct.unpack_from("<I", mm, pos)
+        if not 1 <= ndim <= MAX_DIMS:
+            raise FormatError(f"{path}: corrupt GGUF file: tensor {name!r} has {ndim} dimensions (1..{MAX_DIMS})")
         dims = struct.unpack_from(f"<{ndim}Q", mm, pos + 4)
         ggml_type, rel = struct.unpack_from("<IQ", mm, pos + 4 + 8 * ndim)
         pos += 4 + 8 * ndim + 12
         table.append((name, tuple(int(d) for d in reversed(dims)), int(ggml_type), int(rel)))
 
-    align = int(metadata.get("general.alignment", 32))
+    align = metadata.get("general.alignment", 32)
+    if not _is_int(align) or not 1 <= align <= MAX_ALIGNMENT or align & (align - 1):
+        raise FormatError(f"{path}: corrupt GGUF header: general.alignment {align!r} is not a power of two "
+                          f"(1..{MAX_ALIGNMENT})")
     data_start = (pos + align - 1) // align * align
     tensors: dict[str, TensorInfo] = {}
     for name, shape, ggml_type, rel in table:
         tname, block, block_bytes = types.get(ggml_type, (f"type{ggml_type}", 1, 0))
+        if shape[-1] % block:
+            raise FormatError(f"{path}: corrupt GGUF file: tensor {name!r} has rows of {shape[-1]} values, not a "
+                              f"whole number of {tname} blocks of {block}")
+        if rel % align:
+            raise FormatError(
+                f"{path}: tensor {name!r} starts at data offset {rel}, which is not a multiple of the file's "
+                f"general.alignment ({align}); the alignment does not match the data, or the file is damaged"
+            )
         n = prod(shape)
         nbytes = n // block * block_bytes
         tensors[name] = TensorInfo(name, shape, ggml_type, tname, data_start + rel, nbytes)
     header = GGUFHeader(path, version, metadata, tensors, size)
+    spans = sorted((t.offset, t.offset + t.nbytes, t.name) for t in tensors.values() if t.nbytes)
+    for (_, a1, an), (b0, _, bn) in zip(spans, spans[1:]):
+        if b0 < a1:
+            raise FormatError(f"{path}: corrupt GGUF file: the data of tensors {an!r} and {bn!r} overlap")
+    end = max((b for _, b, _ in spans), default=data_start)
     short = [t.name for t in tensors.values() if t.offset + t.nbytes > size]
+    if short and end - size < align and spans:
+        raise FormatError(
+            f"{path}: the tensor data runs {end - size} bytes past the end of the file: its general.alignment "
+            f"({align}) does not match how the data was written, or the file is truncated; download it again"
+        )
     if short:
         raise FormatError(
             f"{path}: truncated GGUF file ({size} bytes): the data of {len(short)} tensor(s) runs past the end "
             f"(first: {short[0]}); download the file again"
         )
+    sized = all(t.ggml_type in types for t in tensors.values())  # an unknown type's size is unknown
+    if spans and sized and size - end >= align:
+        raise FormatError(
+            f"{path}: {size - end} bytes follow the last tensor's data: the file's general.alignment ({align}) "
+            "does not match how its data was written (the tensors would be read from the wrong place), or the "
+            "file is damaged; download it again"
+        )
     return header
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 class GGUFFile:
@@ -220,7 +277,7 @@ class GGUFFile:
         self._fd: int | None = None
         self.path = Path(path)
         self.header = read_header(self.path)
-        self._fd = os.open(self.path, os.O_RDONLY)
+        self._fd, _ = open_user_file(self.path, "GGUF file")
 
     def read(self, name: str, dtype: torch.dtype | None = None, index: int | None = None) -> torch.Tensor:
         """One tensor: F16/BF16/F32 as stored, anything quantized dequantized to float32.
@@ -369,11 +426,13 @@ _SPLIT_EXPERT_RE = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight$"
 
 def _expert_count(h: GGUFHeader) -> int:
     n = h.arch_key("expert_count", 0)
-    return int(n or 0)
+    return n if _is_int(n) and n > 0 else 0  # anything else: check_metadata names it
 
 
 def arch_of(h: GGUFHeader) -> _Arch | None:
     """How the file maps to Hugging Face names, or None for an architecture not supported."""
+    if not isinstance(h.architecture, str):
+        return None
     if h.architecture == "llama" and _expert_count(h) > 0:
         return MIXTRAL
     return ARCHS.get(h.architecture)
@@ -414,8 +473,45 @@ def _rope_scaling(h: GGUFHeader) -> dict | None:
     raise UnsupportedModelError(f"{h.path.name}: RoPE scaling {kind!r} is not supported yet (supported: linear)")
 
 
+_REQUIRED_KEYS = ("block_count", "embedding_length", "attention.head_count")
+_INT_KEYS = (*_REQUIRED_KEYS, "attention.head_count_kv", "feed_forward_length", "expert_feed_forward_length",
+             "context_length", "vocab_size", "attention.key_length", "attention.value_length", "rope.dimension_count",
+             "attention.sliding_window", "attention.sliding_window_pattern", "expert_count", "expert_used_count")
+_FLOAT_KEYS = ("attention.layer_norm_rms_epsilon", "rope.freq_base", "attn_logit_softcapping",
+               "final_logit_softcapping", "rope.scaling.factor")
+_LIST_OK = ("attention.head_count_kv", "attention.sliding_window_pattern")  # per-layer values
+
+
+def check_metadata(h: GGUFHeader) -> None:
+    """The model's metadata has the keys a config needs, each of the right type and sign: a file that
+    lacks ``head_count`` or says ``block_count = "abc"`` is refused naming the key, before any
+    arithmetic on it."""
+    arch = h.architecture
+    for key in _REQUIRED_KEYS:
+        if f"{arch}.{key}" not in h.metadata:
+            raise FormatError(f"{h.path}: {arch}.{key} is missing; the file does not describe its model "
+                              "(damaged or incomplete GGUF)")
+    if f"{arch}.feed_forward_length" not in h.metadata and f"{arch}.expert_feed_forward_length" not in h.metadata:
+        raise FormatError(f"{h.path}: {arch}.feed_forward_length is missing; the file does not describe its model")
+    for key in _INT_KEYS:
+        v = h.metadata.get(f"{arch}.{key}")
+        if v is None or (key in _LIST_OK and isinstance(v, list) and all(_is_int(x) for x in v)):
+            continue
+        if not _is_int(v) or v < (0 if key in ("feed_forward_length", "expert_count", "expert_used_count") else 1):
+            raise FormatError(f"{h.path}: {arch}.{key} is {v!r}, not a positive integer")
+    for key in _FLOAT_KEYS:
+        v = h.metadata.get(f"{arch}.{key}")
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf")):
+            raise FormatError(f"{h.path}: {arch}.{key} is {v!r}, not a positive number")
+    for key in ("bos_token_id", "eos_token_id", "padding_token_id", "unknown_token_id"):
+        v = h.metadata.get(f"tokenizer.ggml.{key}")
+        if v is not None and (not _is_int(v) or v < 0):
+            raise FormatError(f"{h.path}: tokenizer.ggml.{key} is {v!r}, not a token id")
+
+
 def build_config(h: GGUFHeader) -> dict:
     """A Hugging Face ``config.json`` dict from the metadata, with the values transformers' GGUF loader gives."""
+    check_metadata(h)
     arch = h.architecture
     spec = arch_of(h)
     k = h.arch_key
@@ -425,6 +521,7 @@ def build_config(h: GGUFHeader) -> dict:
     if isinstance(kv, list):
         raise UnsupportedModelError(f"{h.path.name}: per-layer key/value head counts are not supported")
     tokens = h.metadata.get("tokenizer.ggml.tokens")
+    tokens = tokens if isinstance(tokens, list) else None
     head_dim = k("attention.key_length") or (k("rope.dimension_count") if arch == "llama" else None)
     cfg = {
         "model_type": spec.model_type,
@@ -627,6 +724,16 @@ class GGUFSource:
             n = self.config["num_attention_heads"] if ".q_proj." in name else self.config["num_key_value_heads"]
             x = _unpermute(x, n)  # a permutation of rows: the same before or after a cast
         return x if dtype is None else x.to(dtype)
+
+    def aux_names(self) -> list[str]:
+        """The files :meth:`write_aux_files` will write."""
+        meta = self.header.metadata
+        names = ["tokenizer.json", "tokenizer_config.json"] if "tokenizer.ggml.tokens" in meta else []
+        if names and meta.get("tokenizer.chat_template"):
+            names.append("chat_template.jinja")
+        if any(k in self.config for k in ("bos_token_id", "eos_token_id", "pad_token_id")):
+            names.append("generation_config.json")
+        return [*names, "config.json"]
 
     def write_aux_files(self, dst: Path) -> list[str]:
         """tokenizer.json, tokenizer_config.json, chat_template.jinja (if any), generation_config.json, config.json."""
