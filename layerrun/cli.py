@@ -456,6 +456,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return EXIT_ERROR
+    except OSError as e:  # the system refused a file the user named (permissions, a full disk, ...)
+        if a.debug:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        _err(f"{where}{e.strerror or e}")
+        return EXIT_ERROR
     except Exception as e:  # a bug, not bad input: still one line unless --debug
         if a.debug:
             raise

@@ -20,7 +20,7 @@ import torch
 
 from layerrun import __version__
 from layerrun.errors import FormatError, LayerRunError
-from layerrun.formats.aligned import write_aligned
+from layerrun.formats.aligned import ALIGN, write_aligned
 from layerrun.formats.destination import (
     BOOKKEEPING,
     LOCK_NAME,
@@ -250,6 +250,15 @@ def _check_distinct(src: Path, dst: Path) -> None:
         raise LayerRunError(f"{dst}: the destination is the source itself; convert into another folder")
 
 
+def _aux_bytes(source) -> int:
+    """About what the tokenizer and config files will take (a GGUF's tokenizer.json is built, not copied)."""
+    folder = getattr(source, "folder", None)
+    if folder is not None:
+        return sum(os.lstat(folder / n).st_size for n in _aux_names(source) if os.path.lexists(folder / n))
+    tokens = getattr(source, "header", None) and source.header.metadata.get("tokenizer.ggml.tokens")
+    return 64 * sum(len(t) + 8 for t in tokens) if isinstance(tokens, list) else 0
+
+
 def _aux_names(source) -> list[str]:
     names = getattr(source, "aux_names", None)
     return list(names()) if names else list(AUX_FILES)
@@ -301,9 +310,10 @@ def _convert_locked(source, dst: Path, model, config: dict, groups, names, out_d
 
     total = sum(out_bytes(f) for f in order)
     done_bytes = sum(out_bytes(f) for f in state["done"])
+    headers = 2 * ALIGN * (len(order) - len(state["done"]))  # each file's header, padded to a block
     try:
         save_state()
-        check_free_space(dst, total - done_bytes)
+        check_free_space(dst, total - done_bytes + headers + _aux_bytes(source))
     except OSError as e:
         raise write_error(e, dst, STATE_NAME, total - done_bytes) from None
     # A source whose get() takes a dtype (GGUF, HF folders) casts chunk by chunk: no whole float32 copy.

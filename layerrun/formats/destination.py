@@ -31,7 +31,7 @@ STATE_NAME = ".convert-state.json"
 LOCK_NAME = ".layerrun-convert.lock"
 BOOKKEEPING = {MANIFEST_NAME, STATE_NAME, LOCK_NAME, STAMP_NAME}
 _MODEL_FILE = re.compile(r"^(embeddings|final|layer_\d{3,})\.safetensors$")
-SPACE_MARGIN = 16 * 2**20  # headers, padding, the manifest: a little over the tensor bytes
+SPACE_MARGIN = 2**20  # the manifest, the state file; each file's header and padding are added per file
 
 
 def human(n: float) -> str:
@@ -129,11 +129,13 @@ def check_overwrites(dst: Path, will_write: set[str], owned: set[str]) -> None:
 
 
 def check_free_space(dst: Path, need: int) -> None:
+    """Refuse before writing anything when the filesystem of ``dst`` has less than ``need`` bytes free."""
+    need += SPACE_MARGIN
     free = shutil.disk_usage(dst).free
-    if need + SPACE_MARGIN > free:
+    if need > free:
         raise LayerRunError(
             f"{dst}: not enough free disk space: this conversion writes about {human(need)} and the filesystem has "
-            f"{human(free)} free; free {human(need + SPACE_MARGIN - free)} more or convert into another folder"
+            f"{human(free)} free; free {human(need - free)} more or convert into another folder"
         )
 
 

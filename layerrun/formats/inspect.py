@@ -164,13 +164,13 @@ def inspect_hf(folder: Path) -> dict:
 
 def inspect_path(path: str | Path) -> dict:
     p = Path(path)
-    if p.is_file() and p.suffix.lower() == ".gguf":
+    if not os.path.lexists(p):
+        raise FormatError(f"{p}: no such file or folder")
+    if not p.is_dir() and p.suffix.lower() == ".gguf":
         from layerrun.formats.gguf import inspect_gguf
 
-        return inspect_gguf(p)
-    if not p.exists():
-        raise FormatError(f"{p}: no such file or folder")
-    if p.is_dir() and (p / MANIFEST_NAME).is_file():
+        return inspect_gguf(p)  # refuses anything but a regular file
+    if p.is_dir() and os.path.lexists(p / MANIFEST_NAME):
         return inspect_layered(p)
     if p.is_dir():
         return inspect_hf(p)
