@@ -209,10 +209,9 @@ def cmd_generate(a) -> int:
 
 def _read_prompts(path: str) -> list[dict]:
     prompts = []
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError as e:
-        raise LayerRunError(f"--prompts-file {path}: {e.strerror}") from None
+    from layerrun.formats.files import read_user_text
+
+    lines = read_user_text(path, "prompts file").splitlines()  # a FIFO or a device is refused, not read forever
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue

@@ -189,7 +189,10 @@ class Engine:
             raise LayerRunError(f"--experts {experts!r} is not one of: routed, all")
         budget = parse_size(max_memory, "--max-memory") if max_memory is not None else None
         self.throttle = Throttle(parse_size(throttle, "--throttle")) if throttle else None
-        self.context = int(context or min(self.args.max_position_embeddings, DEFAULT_CONTEXT))
+        if context is not None and (isinstance(context, bool) or not isinstance(context, int) or context < 1):
+            raise LayerRunError(f"--context must be a positive number of tokens, got {context!r}")
+        # A context past the model's own buys nothing but a larger KV reservation.
+        self.context = min(int(context or DEFAULT_CONTEXT), self.args.max_position_embeddings)
         if batch_size < 1:
             raise LayerRunError(f"--batch-size must be >= 1, got {batch_size}")
         self.batch_size = int(batch_size)
@@ -553,6 +556,11 @@ class Engine:
         sampler, stop strings). Raises LayerRunError naming what is wrong."""
         params = SamplingParams(temperature, top_k, top_p, seed)
         sampler = make_sampler(params)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+            raise LayerRunError(f"max_new_tokens must be an integer, got {max_new_tokens!r}")
+        if stop is not None and not isinstance(stop, str) and (
+                not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop)):
+            raise LayerRunError(f"stop must be a string or a list of strings, got {stop!r}")
         if max_new_tokens < 1:
             raise LayerRunError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         prompt_ids = self.encode_prompt(prompt, chat=chat, system=system)

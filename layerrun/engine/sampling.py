@@ -24,6 +24,12 @@ class SamplingParams:
     seed: int | None = None
 
     def check(self) -> None:
+        for name, v in (("temperature", self.temperature), ("top_p", self.top_p)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v in (float("inf"), float("-inf")):
+                raise LayerRunError(f"{name} must be a finite number, got {v!r}")
+        for name, v in (("top_k", self.top_k), ("seed", self.seed)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+                raise LayerRunError(f"{name} must be an integer, got {v!r}")
         if self.temperature < 0:
             raise LayerRunError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:

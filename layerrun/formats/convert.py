@@ -56,6 +56,9 @@ def open_source(src: str | Path) -> ModelSource:
     if p.is_dir():
         from layerrun.formats.hf import HFSource
 
+        if os.path.lexists(p / MANIFEST_NAME):
+            raise FormatError(f"{p}: is already a LayerRun model ({MANIFEST_NAME}); it needs no conversion")
+
         return HFSource(p)
     if p.suffix.lower() == ".gguf":
         from layerrun.formats.gguf import GGUFSource

@@ -160,6 +160,16 @@ def open_user_file(path: str | os.PathLike, what: str = "file") -> tuple[int, os
         raise FormatError(f"{path}: {msg[len(str(real)) + 2:]}" if msg.startswith(f"{real}: ") else msg) from None
 
 
+def read_user_text(path: str | os.PathLike, what: str = "file", limit: int = MAX_TOKENIZER_BYTES) -> str:
+    """The text of a file the user named (e.g. ``--prompts-file``): a regular file, bounded, UTF-8."""
+    real = Path(os.path.realpath(path))
+    try:
+        return read_text(real.parent, real.name, what, limit)
+    except FormatError as e:
+        msg = str(e)
+        raise type(e)(f"{path}: {msg[len(str(real)) + 2:]}" if msg.startswith(f"{real}: ") else msg) from None
+
+
 def is_file(folder: str | os.PathLike, name: str) -> bool:
     """Whether ``folder/name`` exists as something :func:`open_file` would open (a plain name; a regular
     file, or a symlink to one inside the folder). A quiet check for optional files."""

@@ -108,10 +108,22 @@ def check_sizes(args) -> None:
             raise ValueError(f"{name}={v!r} is not an integer")
         if not 1 <= v <= hi:
             raise ValueError(f"{name}={v} is out of range (1..{hi})")
-    for name in ("rms_norm_eps", "rope_theta"):
-        v = getattr(args, name, None)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf"):
-            raise ValueError(f"{name}={v!r} is not a positive number")
+    for f in dataclasses.fields(args):  # the other plain numbers and flags, by their declared type
+        v, kind = getattr(args, f.name), str(f.type).replace(" | None", "")
+        if v is None or f.name in SIZE_LIMITS or kind not in ("int", "float", "bool"):
+            continue
+        if kind == "bool" and not isinstance(v, bool):
+            raise ValueError(f"{f.name}={v!r} is not true or false")
+        if kind == "int" and (isinstance(v, bool) or not isinstance(v, int) or abs(v) > 2**40):
+            raise ValueError(f"{f.name}={v!r} is not an integer in range")
+        if kind == "float":
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not abs(v) < 1e30:
+                raise ValueError(f"{f.name}={v!r} is not a finite number")
+            setattr(args, f.name, float(v))
+    if not 0 < args.rms_norm_eps <= 1:
+        raise ValueError(f"rms_norm_eps={args.rms_norm_eps!r} is not in (0, 1]")
+    if not 0 < args.rope_theta:
+        raise ValueError(f"rope_theta={args.rope_theta!r} is not a positive number")
     for name in ("rope_scaling", "rope_parameters"):
         v = getattr(args, name, None)
         if v is not None and not isinstance(v, dict):
