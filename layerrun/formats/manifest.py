@@ -94,7 +94,7 @@ def _tensor_from_json(at: str, n, t, file_bytes: int) -> TensorInfo:
     if not isinstance(t, dict) or not {"dtype", "shape", "offsets"} <= set(t):
         raise FormatError(f"{where}: entry must be an object with dtype, shape and offsets")
     dtype, shape, offs = t["dtype"], t["shape"], t["offsets"]
-    if dtype not in ST_DTYPES:
+    if not isinstance(dtype, str) or dtype not in ST_DTYPES:
         raise FormatError(f"{where}: unknown dtype {dtype!r} (known: {', '.join(ST_DTYPES)})")
     if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_is_int(x) and x >= 0 for x in shape):
         raise FormatError(f"{where}: shape {shape!r} is not a list of sizes >= 0")
@@ -223,7 +223,7 @@ class Manifest:
             raise FormatError(f"{path}: model_type {model_type!r} is not a name")
         if not _is_int(n) or not 1 <= n <= MAX_LAYERS:
             raise FormatError(f"{path}: num_layers {n!r} is not a layer count (1..{MAX_LAYERS})")
-        if dtype not in STORAGE_DTYPES:
+        if not isinstance(dtype, str) or dtype not in STORAGE_DTYPES:
             raise FormatError(f"{path}: dtype {dtype!r} is not a storage dtype ({', '.join(STORAGE_DTYPES)})")
         if not isinstance(files, list):
             raise FormatError(f"{path}: files must be a list")

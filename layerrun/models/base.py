@@ -100,6 +100,9 @@ SIZE_LIMITS = {
 
 def check_sizes(args) -> None:
     """Every size field present is an integer within 1..its limit; the float fields are positive numbers."""
+    for f in dataclasses.fields(args):
+        if getattr(args, f.name) is None and str(f.type) in ("int", "float", "bool", "str", "dict"):
+            raise ValueError(f"{f.name} is null; it must be set")
     for name, hi in SIZE_LIMITS.items():
         v = getattr(args, name, None)
         if v is None:
