@@ -671,8 +671,9 @@ def bench_generate(
             raise LayerRunError(f"--modes: {m!r} is not one of: stream, partial, full, auto")
     rates = parse_throttles(throttles)
     folder = resolve_model_path(path)
-    config = json.loads((folder / "config.json").read_text())
-    vocab = int(config.get("vocab_size") or config.get("text_config", {}).get("vocab_size"))
+    from layerrun.engine.engine import load_config
+
+    vocab = load_config(folder)[1].args.vocab_size  # config.json read and checked as the engine reads it
     ids = _prompt_ids(vocab, prompt_tokens, seed)
     context = prompt_tokens + max_new_tokens + 1
     result = {
