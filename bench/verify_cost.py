@@ -11,8 +11,9 @@ model is read once first), the three variants alternated within each round:
 - ``off``: ``verify=False``.
 
 Each run reports load seconds (resident files are hashed here), the first forward pass (prefill;
-streamed layers are hashed in the staging threads during it), decode tokens/s and the bytes hashed.
-The summary gives medians, the spread, and each variant's total time as a ratio of ``off``.
+streamed layers are hashed in the staging threads during it), decode tokens/s, the process's CPU
+seconds (user + system: what the check costs, whatever else the machine runs) and the bytes hashed.
+The summary gives medians, the spread, and each variant's wall and CPU time as a ratio of ``off``.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 CHILD = r"""
-import json, sys, time
+import json, resource, sys, time
 t0 = time.perf_counter()
 import layerrun
 path, mode, verify, tokens = sys.argv[1], sys.argv[2], sys.argv[3] == "1", int(sys.argv[4])
@@ -38,7 +39,8 @@ eng = layerrun.load(path, mode=mode, verify=verify, reader="pread", context=256)
 t2 = time.perf_counter()
 g = eng.generate(list(range(100, 132)), max_new_tokens=tokens, ignore_eos=True)
 t3 = time.perf_counter()
-print(json.dumps({"load_s": t2 - t1, "prefill_s": g.stats.prefill_s, "decode_tok_s": g.stats.decode_tokens_per_s,
+ru = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"cpu_s": ru.ru_utime + ru.ru_stime, "load_s": t2 - t1, "prefill_s": g.stats.prefill_s, "decode_tok_s": g.stats.decode_tokens_per_s,
                   "generate_s": t3 - t2, "total_s": t3 - t1,
                   "hashed_bytes": eng.verifier.hashed_bytes if eng.verifier else 0}))
 """
@@ -94,19 +96,21 @@ def main() -> None:
                 res = _run(a.model, mode, variant != "off", a.tokens)
                 results.setdefault((mode, variant), []).append(res)
                 print(f"round {r} {mode:6} {variant:7} load {res['load_s']:6.2f} s  prefill {res['prefill_s']:6.2f} s  "
-                      f"decode {res['decode_tok_s']:5.2f} tok/s  total {res['total_s']:6.2f} s  "
+                      f"decode {res['decode_tok_s']:5.2f} tok/s  total {res['total_s']:6.2f} s  cpu {res['cpu_s']:6.2f} s  "
                       f"hashed {res['hashed_bytes'] / 1e9:.2f} GB", flush=True)
     print(f"\nmedians over {a.rounds} rounds (min..max); load after: {os.getloadavg()}")
     for mode in a.modes.split(","):
         off = statistics.median(x["total_s"] for x in results[(mode, "off")])
+        off_cpu = statistics.median(x["cpu_s"] for x in results[(mode, "off")])
         for variant in ("first", "stamped", "off"):
             xs = results[(mode, variant)]
             tot = [x["total_s"] for x in xs]
+            cpu = statistics.median(x["cpu_s"] for x in xs)
             print(f"{mode:6} {variant:7} load {statistics.median(x['load_s'] for x in xs):6.2f} s  "
                   f"prefill {statistics.median(x['prefill_s'] for x in xs):6.2f} s  "
                   f"decode {statistics.median(x['decode_tok_s'] for x in xs):5.2f} tok/s  "
                   f"total {statistics.median(tot):6.2f} s ({min(tot):.2f}..{max(tot):.2f})  "
-                  f"= {statistics.median(tot) / off:.2f}x off")
+                  f"= {statistics.median(tot) / off:.2f}x off; cpu {cpu:6.2f} s = {cpu / off_cpu:.2f}x off")
 
 
 if __name__ == "__main__":

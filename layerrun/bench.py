@@ -671,7 +671,7 @@ def bench_generate(
             raise LayerRunError(f"--modes: {m!r} is not one of: stream, partial, full, auto")
     rates = parse_throttles(throttles)
     folder = resolve_model_path(path)
-    from layerrun.engine.engine import load_config
+    from layerrun.engine.model_files import load_config
 
     vocab = load_config(folder)[1].args.vocab_size  # config.json read and checked as the engine reads it
     ids = _prompt_ids(vocab, prompt_tokens, seed)

@@ -587,6 +587,10 @@ def test_force_overwrites_only_what_convert_wrote(tiny_hf, tmp_path, capsys):
     assert rc == 0, out
     assert not (dst / "layer_007.safetensors").exists() and (dst / "notes.txt").exists()
     assert Manifest.read(dst).num_layers == 3
+    # A manifest from before manifests listed their tokenizer and config files: those are still its own.
+    C.edit_manifest(dst, lambda d: d.pop("aux_files") and None)
+    rc, out = run_cli(capsys, "convert", tiny_hf("llama_gqa"), dst, "--force", "--quiet")
+    assert rc == 0, out
 
 
 def test_second_conversion_is_told_who_holds_the_folder(tiny_hf, tmp_path, capsys):

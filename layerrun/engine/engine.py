@@ -7,7 +7,6 @@ arrive; ``Engine.generate`` collects them into a :class:`Generation`;
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -17,18 +16,17 @@ from pathlib import Path
 import torch
 
 from layerrun.engine.kv_cache import KVCache
+from layerrun.engine.model_files import check_model_files, load_config
 from layerrun.engine.sampling import SamplingParams, make_sampler
 from layerrun.engine.telemetry import GenerationStats, peak_rss_bytes
 from layerrun.engine.tokenizer import Tokenizer
 from layerrun.engine.trace import TraceRecorder
 from layerrun.errors import FormatError, LayerRunError
 from layerrun.formats.convert import DTYPES
-from layerrun.formats.files import MissingFileError, read_json
 from layerrun.formats.integrity import Verifier
 from layerrun.formats.manifest import Manifest
 from layerrun.io.pipeline import LayerStream
 from layerrun.io.reader import FileReader
-from layerrun.models import build_model
 from layerrun.models.base import expert_index
 
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -73,35 +71,6 @@ class Generation:
             "finish_reason": self.finish_reason,
             "stats": self.stats.to_dict(),
         }
-
-
-def load_config(folder: Path) -> tuple[dict, object]:
-    """config.json (an untrusted JSON object) and the model it builds; errors name the file."""
-    try:
-        config = read_json(folder, "config.json", "config")
-    except MissingFileError:
-        raise FormatError(f"{folder}: config.json is missing") from None
-    try:
-        return config, build_model(config)
-    except LayerRunError as e:
-        msg = str(e)
-        raise type(e)(f"{folder}/{msg}" if msg.startswith("config.json") else f"{folder / 'config.json'}: {msg}") from None
-
-
-def check_model_files(folder: Path, manifest: Manifest, model) -> None:
-    """Before anything is allocated from the manifest's sizes: every file it names is a regular file
-    inside the folder with the size the manifest says, and every tensor agrees with config.json."""
-    from layerrun.formats.validate import check_against_config
-    from layerrun.io.reader import check_size, open_layer_file
-
-    problems = check_against_config(manifest, model)
-    if problems:
-        more = f" (and {len(problems) - 3} more; `layerrun validate {folder}` lists them all)" if len(problems) > 3 else ""
-        raise FormatError(f"{folder}: the files do not match config.json: {'; '.join(problems[:3])}{more}")
-    for entry in manifest.files:
-        fd, st = open_layer_file(folder, entry)
-        os.close(fd)
-        check_size(folder, entry, st.st_size)
 
 
 def resolve_model_path(path: str | Path) -> Path:

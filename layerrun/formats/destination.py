@@ -24,6 +24,7 @@ from pathlib import Path
 
 from layerrun.errors import FormatError, LayerRunError
 from layerrun.formats.files import optional_json
+from layerrun.formats.hf import AUX_FILES
 from layerrun.formats.integrity import STAMP_NAME
 from layerrun.formats.manifest import MANIFEST_NAME, Manifest
 
@@ -94,7 +95,10 @@ def owned_names(dst: Path) -> set[str]:
             m = Manifest.read(dst)
             owned |= {f.name for f in m.files}
             aux = m.extra.get("aux_files")
-            owned |= set(aux) if isinstance(aux, list) and all(isinstance(a, str) for a in aux) else set()
+            if isinstance(aux, list) and all(isinstance(a, str) for a in aux):
+                owned |= set(aux)
+            else:  # written before manifests listed them: a conversion writes these names and no others
+                owned |= set(AUX_FILES) | {"config.json"}
             ours = True
         except FormatError:
             ours = True  # our own manifest, damaged: its model files (named as only LayerRun names them) are ours
