@@ -14,6 +14,12 @@ Each run reports load seconds (resident files are hashed here), the first forwar
 streamed layers are hashed in the staging threads during it), decode tokens/s, the process's CPU
 seconds (user + system: what the check costs, whatever else the machine runs) and the bytes hashed.
 The summary gives medians, the spread, and each variant's wall and CPU time as a ratio of ``off``.
+
+The runs use ``OMP_WAIT_POLICY=PASSIVE`` by default: with libgomp's default (active) policy, idle
+OpenMP workers spin, and on a machine with more runnable threads than cores that spinning decided
+the figures: a run whose staging threads had run a torch op (the NaN/Inf check does) made libgomp
+count more threads than cores and throttle its spinning, and came out *faster* than a run without
+the check. Passive waiting removes that effect from the comparison (``--omp-wait active`` shows it).
 """
 
 from __future__ import annotations
@@ -42,7 +48,9 @@ t3 = time.perf_counter()
 ru = resource.getrusage(resource.RUSAGE_SELF)
 print(json.dumps({"cpu_s": ru.ru_utime + ru.ru_stime, "load_s": t2 - t1, "prefill_s": g.stats.prefill_s, "decode_tok_s": g.stats.decode_tokens_per_s,
                   "generate_s": t3 - t2, "total_s": t3 - t1,
-                  "hashed_bytes": eng.verifier.hashed_bytes if eng.verifier else 0}))
+                  "hashed_bytes": eng.verifier.hashed_bytes if eng.verifier else 0,
+                  "verify_s": eng.verifier.seconds if eng.verifier else 0.0,
+                  "verify_cpu_s": eng.verifier.cpu_seconds if eng.verifier else 0.0}))
 """
 
 
@@ -54,8 +62,9 @@ def _drop_stamps(model: Path) -> None:
             p.unlink()
 
 
-def _run(model: Path, mode: str, verify: bool, tokens: int) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+def _run(model: Path, mode: str, verify: bool, tokens: int, omp_wait: str = "passive") -> dict:
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "OMP_WAIT_POLICY": omp_wait.upper()}
     out = subprocess.run([sys.executable, "-c", CHILD, str(model), mode, "1" if verify else "0", str(tokens)],
                          capture_output=True, text=True, env=env, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -75,6 +84,8 @@ def main() -> None:
     ap.add_argument("--modes", default="stream,full", help="memory modes to measure")
     ap.add_argument("--tokens", type=int, default=8, help="tokens generated per run")
     ap.add_argument("--rounds", type=int, default=3, help="rounds (medians reported)")
+    ap.add_argument("--omp-wait", default="passive", choices=["passive", "active"],
+                    help="OMP_WAIT_POLICY of the runs (see the module docstring)")
     a = ap.parse_args()
     sys.path.insert(0, str(ROOT))
     if a.build:
@@ -93,11 +104,12 @@ def main() -> None:
             for variant in ("first", "stamped", "off"):
                 if variant == "first":
                     _drop_stamps(a.model)
-                res = _run(a.model, mode, variant != "off", a.tokens)
+                res = _run(a.model, mode, variant != "off", a.tokens, a.omp_wait)
                 results.setdefault((mode, variant), []).append(res)
                 print(f"round {r} {mode:6} {variant:7} load {res['load_s']:6.2f} s  prefill {res['prefill_s']:6.2f} s  "
                       f"decode {res['decode_tok_s']:5.2f} tok/s  total {res['total_s']:6.2f} s  cpu {res['cpu_s']:6.2f} s  "
-                      f"hashed {res['hashed_bytes'] / 1e9:.2f} GB", flush=True)
+                      f"hashed {res['hashed_bytes'] / 1e9:.2f} GB in {res['verify_s']:.2f} s "
+                      f"({res['verify_cpu_s']:.2f} s CPU)", flush=True)
     print(f"\nmedians over {a.rounds} rounds (min..max); load after: {os.getloadavg()}")
     for mode in a.modes.split(","):
         off = statistics.median(x["total_s"] for x in results[(mode, "off")])

@@ -145,6 +145,8 @@ class Verifier:
         self._done: set[tuple] = set()
         self._lock = threading.Lock()
         self.hashed_bytes = 0  # what this process had to hash (0 on a run the stamp covered)
+        self.seconds = 0.0  # time spent hashing and checking, summed over the threads that did it
+        self.cpu_seconds = 0.0  # their CPU time for it
 
     def needed(self, entry, st: os.stat_result) -> bool:
         key = (entry.name, entry.sha256, *identity(st))
@@ -167,6 +169,11 @@ class Verifier:
             self._done.add((entry.name, entry.sha256, *identity(st)))
             self.hashed_bytes += st.st_size
         self.stamp.add([(entry.name, entry.sha256, st)])
+
+    def spent(self, seconds: float, cpu_seconds: float) -> None:
+        with self._lock:
+            self.seconds += seconds
+            self.cpu_seconds += cpu_seconds
 
     def hash_fd(self, fd: int, start: int, end: int, h=None):
         """Hash bytes [start, end) of an open file (pread, in chunks); returns the hash object."""

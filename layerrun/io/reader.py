@@ -79,13 +79,17 @@ def verify_buffer(verifier: Verifier, folder: Path, entry: FileEntry, st: os.sta
                   tensors: dict[str, torch.Tensor] | None) -> None:
     """Check a file whose bytes from ``base`` on are in ``data`` (a buffer or a mapping): hash the first
     ``base`` bytes from the file and ``data`` from memory, compare with the manifest, check the tensors."""
+    t0, c0 = time.perf_counter(), time.thread_time()
     fd, _ = open_layer_file(folder, entry)
     try:
         h = verifier.hash_fd(fd, 0, base, hashlib.sha256())
     finally:
         os.close(fd)
     h.update(data)
-    verifier.finish(entry, st, h.hexdigest(), tensors)
+    try:
+        verifier.finish(entry, st, h.hexdigest(), tensors)
+    finally:
+        verifier.spent(time.perf_counter() - t0, time.thread_time() - c0)
 
 
 class FileReader:
