@@ -683,3 +683,23 @@ def test_budgeted_render_equals_plain_jinja(layered):
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     want = env.from_string(tok.chat_template).render(messages=msgs, add_generation_prompt=True, eos_token="<|im_end|>")
     assert tok.apply_chat_template(msgs) == want
+
+
+def test_partial_reads_check_the_whole_file_a_chunk_at_a_time(layered):
+    """Reading some tensors of a file (a MoE layer's resident attention) still checks all of it first."""
+    from layerrun.formats.integrity import STAMP_NAME, Verifier
+    from layerrun.formats.manifest import Manifest
+    from layerrun.io.reader import FileReader
+
+    (layered / STAMP_NAME).unlink(missing_ok=True)
+    m = Manifest.read(layered)
+    r = FileReader(layered, "pread", Verifier(layered))
+    w, _ = r.read_tensors(m.layer(0), ["input_layernorm.weight"])
+    assert set(w) == {"input_layernorm.weight"} and r.verifier.hashed_bytes == m.layer(0).bytes
+    _flip(layered)
+    with pytest.raises(FormatError, match="layer_002.safetensors: the file is corrupt"):
+        r.read_tensors(m.layer(2), ["input_layernorm.weight"])
+    _nan_layer(layered)
+    m = Manifest.read(layered)
+    with pytest.raises(FormatError, match="layer_001.safetensors: tensor mlp.up_proj.weight holds 1 NaN/Inf"):
+        FileReader(layered, "pread", Verifier(layered)).read_tensors(m.layer(1), ["input_layernorm.weight"])

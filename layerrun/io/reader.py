@@ -92,6 +92,26 @@ def verify_buffer(verifier: Verifier, folder: Path, entry: FileEntry, st: os.sta
         verifier.spent(time.perf_counter() - t0, time.thread_time() - c0)
 
 
+def verify_fd(verifier: Verifier, folder: Path, entry: FileEntry, fd: int, st: os.stat_result) -> None:
+    """Check a file without holding it: hash it and look for NaN/Inf a chunk at a time (for reads of
+    only some of its tensors, which must not cost a whole-file buffer)."""
+    from layerrun.formats.integrity import check_finite
+    from layerrun.formats.validate import nonfinite_tensors, sha256_fd
+
+    t0, c0 = time.perf_counter(), time.thread_time()
+    try:
+        digest = sha256_fd(fd, st.st_size)
+        if digest == entry.sha256:
+            bad = nonfinite_tensors(fd, entry)
+            if bad:
+                t = entry.tensors[bad[0]]
+                raw = bytearray(os.pread(fd, t.nbytes, t.start))
+                check_finite(folder / entry.name, {bad[0]: torch.frombuffer(raw, dtype=ST_DTYPES[t.dtype])})
+        verifier.finish(entry, st, digest, None)
+    finally:
+        verifier.spent(time.perf_counter() - t0, time.thread_time() - c0)
+
+
 class FileReader:
     """Reads whole layer files (their data region) into caller-provided aligned buffers.
 
@@ -167,14 +187,11 @@ class FileReader:
             return out, ReadStat(entry.name, n, t0, time.perf_counter(), "mmap")
         path = self.folder / entry.name
         fd, st = open_layer_file(self.folder, entry)
-        if self.verifier is not None and self.verifier.needed(entry, st):
-            os.close(fd)  # not yet verified: read (and check) the whole file once, keep the named tensors
-            w, _ = self.read(entry)
-            out = {k: v.clone() for k, v in w.items() if k in names}
-            return out, ReadStat(entry.name, sum(v.nbytes for v in out.values()), t0, time.perf_counter(), "pread")
         out, n = {}, 0
         try:
             self._check_size(entry, st.st_size)
+            if self.verifier is not None and self.verifier.needed(entry, st):
+                verify_fd(self.verifier, self.folder, entry, fd, st)  # the whole file, a chunk at a time
             for name, t in entry.tensors.items():
                 if name not in names:
                     continue
