@@ -129,7 +129,8 @@ def test_old_turns_are_dropped_when_the_context_fills(model):
 
 def test_progress_shows_while_the_first_token_comes(model):
     # a throttled stream: every token reads the whole model at 1 MB/s, so the first one takes a while
-    child = spawn(str(model), "--mode", "stream", "--throttle", "1MB/s", "--max-new-tokens", "2")
+    # (--prefetch 0: otherwise the 3 layers may all be staged ahead while the prompt waits for input)
+    child = spawn(str(model), "--mode", "stream", "--throttle", "1MB/s", "--max-new-tokens", "2", "--prefetch", "0")
     child.sendline("Hi")
     child.expect(r"reading layers \d+/3")
     child.expect_exact(">>> ")

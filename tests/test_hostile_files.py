@@ -703,3 +703,12 @@ def test_partial_reads_check_the_whole_file_a_chunk_at_a_time(layered):
     m = Manifest.read(layered)
     with pytest.raises(FormatError, match="layer_001.safetensors: tensor mlp.up_proj.weight holds 1 NaN/Inf"):
         FileReader(layered, "pread", Verifier(layered)).read_tensors(m.layer(1), ["input_layernorm.weight"])
+
+
+def test_extreme_sampling_values_never_reach_the_sampler_as_nan(layered):
+    """A repetition penalty the API allows (any > 0) can overflow a logit; it samples, not crashes."""
+    eng = layerrun.load(layered, mode="full")
+    g = eng.generate([1, 2, 3, 4], max_new_tokens=3, temperature=0.01, repetition_penalty=5e-324, ignore_eos=True)
+    assert len(g.token_ids) == 3
+    g = eng.generate([1, 2, 3, 4], max_new_tokens=3, temperature=1.0, repetition_penalty=5e-324, ignore_eos=True)
+    assert len(g.token_ids) == 3

@@ -113,6 +113,10 @@ def apply_penalties(
             seen[torch.tensor(ids)] = True
         seen = seen.to(out.device)
         out = torch.where(seen, torch.where(out > 0, out / repetition, out * repetition), out)
+        # A tiny penalty (the API allows any > 0, e.g. 5e-324) overflows a logit to inf and the softmax to NaN;
+        # the largest finite float32 samples the same (the seen token wins either way).
+        out = torch.nan_to_num(out, nan=0.0, posinf=torch.finfo(torch.float32).max / 2,
+                               neginf=torch.finfo(torch.float32).min / 2)
     if (frequency or presence) and output_ids:
         counts = torch.bincount(torch.tensor([i for i in output_ids if 0 <= i < vocab], dtype=torch.long),
                                 minlength=vocab)[:vocab].to(out.device, out.dtype)
@@ -156,6 +160,8 @@ def make_sampler(params: SamplingParams) -> Sampler:
 
     def sample(logits: torch.Tensor) -> torch.Tensor:
         x = logits.float() / params.temperature
+        big = torch.finfo(torch.float32).max
+        x = torch.nan_to_num(x, nan=-big, posinf=big, neginf=-big)  # huge logits (a tiny penalty or temperature)
         x = apply_top_k(x, params.top_k)
         x = apply_top_p(x, params.top_p)
         x = apply_min_p(x, params.min_p)
