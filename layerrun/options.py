@@ -29,6 +29,7 @@ def engine_options(a) -> dict:
         mode=a.mode, max_memory=a.max_memory, prefetch=a.prefetch, throttle=a.throttle, device=a.device,
         reader=a.reader, dtype=a.compute_dtype, context=a.context, batch_size=a.batch_size,
         experts=getattr(a, "experts", "routed"), kv_cache=getattr(a, "kv_cache", "auto"),
+        threads=getattr(a, "threads", None),
     )
 
 
@@ -51,6 +52,9 @@ def add_engine_flags(c) -> None:
     c.add_argument("--kv-cache", default="auto", choices=["auto", "device", "host"],
                    help="where the KV cache lives: auto (the governor decides), device (with the computing layers), "
                         "host (host memory, each layer's part copied to the GPU for its compute: frees VRAM)")
+    c.add_argument("--threads", default="auto",
+                   help="compute threads (torch's, for the whole process): a number, or auto = one per physical "
+                        "core less one, at least 1 (on a busy 2-core machine 2 threads ran 2-10x slower than 1)")
     c.add_argument("--experts", default="routed", choices=["routed", "all"],
                    help="mixture-of-experts models (Mixtral): routed reads only the experts each step routes to "
                         "in streamed layers; all reads whole layers ahead, like a dense model")

@@ -163,6 +163,8 @@ class Engine:
             self.dtype = DTYPES[dtype]
         self.notes = notes
         self.fast = bool(fast) and self.device.type == "cpu"
+        # Streamed layers are not packed (a copy per read); only float32 gains from oneDNN unpacked.
+        self._fast_stream = self.fast and self.dtype == torch.float32 and available(torch.float32)
         if verify:
             from layerrun.formats.validate import validate_folder
 
@@ -300,7 +302,7 @@ class Engine:
     def _prepare_streamed(self, w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A streamed layer's weights: prepared, and float32 ones on oneDNN's kernel (no copy)."""
         w = self._prepare_weights(w)
-        return fast_weights(w, pack=False) if self.fast else w
+        return fast_weights(w, pack=False) if self._fast_stream else w
 
     def _load_ends(self, stored: torch.dtype) -> tuple[dict, dict]:
         """The embeddings and the final norm / head, resident.

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures as cf
+import mmap
 import os
 import threading
 import time
@@ -231,7 +232,14 @@ class LayerStream:
         self._next_consume = 0
         self._closed = False
         self._loop = None
-        if self.depth > 0 and entries:
+        # mmap on CPU: staging is making views and a read-ahead hint, microseconds of work, so it runs
+        # inline in the compute thread; the kernel reads ahead on the hints (MADV_WILLNEED) given
+        # ``depth`` layers early. No event loop or stage thread wakes up per layer to compete with
+        # compute for the cores (bench/RESULTS.md, "Compute speed").
+        self.inline = self._mmap_reader is not None and not self.cuda
+        self._hinted = -1  # the last sequence number whose layer was given a read-ahead hint
+        self._probe = bytearray(mmap.PAGESIZE)
+        if self.depth > 0 and entries and not self.inline:
             self._loop = new_event_loop()
             self._free: asyncio.Queue | None = None
             self._ready = threading.Event()
@@ -290,7 +298,8 @@ class LayerStream:
         if self._mmap_reader is not None and not self.cuda:
             # mmap: no slot, tensors view the mapping; touching the pages now faults them in ahead of compute.
             w = views(staged_entry, self._mmap_reader.mapping(entry), 0)
-            self._mmap_reader.advise(entry, ranges)
+            if not (self.inline and seq <= self._hinted):  # inline: hinted already, depth layers ago
+                self._mmap_reader.advise(entry, ranges)
             n = entry.bytes - entry.data_start if subset is None else sum(b - a for a, b in ranges)
             rec = ReadRecord(layer, n, t0, time.perf_counter())
             return StagedLayer(rec.layer, self.prepare(w), slot, rec, seq, None, entry, subset is not None)
@@ -354,7 +363,9 @@ class LayerStream:
         seq = self._next_consume
         self._next_consume += 1
         t0 = time.perf_counter()
-        if self._loop is None:  # depth 0: read synchronously into the single slot
+        if self._loop is None:  # depth 0 or inline mmap: stage here (depth 0: read into the single slot)
+            if self.inline:
+                self._hint_ahead(seq)
             staged = self._stage(seq, self.entries[seq % len(self.entries)], 0)
         else:
             staged = self._future(seq).result()
@@ -368,6 +379,35 @@ class LayerStream:
             self.stats.stall_s += wait  # no overlap at depth 0: every read is a stall
         self.stats.reads.append(staged.record)
         return staged
+
+    def _hint_ahead(self, seq: int) -> None:
+        """mmap: ask the kernel to read the next ``depth`` layers (each hinted once per pass), unless
+        they are in the page cache already: MADV_WILLNEED walks every page even then (~0.1-0.5 ms for
+        a 7-14 MB layer here, as much as the layer's compute)."""
+        n = len(self.entries)
+        for k in range(max(seq + 1, self._hinted + 1), seq + self.depth + 1):
+            e = self.entries[k % n]
+            self._hinted = k
+            if self._cached(e):
+                continue
+            subset = None if self.whole else self.subsets.get(e.name)
+            self._mmap_reader.mapping(e)
+            self._mmap_reader.advise(e, None if subset is None else self._subset_ranges[e.name])
+
+    def _cached(self, entry: FileEntry) -> bool:
+        """Whether a file's data looks resident in the page cache: a non-blocking read
+        (``RWF_NOWAIT``) of one page at its start, middle and end succeeds. False where unsupported."""
+        if not hasattr(os, "RWF_NOWAIT"):
+            return False
+        fd = self.reader._fd(entry)
+        page = mmap.PAGESIZE
+        for off in (entry.data_start, (entry.data_start + entry.bytes) // 2, entry.bytes - 1):
+            try:
+                if os.preadv(fd, [self._probe], off - off % page, os.RWF_NOWAIT) <= 0:
+                    return False
+            except OSError:  # BlockingIOError (EAGAIN): not cached; EOPNOTSUPP: cannot tell
+                return False
+        return True
 
     def release(self, staged: StagedLayer) -> None:
         """Hand the slot back; the pipeline refills it with the next layer at once.

@@ -156,8 +156,8 @@ class FileReader:
 
     def mapping(self, entry: FileEntry) -> torch.Tensor:
         """The whole file, memory-mapped (once) as a uint8 tensor."""
-        path = self.folder / entry.name
         if entry.name not in self._maps:
+            path = self.folder / entry.name
             try:
                 with open(path, "rb") as f:
                     self._check_size(entry, os.fstat(f.fileno()).st_size)
