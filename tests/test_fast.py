@@ -108,7 +108,7 @@ def test_fast_stream_equals_full(tiny_layered):
     ids = [5, 17, 3, 42, 8]
     full = layerrun.load(path, mode="full", device="cpu").generate(ids, max_new_tokens=10, ignore_eos=True)
     with layerrun.load(path, mode="stream", reader="mmap", device="cpu") as eng:
-        assert eng._stream.inline and eng._stream._loop is None  # no pipeline thread with mmap on CPU
+        assert eng._stream.inline and not eng._stream.threaded  # no pipeline thread with mmap on CPU
         streamed = eng.generate(ids, max_new_tokens=10, ignore_eos=True)
         assert streamed.token_ids == full.token_ids
         assert streamed.stats.streamed_layers == eng.args.num_hidden_layers
