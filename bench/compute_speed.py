@@ -68,7 +68,7 @@ class LayerRunSide:
         t = []
         for c in self.eng.stream(ids, max_new_tokens=n, ignore_eos=True):
             if c.token_id is not None:
-                t.append((time.perf_counter(), c.token_id))
+                t.append((time.perf_counter(), c.token_id, time.process_time()))
         return t
 
     def close(self):
@@ -86,7 +86,7 @@ class TransformersSide:
 
         class S:
             def put(self, v):
-                stamps.append((time.perf_counter(), v.reshape(-1)[-1].item()))
+                stamps.append((time.perf_counter(), v.reshape(-1)[-1].item(), time.process_time()))
 
             def end(self):
                 pass
@@ -114,7 +114,7 @@ class LlamaCppSide:
         self.llm.reset()
         t = []
         for tok in self.llm.generate(ids, temp=0.0, top_k=1, reset=True):
-            t.append((time.perf_counter(), int(tok)))
+            t.append((time.perf_counter(), int(tok), time.process_time()))
             if len(t) == n:
                 break
         return t
@@ -124,10 +124,14 @@ class LlamaCppSide:
 
 
 def rates(stamps, t0, prompt_tokens):
+    """(decode tok/s, prefill tok/s, process CPU ms per decoded token: all threads, less sensitive to
+    other processes taking the cores than wall time)."""
     times = [s[0] for s in stamps]
-    decode = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else 0.0
+    n = len(times) - 1
+    decode = n / (times[-1] - times[0]) if n > 0 and times[-1] > times[0] else 0.0
     prefill = prompt_tokens / (times[0] - t0)
-    return decode, prefill
+    cpu = (stamps[-1][2] - stamps[0][2]) / n * 1e3 if n > 0 else 0.0
+    return decode, prefill, cpu
 
 
 def spread(xs):
@@ -162,7 +166,7 @@ def run(model, dtype, contenders, gguf, threads, rounds, n, prompt_tokens, log):
     torch.set_num_threads(threads)
     for s in sides.values():  # warm-up: first-call allocations, kernel selection
         s.run(ids, 3)
-    res = {c: {"decode": [], "prefill": [], "tokens": None} for c in sides}
+    res = {c: {"decode": [], "prefill": [], "cpu": [], "tokens": None} for c in sides}
     loads = []
     for r in range(rounds):
         loads.append(round(os.getloadavg()[0], 2))
@@ -171,12 +175,13 @@ def run(model, dtype, contenders, gguf, threads, rounds, n, prompt_tokens, log):
             torch.set_num_threads(threads)
             t0 = time.perf_counter()
             stamps = s.run(ids, n)
-            d, p = rates(stamps, t0, prompt_tokens)
+            d, p, cpu = rates(stamps, t0, prompt_tokens)
+            res[c]["cpu"].append(cpu)
             res[c]["decode"].append(d)
             res[c]["prefill"].append(p)
-            res[c]["tokens"] = [t for _, t in stamps]
-            line.append(f"{c} {d:.1f}/{p:.0f}")
-        log(f"round {r + 1} (load {loads[-1]}): decode/prefill tok/s: " + ", ".join(line))
+            res[c]["tokens"] = [s[1] for s in stamps]
+            line.append(f"{c} {d:.1f}/{p:.0f}/{cpu:.0f}")
+        log(f"round {r + 1} (load {loads[-1]}): decode tok/s / prefill tok/s / cpu ms per token: " + ", ".join(line))
     for s in sides.values():
         s.close()
     out = {"bench": "compute_speed", "model": str(folder), "dtype": dtype, "threads": threads, "rounds": rounds,
@@ -185,12 +190,15 @@ def run(model, dtype, contenders, gguf, threads, rounds, n, prompt_tokens, log):
     base = res.get("layerrun")
     for c, v in res.items():
         e = {"decode_tok_s": round(statistics.median(v["decode"]), 2), "decode_spread": spread(v["decode"]),
-             "prefill_tok_s": round(statistics.median(v["prefill"]), 1), "prefill_spread": spread(v["prefill"])}
+             "prefill_tok_s": round(statistics.median(v["prefill"]), 1), "prefill_spread": spread(v["prefill"]),
+             "cpu_ms_per_token": round(statistics.median(v["cpu"]), 1), "cpu_spread": spread(v["cpu"])}
         if base is not None and c != "layerrun":
             e["layerrun_decode_ratio"] = round(statistics.median(
                 [a / b for a, b in zip(base["decode"], v["decode"], strict=True) if b]), 3)
             e["layerrun_prefill_ratio"] = round(statistics.median(
                 [a / b for a, b in zip(base["prefill"], v["prefill"], strict=True) if b]), 3)
+            e["layerrun_cpu_ratio"] = round(statistics.median(  # > 1: LayerRun needs less CPU per token
+                [b / a for a, b in zip(base["cpu"], v["cpu"], strict=True) if a]), 3)
             if c != "llamacpp":  # llama.cpp's greedy pick may differ in the last bits of a tie
                 same = sum(a == b for a, b in zip(base["tokens"], v["tokens"], strict=False))
                 e["greedy_tokens_agree"] = f"{same}/{len(v['tokens'])}"
@@ -225,7 +233,7 @@ def main() -> int:
     else:
         for c, e in res["results"].items():
             print(f"{c:16s} decode {e['decode_tok_s']:7.2f} tok/s {e['decode_spread']}  prefill {e['prefill_tok_s']:8.1f} "
-                  f"tok/s  " + " ".join(f"{k}={v}" for k, v in e.items() if "ratio" in k or "agree" in k))
+                  f"tok/s  cpu {e['cpu_ms_per_token']:.1f} ms/token  " + " ".join(f"{k}={v}" for k, v in e.items() if "ratio" in k or "agree" in k))
     return 0
 
 
