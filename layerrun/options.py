@@ -73,7 +73,7 @@ def print_stats(stats, file=sys.stderr) -> None:
     rows = [
         ("mode", f"{stats.mode} ({stats.resident_layers} resident, {stats.streamed_layers} streamed, prefetch {stats.prefetch})"),
         ("reader", f"{stats.reader}{' (O_DIRECT)' if stats.direct_io else ''}"),
-        ("device / dtype", f"{stats.device} / {stats.dtype}"),
+        ("device / dtype", f"{stats.device} / {stats.dtype}" + (f", {stats.threads} thread{'s' if stats.threads != 1 else ''}" if stats.threads else "")),
         ("KV cache", {"host": "host memory, each layer's part copied to the device for its compute"}.get(
             stats.kv_location, f"on {stats.kv_location}")),
         ("tokens", f"prompt {stats.prompt_tokens}, generated {stats.generated_tokens}"),
