@@ -60,7 +60,7 @@ import functools
 import re
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -76,13 +76,18 @@ SCALE_DTYPE = torch.bfloat16
 FUSED_MAX_ROWS = 16
 FORMAT = "layerrun-quant-v1"
 SUFFIXES = (".q", ".scale", ".zero")
-STORED_LAYOUT = (32, True)  # int4 bytes on disk: the CPU kernel's layout on AVX2 builds (see _cpu_pack)
+STORED_LAYOUT = (32, True)  # int4 bytes on disk by default (files without int4_layout): the kernel's AVX2 layout
+# int4 layouts a file may hold (QuantScheme.layout), by their manifest names
+LAYOUT_NAMES = {(32, True): "tinygemm-cpu-n32", (64, True): "tinygemm-cpu-n64"}
 
 
 @dataclass(frozen=True)
 class QuantScheme:
     method: str  # "int8" | "int4"
     group_size: int | None  # None: per output channel
+    # int4: the kernel layout of the stored bytes, chosen at conversion time (the converting machine's,
+    # see native_int4_layout); a reader whose CPU wants another repacks each weight after the read.
+    layout: tuple[int, bool] = field(default=STORED_LAYOUT, compare=False)
 
     @property
     def bits(self) -> int:
@@ -100,7 +105,7 @@ class QuantScheme:
             "group_size": self.group_size,
             "symmetric": self.method == "int8",
             "scale_dtype": str(SCALE_DTYPE).replace("torch.", ""),
-            **({"int4_layout": "tinygemm-cpu-n32"} if self.method == "int4" else {}),
+            **({"int4_layout": LAYOUT_NAMES[self.layout]} if self.method == "int4" else {}),
             "applies_to": "2-D *.weight tensors of decoder layers; embeddings, head, norms and biases keep the storage dtype",
         }
 
@@ -110,7 +115,15 @@ class QuantScheme:
         if method not in METHODS:
             raise LayerRunError(f"quantization method {method!r} is not supported; supported: {', '.join(METHODS)}")
         g = d.get("group_size")
-        return cls(method, int(g) if g else None)
+        layout = STORED_LAYOUT
+        if method == "int4":
+            name = d.get("int4_layout", LAYOUT_NAMES[STORED_LAYOUT])
+            found = [k for k, v in LAYOUT_NAMES.items() if v == name]
+            if not found:
+                raise LayerRunError(f"int4_layout {name!r} is not supported; supported: {', '.join(LAYOUT_NAMES.values())} "
+                                    "(re-run `layerrun convert --quantize int4` with this version)")
+            layout = found[0]
+        return cls(method, int(g) if g else None, layout)
 
 
 def parse_scheme(text: str) -> QuantScheme:
@@ -119,6 +132,8 @@ def parse_scheme(text: str) -> QuantScheme:
     if not m:
         raise LayerRunError(f"--quantize {text!r} is not one of: int8, int4 (optionally with a group size, e.g. int4-g32)")
     method, g = m.group(1), m.group(2)
+    if method == "int4":
+        return _int4_scheme(text, g)
     if g is None:
         return QuantScheme(method, DEFAULT_GROUP[method])
     if g == "channel":
@@ -128,6 +143,22 @@ def parse_scheme(text: str) -> QuantScheme:
     if int(g) not in GROUP_SIZES:
         raise LayerRunError(f"--quantize {text}: group size must be one of {', '.join(map(str, GROUP_SIZES))}")
     return QuantScheme(method, int(g))
+
+
+def _int4_scheme(text: str, g: str | None) -> QuantScheme:
+    if g == "channel":
+        raise LayerRunError("--quantize int4 needs a group size (int4-g32 … int4-g256); per-channel int4 is too lossy")
+    if g is not None and int(g) not in GROUP_SIZES:
+        raise LayerRunError(f"--quantize {text}: group size must be one of {', '.join(map(str, GROUP_SIZES))}")
+    return QuantScheme("int4", int(g) if g else DEFAULT_GROUP["int4"], native_int4_layout())
+
+
+def native_int4_layout() -> tuple[int, bool]:
+    """The int4 layout new files are written in: this CPU's kernel layout where it is one a file may
+    hold (so streaming reads need no repack here: it cost 1.5-4 ms of CPU per SmolLM2 layer on
+    AVX-512), else the AVX2 one."""
+    layout = cpu_int4_layout()
+    return layout if layout in LAYOUT_NAMES else STORED_LAYOUT
 
 
 def _as_scheme(scheme) -> QuantScheme:
@@ -172,7 +203,7 @@ def quantize_tensor(w: torch.Tensor, scheme: QuantScheme) -> dict[str, torch.Ten
     zero = (lo + 8 * s).to(SCALE_DTYPE)  # tinygemm's zero: the value of q == 8 (all values where the step is 0)
     base = zero.float() - 8 * s  # the value of q == 0, as the kernel will compute it
     q = torch.round((x - base[..., None]) / s.masked_fill(s == 0, 1.0)[..., None]).clamp_(0, 15)
-    return {".q": _cpu_pack(q.to(torch.uint8).reshape(N, K), *STORED_LAYOUT), ".scale": scale, ".zero": zero}
+    return {".q": _cpu_pack(q.to(torch.uint8).reshape(N, K), *scheme.layout), ".scale": scale, ".zero": zero}
 
 
 INT4_CLIPS = (1.0, 0.9)  # shares of each group's [min, max] range tried as the starting grid
@@ -425,8 +456,9 @@ class QuantizedWeight:
     """
 
     def __init__(self, method: str, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, layout: tuple[int, bool] = STORED_LAYOUT):
         self.method = method
+        self._stored = layout  # int4: the layout of ``q`` as read
         N = q.shape[0]
         K = q.shape[1] * (2 if method == "int4" else 1)
         self.shape = torch.Size((N, K))
@@ -451,11 +483,11 @@ class QuantizedWeight:
             layout = cpu_int4_layout()
             if layout is None:
                 return
-            if layout == STORED_LAYOUT:
+            if layout == self._stored:
                 self.packed = self.q  # as read: no copy at all
             elif layout == "op":
                 self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.unpacked().int(), 1)
-            elif layout == (64, True) and STORED_LAYOUT == (32, True) and N % 64 == 0:
+            elif layout == (64, True) and self._stored == (32, True) and N % 64 == 0:
                 # AVX-512 from the stored AVX2 layout: nibbles moved between byte pairs, 4 byte ops (~10x
                 # faster than unpacking and packing again; it runs for every streamed layer).
                 self.packed, self.q = _avx2_to_avx512(self.q, N, K), None
@@ -499,7 +531,7 @@ class QuantizedWeight:
         if self.method == "int8":
             return self.q
         if self.q is not None:
-            return _cpu_unpack(self.q, *STORED_LAYOUT)
+            return _cpu_unpack(self.q, *self._stored)
         return _cpu_unpack(self.packed, *self._layout)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -553,7 +585,8 @@ def dequantize_weights(weights: dict[str, torch.Tensor], scheme, dtype: torch.dt
     for streamed layers). No GPU work is issued here: on CUDA, weights are
     dequantized inside ``F.linear``, on the compute stream.
     """
-    method = _as_scheme(scheme).method
+    sch = _as_scheme(scheme)
+    method = sch.method
     out: dict[str, torch.Tensor] = {}
     owns_all = True
     for name, t in weights.items():
@@ -566,7 +599,7 @@ def dequantize_weights(weights: dict[str, torch.Tensor], scheme, dtype: torch.dt
         zero = weights.get(base + ".zero")
         if method == "int4" and zero is None:
             raise LayerRunError(f"quantized tensor {base} has no .zero; the file does not match its int4 scheme")
-        qw = QuantizedWeight(method, t, weights[base + ".scale"], zero, dtype)
+        qw = QuantizedWeight(method, t, weights[base + ".scale"], zero, dtype, sch.layout)
         owns_all = owns_all and qw.q is None
         out[base] = qw
     if owns_all and len(out) != len(weights):
@@ -583,7 +616,7 @@ def prepared_extra_bytes(entry, scheme, device: str = "cpu") -> int:
     every weight (about the size of the file's ``.q`` tensors); everything else
     computes from the read buffer in place.
     """
-    if not scheme or device != "cpu" or _as_scheme(scheme).method != "int4" or cpu_int4_layout() == STORED_LAYOUT:
+    if not scheme or device != "cpu" or _as_scheme(scheme).method != "int4" or cpu_int4_layout() == _as_scheme(scheme).layout:
         return 0
     return sum(t.nbytes for n, t in entry.tensors.items() if n.endswith(".q"))
 
