@@ -39,12 +39,15 @@ dependency and a model-rewriting API but no speed. The int8 kernel takes only
 per-channel scales, which is why int8 defaults to per-channel: per-group int8
 (``int8-g128``) is supported but computes by dequantizing each weight before a
 dense matmul. The int4 kernel wants its own blocked layout, which depends on the
-CPU's vector width (rows in blocks of 32 with AVX2, 64 with AVX-512). Files store
-the AVX2 layout, so on AVX2 machines a layer is used as read, with no copy; on
-others :func:`_cpu_pack` repacks it with a few tensor ops (4x faster than
-``torch._convert_weight_to_int4pack_for_cpu``, which would otherwise be the
-bottleneck of a streamed int4 layer). Which layout this PyTorch build uses is
-checked once per process against that op (:func:`cpu_int4_layout`).
+CPU's vector width (rows in blocks of 32 with AVX2, 64 with AVX-512). A file is
+written in the converting CPU's layout and says which in its manifest
+(``int4_layout``; files without it hold the AVX2 one), so on a machine like the
+converting one a layer is used as read, with no copy; on others the bytes are
+repacked after the read, AVX2 -> AVX-512 by moving nibbles between the halves of
+each 64-row block (:func:`_avx2_to_avx512`), otherwise by :func:`_cpu_pack` (4x
+faster than ``torch._convert_weight_to_int4pack_for_cpu``). Which layout this
+PyTorch build uses is checked once per process against that op
+(:func:`cpu_int4_layout`).
 
 When the kernels are used: on CPU, for up to :data:`FUSED_MAX_ROWS` rows of
 activations (decode, small batches), in bfloat16 (fp32 activations are rounded
