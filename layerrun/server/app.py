@@ -109,7 +109,7 @@ def create_app(
     cors_origins = check_cors_origins(cors_origins)
     if engine.has_tokenizer:
         engine.tokenizer  # noqa: B018 - load it now, not concurrently from two request threads
-    metrics = ServerMetrics(engine, batch_size, max_waiting)
+    metrics = ServerMetrics(engine, batch_size, max_waiting, names[0])
     worker = Worker(engine, batch_size, max_waiting, metrics)
     context = min(engine.context, engine.args.max_position_embeddings)
     created = int(time.time())

@@ -193,6 +193,7 @@ class Worker:
                 continue
             if t.t_last is None:
                 m.ttft.observe(now - t.t_submit)
+                m.queue_time.observe(max(0.0, r._joined_at - t.t_submit))
                 m.prompt_tokens.inc(len(r.prompt_ids))
             else:
                 m.itl.observe(now - t.t_last)
@@ -202,6 +203,7 @@ class Worker:
                 t.finished = True
                 del self._tickets[r.id]
                 m.finished.inc(finish_reason=ev.finish_reason)
+                m.e2e.observe(now - t.t_submit)
                 out.prompt_tokens = len(r.prompt_ids)
                 out.completion_tokens = r.stats.generated_tokens
             items.append((t, out))
@@ -210,6 +212,7 @@ class Worker:
     def _gauges(self) -> None:
         self.metrics.running.set(sum(1 for r in self.bg.rows if not r.done and not r.cancelled))
         self.metrics.waiting.set(sum(1 for r in self.bg.waiting if not r.cancelled) + self._pending)
+        self.metrics.observe_kv(self.bg)
 
     def _shutdown(self, msgs: list) -> None:
         message = "the server is shutting down"
