@@ -353,7 +353,7 @@ class Engine:
                     stats.read_s += rec.end - rec.start
                     stats.read_intervals.append((rec.start, rec.end))
                     stats.stall_s += stall
-                    self.trace.read(i, f"layer_{i:03d}", rec.start, rec.end, rec.bytes)
+                    self.trace.read(i, f"layer_{i:03d}", rec.start, rec.end, rec.bytes, slot=staged.slot)
                     if stall > 1e-4:
                         self.trace.stall(i, t_wait, t_wait + stall)
                 if self.kv_host and cache is not None and i + 1 < len(cache.layers):
@@ -373,6 +373,9 @@ class Engine:
                 if staged is not None:
                     stream.release(staged)
                     stats.copy_s += staged.record.copy_s  # CUDA: the host -> device copy, timed by events
+                    if staged.record.copy_s:  # drawn from the read's end: the copy is issued right after it
+                        r = staged.record
+                        self.trace.copy(i, r.end, r.end + r.copy_s, r.bytes, staged.slot)
         except BaseException:
             # A pass that stops midway leaves the cyclic prefetch out of step: start it afresh.
             self._open_stream()
@@ -686,7 +689,8 @@ class _ExpertLoader(dict):
         st.read_s += rec.end - rec.start
         st.read_intervals.append((rec.start, rec.end))
         st.stall_s += time.perf_counter() - t0  # compute waits for these reads
-        eng.trace.read(self._staged.layer, f"layer_{self._staged.layer:03d} experts {ids}", rec.start, rec.end, rec.bytes)
+        eng.trace.read(self._staged.layer, f"layer_{self._staged.layer:03d} experts {ids}", rec.start, rec.end, rec.bytes,
+                       slot=self._staged.slot)
 
 
 def _config_eos(config: dict) -> set[int]:
