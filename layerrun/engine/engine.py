@@ -74,8 +74,15 @@ class Generation:
 
 
 def resolve_model_path(path: str | Path) -> Path:
-    """A folder path, or the name of a model in the local store."""
+    """A folder path, the name of a model in the local store, or a ``.gguf`` file (converted into the
+    store on first use, with a message and a progress bar on stderr)."""
     p = Path(path).expanduser()
+    if p.is_file() and p.suffix.lower() == ".gguf":
+        import sys
+
+        from layerrun.formats.store import ensure_gguf
+
+        return ensure_gguf(p, progress=True, log=lambda s: print(s, file=sys.stderr))
     if p.exists():
         return p
     try:
