@@ -428,6 +428,25 @@ class Engine:
             logits = self._forward(ids, None, positions, None, self._new_stats(ids.shape[1]), False, collect)
         return collect, logits
 
+    def final_hidden_states(self, input_ids, attention_mask=None) -> torch.Tensor:
+        """(batch, seq, hidden) float32: the last layer's output after the final norm, i.e. what the LM
+        head reads, for every position (rows may be left-padded, as for :meth:`logits`). Embeddings are
+        pooled from these (the server's ``/v1/embeddings``)."""
+        ids = torch.as_tensor(input_ids, dtype=torch.long)
+        if ids.dim() == 1:
+            ids = ids[None]
+        self._check_ids(ids)
+        key_valid = None if attention_mask is None else torch.as_tensor(attention_mask).bool()
+        if key_valid is None:
+            positions = torch.arange(ids.shape[1])[None].expand(ids.shape[0], -1)
+        else:
+            positions = (key_valid.long().cumsum(-1) - 1).clamp(min=0)
+        last = _LastOnly()  # every layer's output passes through; only the last one is kept
+        with self._lock:  # last_only: the head computes one position, not (seq x vocab) logits
+            self._forward(ids, None, positions, key_valid, self._new_stats(ids.shape[1]), last_only=True, collect=last)
+        x = last[0].to(self.device, self.dtype)
+        return self.model.norm(x, self.final["norm.weight"], self.args.rms_norm_eps).float().cpu()
+
     def _check_ids(self, ids: torch.Tensor) -> None:
         if ids.numel() and (ids.min() < 0 or ids.max() >= self.args.vocab_size):
             raise LayerRunError(f"token ids must be in [0, {self.args.vocab_size}); got {ids.min()}..{ids.max()}")
@@ -664,6 +683,13 @@ class Engine:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class _LastOnly(list):
+    """A ``collect`` list for ``_forward`` that keeps only the latest hidden state."""
+
+    def append(self, x) -> None:
+        self[:] = [x]
 
 
 class _ExpertLoader(dict):

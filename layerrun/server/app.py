@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from layerrun import __version__
 from layerrun.errors import LayerRunError
 from layerrun.io.throttle import parse_size
+from layerrun.server.extras import register_extras
 from layerrun.server.metrics import CONTENT_TYPE, ServerMetrics
 from layerrun.server.run import DEFAULT_MAX_BODY, check_cors_origins
 from layerrun.server.schemas import DEFAULT_COMPLETION_MAX_TOKENS, ChatCompletionRequest, CompletionRequest
@@ -296,6 +297,7 @@ def create_app(
             choices.append(c)
         return {**head, "choices": choices, "usage": _usage(len(ids), outs)}
 
+    register_extras(app, api_key=api_key)  # Ollama API, embeddings, tokenize, the page at / (server/extras.py)
     return app
 
 
