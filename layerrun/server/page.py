@@ -83,6 +83,7 @@ def snapshot(served: Served, since: int, last: dict) -> dict:
         "prefetch": plan.prefetch,
         "slots": plan.prefetch + 1 if plan.streamed else 0,
         "device": str(eng.device),
+        "reader": eng.reader_backend,
         "dtype": str(eng.dtype).replace("torch.", ""),
         "tok_s": round(tok_s, 3),
         "running": m.running.get(),

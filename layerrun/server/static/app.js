@@ -156,9 +156,10 @@ function drawTimeline() {
   state.barsDrawn = bars;
 }
 
-function drawMemory(mem) {
+function drawMemory(mem, reader) {
+  const ring = reader === "mmap" ? "staging ring (mmap: layers are read through the page cache)" : "staging ring";
   const parts = [["embeddings + head", "embeddings_head", "#64748b"], ["resident layers", "resident_layers", "#16a34a"],
-    ["staging ring", "ring", "#3b82f6"], ["KV cache", "kv_cache", "#f59e0b"]];
+    [ring, "ring", "#3b82f6"], ["KV cache", "kv_cache", "#f59e0b"]];
   const total = Math.max(mem.total, 1);
   const bar = parts.map(([n, k, col]) => `<div title="${n}: ${human(mem[k])}" style="width:${(100 * mem[k]) / total}%;background:${col}"></div>`).join("");
   const table = parts.map(([n, k, col]) => `<tr><td><span class="sw" style="background:${col}"></span>${n}</td><td>${human(mem[k])}</td></tr>`).join("");
@@ -184,10 +185,10 @@ function onLive(msg) {
   state.rates.push(msg.tok_s);
   $("model").textContent = msg.model;
   $("mode").textContent = `${msg.mode}: ${msg.resident} resident, ${msg.streamed} streamed` +
-    (msg.streamed ? `, prefetch ${msg.prefetch}` : "") + ` · ${msg.device}/${msg.dtype}`;
+    (msg.streamed ? `, prefetch ${msg.prefetch}, ${msg.reader}` : "") + ` · ${msg.device}/${msg.dtype}`;
   $("toks").textContent = `${msg.tok_s.toFixed(1)} tok/s · ${msg.running} running, ${msg.waiting} waiting`;
   $("plan").textContent = msg.plan.join("\n");
-  drawMemory(msg.memory);
+  drawMemory(msg.memory, msg.reader);
   drawTimeline();
   drawRate();
 }
