@@ -240,3 +240,26 @@ def test_ollama_client_against_layerrun_serve(tiny_layered):
         p.send_signal(signal.SIGINT)
         p.communicate(timeout=30)
     assert p.returncode == 0
+
+
+def test_openai_streams_send_keepalive_pings(tiny_layered, monkeypatch):
+    """SSE comment pings (sse-starlette) while a slow step has no token to send; clients skip them."""
+    from layerrun.server import app as server_app
+
+    monkeypatch.setattr(server_app, "SSE_PING_S", 0.02)
+    eng = layerrun.load(tiny_layered("qwen2"), mode="stream", prefetch=1, throttle="2MB/s")  # ~75 ms a layer
+    try:
+        with running_server(eng, model_name=MODEL) as s:
+            body = {"prompt": "hi", "max_tokens": 3, "stream": True, "ignore_eos": True}
+            with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=120) as r:
+                lines = [ln for ln in r.iter_lines() if ln]
+            openai = pytest.importorskip("openai")
+            oc = openai.OpenAI(base_url=s.base_url, api_key="unused", max_retries=0)
+            chunks = list(oc.completions.create(model=MODEL, prompt="hi", max_tokens=3, stream=True,
+                                                extra_body={"ignore_eos": True}))
+    finally:
+        eng.close()
+    assert any(ln.startswith(": ping") for ln in lines)
+    data = [ln for ln in lines if ln.startswith("data: ")]
+    assert data[-1] == "data: [DONE]" and json.loads(data[-2][6:])["choices"][0]["finish_reason"] == "length"
+    assert "".join(c.choices[0].text for c in chunks) == "".join(json.loads(d[6:])["choices"][0]["text"] for d in data[:-1])

@@ -24,7 +24,8 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from sse_starlette.sse import EventSourceResponse
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -39,6 +40,7 @@ from layerrun.server.schemas import DEFAULT_COMPLETION_MAX_TOKENS, ChatCompletio
 from layerrun.server.worker import DEFAULT_MAX_WAITING, Output, Ticket, Worker
 
 GREEDY_BELOW = 1e-5
+SSE_PING_S = 15  # keep-alive comment lines while a stream has nothing to send (a long prefill)
 _TYPE_TAGS = ("str", "int", "float", "bool", "list", "dict", "none")
 # What a field takes, for fields whose type is a union (pydantic would only name the member it tried first).
 _EXPECTED = {
@@ -547,9 +549,9 @@ async def _collect(request: Request, worker: Worker, tickets: list[Ticket], q: a
 
 
 def _sse(worker: Worker, tickets: list[Ticket], q: asyncio.Queue, head: dict, make_choice, first: list | None,
-         body, prompt_tokens: int) -> StreamingResponse:
-    def event(obj) -> str:
-        return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+         body, prompt_tokens: int) -> EventSourceResponse:
+    def event(obj) -> dict:
+        return {"data": json.dumps(obj, ensure_ascii=False, separators=(",", ":"))}
 
     async def stream() -> AsyncIterator[str]:
         left, completion = len(tickets), 0
@@ -572,7 +574,7 @@ def _sse(worker: Worker, tickets: list[Ticket], q: asyncio.Queue, head: dict, ma
                 usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                          "total_tokens": prompt_tokens + completion}
                 yield event({**head, "choices": [], "usage": usage})
-            yield "data: [DONE]\n\n"
+            yield {"data": "[DONE]"}
         finally:  # the client went away (the task is cancelled) or the stream ended
             cancel_all()
 
@@ -583,5 +585,6 @@ def _sse(worker: Worker, tickets: list[Ticket], q: asyncio.Queue, head: dict, ma
     async def after() -> None:  # on the event loop (a sync task would run in a thread), also when the client
         cancel_all()  # left before the stream began, so that the generator's finally never ran
 
-    return StreamingResponse(stream(), media_type="text/event-stream", background=BackgroundTask(after),
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    # sse-starlette: a ": ping" comment every SSE_PING_S keeps proxies and clients from timing out a long prefill
+    return EventSourceResponse(stream(), background=BackgroundTask(after), ping=SSE_PING_S, sep="\n",
+                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
