@@ -250,12 +250,12 @@ def test_openai_streams_send_keepalive_pings(tiny_layered, monkeypatch):
     eng = layerrun.load(tiny_layered("qwen2"), mode="stream", prefetch=1, throttle="2MB/s")  # ~75 ms a layer
     try:
         with running_server(eng, model_name=MODEL) as s:
-            body = {"prompt": "hi", "max_tokens": 3, "stream": True, "ignore_eos": True}
+            body = {"prompt": "hi", "max_tokens": 3, "stream": True, "ignore_eos": True, "temperature": 0}
             with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=120) as r:
                 lines = [ln for ln in r.iter_lines() if ln]
             openai = pytest.importorskip("openai")
             oc = openai.OpenAI(base_url=s.base_url, api_key="unused", max_retries=0)
-            chunks = list(oc.completions.create(model=MODEL, prompt="hi", max_tokens=3, stream=True,
+            chunks = list(oc.completions.create(model=MODEL, prompt="hi", max_tokens=3, stream=True, temperature=0,
                                                 extra_body={"ignore_eos": True}))
     finally:
         eng.close()
