@@ -194,7 +194,7 @@ def cmd_generate(a) -> int:
     import layerrun
 
     model, prompt = _resolve_generate_args(a)
-    with layerrun.load(model, **engine_options(a), trace=bool(a.trace)) as engine:
+    with layerrun.load(model, **engine_options(a), trace=bool(a.trace), progress=True) as engine:
         if a.explain:
             print("\n".join(engine.plan.lines), file=sys.stderr)
         try:

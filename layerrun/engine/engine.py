@@ -132,6 +132,7 @@ class Engine:
         trace: bool = False,
         experts: str = "routed",
         kv_cache: str = "auto",
+        progress: bool = False,
     ):
         from layerrun.engine.governor import plan_memory
         from layerrun.io.throttle import Throttle, parse_size
@@ -196,15 +197,19 @@ class Engine:
         self._lock = threading.RLock()
 
         # Embeddings and final norm/head are used every step and stay resident.
-        self.embeddings = self._load_resident(self.manifest.embeddings)
-        self.final = self._load_resident(self.manifest.final)
-        self._resident: dict[int, dict[str, torch.Tensor]] = {}
-        for i in self.plan.resident:
-            self._resident[i] = self._load_resident(self.manifest.layer(i))
-        # Mixture of experts: attention, norms and router of these streamed layers stay resident.
-        self._dense: dict[int, dict[str, torch.Tensor]] = {}
-        for i in self.plan.dense_resident:
-            self._dense[i] = self._load_resident(self.manifest.layer(i), self._dense_names[i])
+        self._loading = _LoadProgress(self, progress)
+        try:
+            self.embeddings = self._load_resident(self.manifest.embeddings)
+            self.final = self._load_resident(self.manifest.final)
+            self._resident: dict[int, dict[str, torch.Tensor]] = {}
+            for i in self.plan.resident:
+                self._resident[i] = self._load_resident(self.manifest.layer(i))
+            # Mixture of experts: attention, norms and router of these streamed layers stay resident.
+            self._dense: dict[int, dict[str, torch.Tensor]] = {}
+            for i in self.plan.dense_resident:
+                self._dense[i] = self._load_resident(self.manifest.layer(i), self._dense_names[i])
+        finally:
+            self._loading.close()
         self._stream: LayerStream | None = None
         self._open_stream()
 
@@ -307,7 +312,9 @@ class Engine:
             self.throttle.wait(rs.bytes, t0)
         w = {k: v.to(self.device) for k, v in w.items()} if self.device.type != "cpu" else w
         self.trace.read(entry.layer if entry.layer is not None else -1, entry.name, t0, time.perf_counter(), rs.bytes, resident=True)
-        return self._prepare_weights(w)
+        out = self._prepare_weights(w)
+        self._loading.advance(rs.bytes, entry.name)
+        return out
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -683,6 +690,44 @@ class Engine:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class _LoadProgress:
+    """``progress=True``: a progress bar on stderr while resident files load (a terminal only), then one line."""
+
+    MIN_BYTES = 64 * 2**20  # smaller loads take well under a second: say nothing
+
+    def __init__(self, engine: Engine, enabled: bool):
+        self.bar = None
+        self.t0 = time.perf_counter()
+        plan, m = engine.plan, engine.manifest
+        self.total = m.embeddings.bytes + m.final.bytes + sum(m.layer(i).bytes for i in plan.resident)
+        self.total += sum(m.layer(i).tensors[n].nbytes for i in plan.dense_resident for n in engine._dense_names[i])
+        self.done = 0
+        if not enabled or self.total < self.MIN_BYTES:
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+        console = Console(stderr=True)
+        if not console.is_terminal:
+            return
+        self.bar = Progress(TextColumn("[bold]loading[/] {task.description}"), BarColumn(), DownloadColumn(),
+                            TimeRemainingColumn(), transient=True, console=console)
+        self.bar.start()
+        self.task = self.bar.add_task(engine.path.name, total=self.total)
+
+    def advance(self, nbytes: int, name: str) -> None:
+        self.done += nbytes
+        if self.bar is not None:
+            self.bar.update(self.task, advance=nbytes, description=name)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            import sys
+
+            print(f"loaded {self.done / 1e6:.0f} MB in {time.perf_counter() - self.t0:.1f} s", file=sys.stderr)
 
 
 class _LastOnly(list):

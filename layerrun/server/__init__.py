@@ -80,7 +80,7 @@ def cmd_serve(a) -> int:
     model, name = _resolve_model(a.model)
     names = a.served_model_name or [name]
     api_key = a.api_key or os.environ.get(API_KEY_ENV) or None
-    with layerrun.load(model, **engine_options(a)) as engine:
+    with layerrun.load(model, **engine_options(a), progress=True) as engine:
         print("\n".join(engine.plan.lines), file=sys.stderr)
         host = f"[{a.host}]" if ":" in a.host else a.host
         print(f"serving {names[0]} ({engine.mode}, batch size {engine.batch_size}, up to {a.max_waiting} waiting) "
