@@ -197,3 +197,26 @@ def test_fit_estimate_says_mode_and_stream_speed():
     assert 0.1 < tok_s < 0.2  # 2 GB/s over ~13 GB of layers
     assert "does not fit" in fit_lines(info, rate, avail=200 * 2**20)[1]
     assert "run `layerrun bench io MODEL` once" in fit_lines(info, None, avail=64 * 2**30)[2]
+
+
+def test_ollama_api_pull_into_the_store(tiny_hf, tiny_layered, tmp_path, home, monkeypatch):
+    """POST /api/pull streams the store's progress lines and ends with success (the HF cache, offline)."""
+    hub = pytest.importorskip("huggingface_hub.constants")
+    httpx = pytest.importorskip("httpx")
+    from layerrun.server import running_server
+
+    src = tiny_hf("llama_gqa")
+    hf_cache(tmp_path / "hf", "tinyorg/pullme", {p.name: p for p in src.iterdir() if p.is_file()})
+    # huggingface_hub reads these at call time (the environment variables only at import)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    eng = layerrun.load(tiny_layered("qwen2"), mode="full")
+    with running_server(eng, model_name="tiny") as s:
+        with httpx.stream("POST", s.url + "/api/pull", json={"model": "tinyorg/pullme"}, timeout=300) as r:
+            lines = [json.loads(x) for x in r.iter_lines() if x]
+        bad = httpx.post(s.url + "/api/pull", json={"model": "tinyorg/absent", "stream": False}, timeout=60)
+    eng.close()
+    assert lines[0] == {"status": "pulling manifest"} and lines[-1]["status"] == "success"
+    assert any("storing float32" in x.get("status", "") for x in lines)
+    assert Path(lines[-1]["path"]) == store.resolve_name("tinyorg/pullme")
+    assert bad.status_code == 400 and "not in the Hugging Face cache" in bad.json()["error"]
