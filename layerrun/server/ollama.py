@@ -105,7 +105,7 @@ class GenerateRequest(_Body):
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant", "tool"]
-    content: str = ""
+    content: str | None = ""
     images: list[str] | None = None
 
 
@@ -286,7 +286,7 @@ class _Gen:
     def cancel(self) -> None:
         self.served.worker.cancel(self.ticket)
 
-    def respond(self, stream: bool, request: Request, headers: dict) -> StreamingResponse | JSONResponse:
+    async def respond(self, stream: bool, request: Request, headers: dict) -> StreamingResponse | JSONResponse:
         if stream:
             async def lines() -> AsyncIterator[str]:
                 try:
@@ -308,7 +308,10 @@ class _Gen:
 
             return StreamingResponse(lines(), media_type="application/x-ndjson", headers=headers,
                                      background=BackgroundTask(after))
-        return self._collect(request, headers)
+        out = await self.collected(request)
+        if out is None:
+            return JSONResponse({"error": "client disconnected"}, status_code=499)
+        return JSONResponse(out, headers=headers)
 
     async def collected(self, request: Request) -> dict | None:
         parts: list[str] = []
@@ -333,15 +336,6 @@ class _Gen:
             work.cancel()
             gone.cancel()
             self.cancel()
-
-    def _collect(self, request: Request, headers: dict):
-        async def run():
-            out = await self.collected(request)
-            if out is None:
-                return JSONResponse({"error": "client disconnected"}, status_code=499)
-            return JSONResponse(out, headers=headers)
-
-        return run()
 
 
 def register(app, served: Served) -> None:
@@ -393,8 +387,7 @@ def register(app, served: Served) -> None:
                 raise OllamaError(400, f"context: {e}") from None
             ids = list(body.context) + ids
         gen, headers = start(body, ids, body.model, chat=False)
-        r = gen.respond(body.stream, request, headers)
-        return await r if asyncio.iscoroutine(r) else r
+        return await gen.respond(body.stream, request, headers)
 
     @r.post("/api/chat", summary="Ollama: chat (the model's chat template is applied; NDJSON stream by default)")
     async def chat(body: ChatRequest, request: Request):
@@ -412,14 +405,13 @@ def register(app, served: Served) -> None:
             raise OllamaError(400, "this model has no chat template; use /api/generate")
         from jinja2.exceptions import TemplateError
 
-        msgs = [{"role": m.role, "content": m.content} for m in body.messages]
+        msgs = [{"role": m.role, "content": m.content or ""} for m in body.messages]
         try:
             ids = await run_in_threadpool(engine.encode_prompt, msgs)
         except TemplateError as e:
             raise OllamaError(400, f"messages: the chat template refused them: {e}") from None
         gen, headers = start(body, ids, body.model, chat=True)
-        r = gen.respond(body.stream, request, headers)
-        return await r if asyncio.iscoroutine(r) else r
+        return await gen.respond(body.stream, request, headers)
 
     def tag() -> dict:
         return {"size": sum(f.bytes for f in engine.manifest.files), "digest": _digest(served),
