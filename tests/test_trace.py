@@ -77,3 +77,21 @@ def test_recent_ring_keeps_the_last_events_without_tracing(tiny_layered):
         assert eng.trace.since(last) == [] and eng.trace.since(last - 3) == recent[-3:]
     finally:
         eng.close()
+
+
+def test_loading_shows_progress_on_a_terminal(tiny_layered, monkeypatch, capsys):
+    """A bar while resident files load (on a terminal: TTY_COMPATIBLE=1 makes rich treat stderr as one), then
+    one line; nothing without progress=True."""
+    from layerrun.engine import engine as engine_module
+
+    monkeypatch.setenv("TTY_COMPATIBLE", "1")
+    monkeypatch.setattr(engine_module._LoadProgress, "MIN_BYTES", 0)  # the tiny model loads in no time
+    path = tiny_layered("qwen2")
+    capsys.readouterr()
+    layerrun.load(path, mode="full").close()
+    assert capsys.readouterr().err == ""
+    eng = layerrun.load(path, mode="full", progress=True)
+    eng.close()
+    err = capsys.readouterr().err
+    total = sum(f.bytes for f in eng.manifest.files)
+    assert "loading" in err and f"loaded {total / 1e6:.0f} MB in " in err
