@@ -47,10 +47,14 @@ def disk_rate(log=_err_log) -> dict | None:
     saved = store.disk_rate()
     if saved is not None:
         return saved
-    models = [m for m in store.stored() if m.complete]
+    from layerrun.bench import RATE_MIN_BYTES, bench_io
+    from layerrun.formats.manifest import Manifest
+
+    sized = sorted(((sum(f.bytes for f in Manifest.read(m.folder).layers), m) for m in store.stored() if m.complete),
+                   key=lambda x: -x[0])
+    models = [m for size, m in sized if size >= RATE_MIN_BYTES]  # small files measure latency, not the disk
     if not models:
         return None
-    from layerrun.bench import bench_io
 
     folder = models[0].folder
     log(f"measuring this disk's read rate once (O_DIRECT reads of {models[0].tag}) ...")

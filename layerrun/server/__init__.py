@@ -60,6 +60,11 @@ def _resolve_model(model: str | None) -> tuple[str, str]:
         ensure_default(log=lambda s: print(s, file=sys.stderr))
         return DEFAULT_MODEL, DEFAULT_MODEL
     p = Path(model).expanduser()
+    if p.is_file() and p.suffix.lower() == ".gguf":  # converted into the store once; served by its store name
+        from layerrun.formats.store import ensure_gguf, stored
+
+        folder = ensure_gguf(p, log=lambda s: print(s, file=sys.stderr))
+        return str(folder), next((m.name for m in stored() if m.folder == folder), folder.name)
     return model, (p.resolve().name if p.exists() else model)
 
 
