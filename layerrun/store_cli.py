@@ -70,11 +70,48 @@ def disk_rate(log=_err_log) -> dict | None:
     return store.disk_rate()
 
 
+def _gguf_counts(path) -> dict | None:
+    """Exact parameter counts (decoder layers / the rest) and the shapes the KV cache needs, from a GGUF header."""
+    from layerrun.errors import FormatError
+    from layerrun.formats.gguf import read_header
+
+    try:
+        h = read_header(path)
+    except (FormatError, OSError):
+        return None
+    layer = other = 0
+    for t in h.tensors.values():
+        n = 1
+        for d in t.shape:
+            n *= d
+        if t.name.startswith("blk."):
+            layer += n
+        else:
+            other += n
+    k = h.arch_key
+    heads = int(k("attention.head_count") or 1)
+    hidden = int(k("embedding_length") or 0)
+    return {"layer_params": layer, "other_params": other, "layers": int(k("block_count") or 0), "hidden": hidden,
+            "kv_heads": int(k("attention.head_count_kv") or heads),
+            "head_dim": int(k("attention.key_length") or (hidden // heads if hidden else 0))}
+
+
 def estimate(info: dict) -> dict:
-    """Stored bytes, bytes per layer, layers and KV bytes of a pull, from what is known before downloading."""
+    """Stored bytes, bytes per layer, layers and KV bytes of a pull, from what is known before downloading
+    (exact counts from the GGUF header when the file is already here)."""
     from layerrun.formats.store import VARIANTS
 
     variant = info.get("variant") or ("int4" if info.get("source_format") == "gguf" else "bfloat16")
+    local = info.get("local_path")
+    counts = _gguf_counts(local) if local and str(local).lower().endswith(".gguf") else None
+    if counts:
+        elem = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1.06, "int4": 0.625}[variant]
+        rest_elem = {"float32": 4}.get(VARIANTS[variant][0], 2)
+        kv = 2 * counts["layers"] * counts["kv_heads"] * counts["head_dim"] * KV_CONTEXT * rest_elem
+        lb = int(counts["layer_params"] * elem)
+        rb = int(counts["other_params"] * rest_elem)
+        return {"variant": variant, "stored_bytes": lb + rb, "layer_bytes": lb, "layers": counts["layers"] or None,
+                "kv_bytes": kv, "resident_bytes": rb}
     src = info.get("source_bytes") or 0
     cfg = info.get("config") or {}
     cfg = cfg.get("text_config", cfg)

@@ -220,3 +220,17 @@ def test_ollama_api_pull_into_the_store(tiny_hf, tiny_layered, tmp_path, home, m
     assert any("storing float32" in x.get("status", "") for x in lines)
     assert Path(lines[-1]["path"]) == store.resolve_name("tinyorg/pullme")
     assert bad.status_code == 400 and "not in the Hugging Face cache" in bad.json()["error"]
+
+
+def test_estimate_reads_a_local_gguf_header(tiny_hf, tmp_path, home):
+    """With the GGUF already here, the estimate counts its tensors: close to what the store then writes."""
+    from layerrun.formats.manifest import Manifest
+    from layerrun.store_cli import estimate
+
+    q4 = tiny_gguf_file(tiny_hf, tmp_path, "Q4_0")
+    e = estimate({"name": "t", "variant": "int4", "source_bytes": q4.stat().st_size, "source_format": "gguf",
+                  "local_path": q4})
+    m = Manifest.read(store.ensure_gguf(q4, progress=False, log=None))
+    layer_tensor_bytes = sum(t.nbytes for f in m.layers for t in f.tensors.values())
+    assert e["layers"] == m.num_layers
+    assert 0.85 < e["layer_bytes"] / layer_tensor_bytes < 1.15

