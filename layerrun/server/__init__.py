@@ -89,7 +89,8 @@ def cmd_serve(a) -> int:
         print("\n".join(engine.plan.lines), file=sys.stderr)
         host = f"[{a.host}]" if ":" in a.host else a.host
         print(f"serving {names[0]} ({engine.mode}, batch size {engine.batch_size}, up to {a.max_waiting} waiting) "
-              f"at http://{host}:{a.port}/v1{' (API key required)' if api_key else ''}", file=sys.stderr)
+              f"at http://{host}:{a.port}/v1{' (API key required)' if api_key else ''}; Ollama's API at /api, "
+              f"a page with a chat and the engine's live view at http://{host}:{a.port}/", file=sys.stderr)
         try:
             serve(engine, host=a.host, port=a.port, log_level=a.log_level, model_name=names,
                   batch_size=engine.batch_size, max_waiting=a.max_waiting, api_key=api_key, max_body=max_body,
@@ -104,7 +105,7 @@ def add_serve_parser(subparsers) -> None:
     """Register ``layerrun serve`` on the CLI's subparsers."""
     from layerrun.options import add_engine_flags
 
-    c = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
+    c = subparsers.add_parser("serve", help="serve a model over OpenAI's and Ollama's HTTP APIs, with a page at /")
     c.add_argument("model", nargs="?", default=None, metavar="MODEL",
                    help="model folder or local model name (default: the default model)")
     c.add_argument("--host", default=DEFAULT_HOST,
