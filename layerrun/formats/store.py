@@ -310,7 +310,8 @@ def _convert_into_store(base: str, source: Path, dtype: str, info: dict, progres
         return legacy.folder
     store_dtype, quant = VARIANTS[variant]
     log(f"{base}: storing {variant} ({why if dtype == 'auto' else 'as asked'}) in {target}")
-    convert(source, target, dtype=store_dtype, quantize=quant, force=force or target.exists(), progress=progress, log=log)
+    # an interrupted conversion resumes (its state file is there); --force starts afresh
+    convert(source, target, dtype=store_dtype, quantize=quant, force=force, progress=progress, log=log)
     _write_info(target, {"name": base, "variant": variant, "default_variant": default, **info,
                          "pulled": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
     log(f"{base}@{variant}: ready ({folder_bytes(target) / 1e6:.0f} MB) at {target}")
