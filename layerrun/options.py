@@ -56,6 +56,42 @@ def add_engine_flags(c) -> None:
                         "in streamed layers; all reads whole layers ahead, like a dense model")
 
 
+def add_sampling_flags(c) -> None:
+    """Sampling flags shared by ``generate`` and ``chat``."""
+    c.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
+    c.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
+    c.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    c.add_argument("--min-p", type=float, default=0.0,
+                   help="drop tokens less likely than MIN_P x the most likely one (0 = off)")
+    c.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="divide the logits of tokens already in the prompt or output by this (1 = off; try 1.1)")
+    c.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="subtract this x the times a token was generated (-2..2, 0 = off)")
+    c.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="subtract this from tokens generated already (-2..2, 0 = off)")
+    c.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
+
+
+def sampling_options(a) -> dict:
+    """The keyword arguments of ``Engine.stream`` that the sampling flags set."""
+    return dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed, min_p=a.min_p,
+                repetition_penalty=a.repetition_penalty, frequency_penalty=a.frequency_penalty,
+                presence_penalty=a.presence_penalty)
+
+
+def looks_like_model(arg: str) -> bool:
+    """Whether ``arg`` names a model: an existing folder or file, or a model in the local store."""
+    from pathlib import Path
+
+    if Path(arg).expanduser().exists():
+        return True
+    try:
+        from layerrun.formats.store import resolve_name
+    except ImportError:
+        return False
+    return resolve_name(arg) is not None
+
+
 def print_stats(stats, file=sys.stderr) -> None:
     """The --stats table: pipeline figures and per-layer medians."""
     import statistics

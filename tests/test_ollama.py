@@ -93,12 +93,16 @@ def test_sampling_options(server):
                                                        "options": {"num_predict": 3, "num_ctx": 2048, "mirostat": 0}})
     assert r.status_code == 200 and r.json()["eval_count"] <= 3
     assert r.headers["x-layerrun-ignored-options"] == "mirostat,num_ctx"
+    assert "x-layerrun-ignored-options" not in httpx.post(server.url + "/api/generate", json={
+        "model": MODEL, "prompt": "hi", "stream": False, "options": {"num_predict": 2, "repeat_penalty": 1.2,
+                                                                      "min_p": 0.05}}).headers
 
 
 @pytest.mark.parametrize("body,status,message", [
     ({"prompt": "hi"}, 400, "model is required"),
     ({"model": "nope", "prompt": "hi"}, 404, "model 'nope' not found"),
-    ({"model": MODEL, "prompt": "hi", "format": "json"}, 400, "format: structured output"),
+    ({"model": MODEL, "prompt": "hi", "format": "yaml"}, 400, 'format: expected "json"'),
+    ({"model": MODEL, "prompt": "hi", "format": {"type": "nonsense"}}, 400, "format"),
     ({"model": MODEL, "prompt": "hi", "options": {"temperature": "hot"}}, 400, "options.temperature"),
     ({"model": MODEL, "prompt": "hi", "options": {"num_predict": 0}}, 400, "options.num_predict"),
     ({"model": MODEL, "prompt": "hi", "images": ["aGk="]}, 400, "images"),
@@ -155,7 +159,7 @@ def test_open_webui_request_shapes(server, engine):
                 lines.append(json.loads(line))
     assert all(not x["done"] for x in lines[:-1]) and lines[-1]["done"]
     text = "".join(x["message"]["content"] for x in lines)
-    assert text == greedy(engine, CHAT, 10).text
+    assert text == greedy(engine, CHAT, 10, repetition_penalty=1.1).text  # Ollama's repeat_penalty, mapped
 
 
 def test_embeddings_are_pooled_transformers_hidden_states(server, engine, tiny_hf):
@@ -244,7 +248,7 @@ def test_ollama_client_against_layerrun_serve(tiny_layered):
 
 def test_openai_streams_send_keepalive_pings(tiny_layered, monkeypatch):
     """SSE comment pings (sse-starlette) while a slow step has no token to send; clients skip them."""
-    from layerrun.server import app as server_app
+    from layerrun.server import openai_api as server_app
 
     monkeypatch.setattr(server_app, "SSE_PING_S", 0.02)
     eng = layerrun.load(tiny_layered("qwen2"), mode="stream", prefetch=1, throttle="2MB/s")  # ~75 ms a layer
@@ -263,3 +267,20 @@ def test_openai_streams_send_keepalive_pings(tiny_layered, monkeypatch):
     data = [ln for ln in lines if ln.startswith("data: ")]
     assert data[-1] == "data: [DONE]" and json.loads(data[-2][6:])["choices"][0]["finish_reason"] == "length"
     assert "".join(c.choices[0].text for c in chunks) == "".join(json.loads(d[6:])["choices"][0]["text"] for d in data[:-1])
+
+
+def test_format_constrains_the_output(server):
+    """Ollama's `format`: "json" gives JSON, a schema gives JSON valid against it (llguidance grammars)."""
+    jsonschema = pytest.importorskip("jsonschema")
+    c = client(server)
+    schema = {"type": "object", "properties": {"color": {"type": "string", "enum": ["red", "blue"]},
+                                               "ok": {"type": "boolean"}}, "required": ["color", "ok"],
+              "additionalProperties": False}  # bounded: the answer ends within num_predict
+    for seed in range(3):
+        r = c.chat(model=MODEL, messages=[{"role": "user", "content": "Answer in JSON."}], format=schema,
+                   options={"temperature": 1.0, "seed": seed, "num_predict": 64})
+        jsonschema.validate(json.loads(r.message.content), schema)
+        assert r.done_reason == "stop"
+    g = c.generate(model=MODEL, prompt="Some JSON please", format="json", options={"num_predict": 48, "seed": 1})
+    if g.done_reason == "stop":
+        json.loads(g.response)

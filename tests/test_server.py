@@ -266,8 +266,13 @@ def test_queue_full_is_429(engine):
     ({"prompt": "x", "stop": [1]}, 400, "stop"),
     ({"prompt": "x", "seed": 2**70}, 400, "seed"),
     ({"prompt": "x", "stream": "yes please"}, 400, "stream"),
-    ({"prompt": "x", "logprobs": 3}, 400, "logprobs"),
-    ({"prompt": "x", "presence_penalty": 1.0}, 400, "presence_penalty"),
+    ({"prompt": "x", "logprobs": 30}, 400, "logprobs"),
+    ({"prompt": "x", "presence_penalty": 3.0}, 400, "presence_penalty"),
+    ({"prompt": "x", "repetition_penalty": 0}, 400, "repetition_penalty"),
+    ({"prompt": "x", "min_p": 1.5}, 400, "min_p"),
+    ({"prompt": "x", "logit_bias": {"1": 5}}, 400, "logit_bias"),  # known, not implemented: refused by name
+    ({"prompt": "x", "min_tokens": 4}, 400, "min_tokens"),
+    ({"prompt": "x", "echo": True}, 400, "echo"),
     ({"prompt": ""}, 400, "prompt"),
     ({"prompt": []}, 400, "prompt"),
     ({"prompt": [10**6]}, 400, "prompt"),
@@ -298,9 +303,8 @@ def test_bad_chat_requests(server):
             c.chat.completions.create(model=MODEL, messages=messages)
         assert e.value.body["param"] == param, e.value.body
     with pytest.raises(openai.BadRequestError) as e:
-        c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
-                                  tools=[{"type": "function", "function": {"name": "f"}}])
-    assert e.value.body["code"] == "unsupported_parameter"
+        c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], logit_bias={"3": 1})
+    assert e.value.body["code"] == "unsupported_parameter" and e.value.body["param"] == "logit_bias"
     # a lone surrogate (the openai client cannot even send one)
     r = httpx.post(server.url + "/v1/chat/completions", content=b'{"messages": [{"role": "user", "content": "\\udb54"}]}',
                    headers={"content-type": "application/json"})

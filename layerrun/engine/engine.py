@@ -30,7 +30,9 @@ from layerrun.models import build_model
 from layerrun.models.base import expert_index
 
 DEFAULT_MAX_NEW_TOKENS = 256
-BATCH_FIELDS = {"max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "chat", "system", "ignore_eos"}
+BATCH_FIELDS = {"max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "chat", "system", "ignore_eos",
+                "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty", "logprobs", "json_schema",
+                "response_format", "tools", "chat_template_kwargs"}
 DEFAULT_PREFETCH = 2
 DEFAULT_CONTEXT = 4096  # KV reservation when the caller does not say
 
@@ -54,6 +56,8 @@ class Chunk:
     index: int
     finish_reason: str | None = None
     stats: GenerationStats | None = None
+    logprob: float | None = None  # with logprobs=: the token's log-probability under the model
+    top_logprobs: list[tuple[int, float]] | None = None  # (token id, logprob), most likely first
 
 
 @dataclass
@@ -63,6 +67,7 @@ class Generation:
     finish_reason: str
     stats: GenerationStats
     prompt_token_ids: list[int] = field(default_factory=list)
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None  # per token, with logprobs=
 
     def to_dict(self) -> dict:
         return {
@@ -195,6 +200,7 @@ class Engine:
         self._tokenizer: Tokenizer | None = None
         self.trace = TraceRecorder(enabled=trace)
         self._lock = threading.RLock()
+        self._scheduler = None
 
         # Embeddings and final norm/head are used every step and stay resident.
         self._loading = _LoadProgress(self, progress)
@@ -466,6 +472,16 @@ class Engine:
         except FormatError:
             return False
 
+    def render_chat(self, prompt, system: str | None = None, **template) -> str:
+        """The chat template's text for a string (as a user message) or a list of messages; ``template``
+        holds its other inputs (``tools``, ``enable_thinking``, ...), as transformers passes them."""
+        from layerrun.engine.tools import prepare_messages
+
+        if isinstance(prompt, str):
+            prompt = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        messages, template = prepare_messages(self.tokenizer, list(prompt), template)
+        return self.tokenizer.apply_chat_template(messages, True, **template)
+
     def encode_prompt(self, prompt, chat: bool | None = None, system: str | None = None) -> list[int]:
         """Token ids for a string (chat template applied when the model has one, unless chat=False),
         a list of chat messages, or a list of ids (used as-is)."""
@@ -480,7 +496,7 @@ class Engine:
                 return self.tokenizer.encode_chat(msgs)
             return self.tokenizer.encode(prompt)
         if isinstance(prompt, Sequence) and prompt and isinstance(prompt[0], dict):
-            return self.tokenizer.encode_chat(list(prompt))
+            return self.tokenizer.encode(self.render_chat(list(prompt)), add_special_tokens=False)
         if isinstance(prompt, torch.Tensor):
             prompt = prompt.reshape(-1).tolist()
         try:
@@ -503,9 +519,14 @@ class Engine:
         chat: bool | None = None,
         system: str | None = None,
         ignore_eos: bool = False,
+        **options,
     ) -> Iterator[Chunk]:
         """Yield chunks as tokens are generated; the last chunk carries finish_reason and stats.
 
+        ``options``: ``min_p``, ``repetition_penalty``, ``frequency_penalty``, ``presence_penalty``,
+        ``logprobs`` (True or k: each chunk carries ``logprob`` and k ``top_logprobs``),
+        ``json_schema`` / ``response_format`` (structured output by constrained decoding),
+        ``tools`` and ``chat_template_kwargs`` (passed to the chat template).
         One sequence is a batch of one: the same step, stop-string, end-of-sequence and cache logic
         as the batch generator and the server (which run many).
         """
@@ -513,13 +534,14 @@ class Engine:
 
         with self._lock:  # one sequence at a time owns the layer schedule
             bg = BatchGenerator(self, 1)
-            req = bg.request(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, chat, system, ignore_eos)
+            req = bg.request(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, chat, system, ignore_eos,
+                             **options)
             n = 0
             try:
                 while not req.done:
                     for ev in bg.step():
                         if ev.token_id is not None:
-                            yield Chunk(ev.text, ev.token_id, n)
+                            yield Chunk(ev.text, ev.token_id, n, logprob=ev.logprob, top_logprobs=ev.top_logprobs)
                             n += 1
                         if ev.finish_reason is not None:  # the last chunk: no token, the finish reason and stats
                             yield Chunk("" if ev.token_id is not None else ev.text, None, n, ev.finish_reason, req.stats)
@@ -551,15 +573,9 @@ class Engine:
         return prompt_ids, min(max_new_tokens, ctx_len - len(prompt_ids)), params, sampler, stops
 
     def generate(self, prompt, **kwargs) -> Generation:
-        """Generate to completion; returns text, token ids, finish reason and stats."""
-        text, ids = [], []
-        for c in self.stream(prompt, **kwargs):
-            text.append(c.text)
-            if c.token_id is not None:
-                ids.append(c.token_id)
-            if c.finish_reason:
-                return Generation("".join(text), ids, c.finish_reason, c.stats)
-        raise RuntimeError("stream ended without a final chunk")  # unreachable
+        """Generate to completion; returns text, token ids, finish reason and stats (and per-token
+        logprobs when ``logprobs=`` is given). Takes the options of :meth:`stream`."""
+        return _collect(self.stream(prompt, **kwargs))
 
     def _new_stats(self, prompt_tokens: int) -> GenerationStats:
         return GenerationStats(
@@ -583,39 +599,56 @@ class Engine:
         stats.direct_io = bool(self._stream is not None and self._stream.reader.backend == "direct")
 
     async def astream(self, prompt, **kwargs):
-        """Async generator of chunks. Compute runs in its own thread, never on the caller's event loop."""
+        """Async generator of chunks (the options of :meth:`stream`). Compute runs in the engine's
+        scheduler thread, never on the caller's event loop, and concurrent callers share its
+        continuous batching: up to ``batch_size`` (of :func:`load`) sequences per step."""
         import asyncio
-        import threading
+
+        from layerrun.engine.scheduler import Job
 
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        done = object()
-        cancelled = threading.Event()
 
-        def work():
+        def deliver(item) -> None:
             try:
-                for chunk in self.stream(prompt, **kwargs):
-                    loop.call_soon_threadsafe(q.put_nowait, chunk)
-                    if cancelled.is_set():
-                        break
-            except BaseException as e:  # delivered to the awaiting side
-                loop.call_soon_threadsafe(q.put_nowait, e)
-            finally:
-                loop.call_soon_threadsafe(q.put_nowait, done)
+                loop.call_soon_threadsafe(q.put_nowait, item)
+            except RuntimeError:  # the caller's loop has closed
+                pass
 
-        t = threading.Thread(target=work, name="layerrun-engine", daemon=True)
-        t.start()
+        job = Job(prompt, kwargs, deliver)
+        self.scheduler.submit([job])
+        n = 0
         try:
             while True:
                 item = await q.get()
-                if item is done:
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+                if isinstance(item, str):
+                    raise LayerRunError(item)
+                if item.token_id is not None:
+                    yield Chunk(item.text, item.token_id, n, logprob=item.logprob, top_logprobs=item.top_logprobs)
+                    n += 1
+                if item.finish_reason is not None:
+                    text = "" if item.token_id is not None else item.text
+                    yield Chunk(text, None, n, item.finish_reason, item.request.stats)
+                    return
         finally:
-            cancelled.set()
-            await loop.run_in_executor(None, t.join)
+            if not job.finished:
+                self.scheduler.cancel(job)  # the caller stopped early: the sequence leaves the batch
+
+    @property
+    def scheduler(self):
+        """The :class:`~layerrun.engine.scheduler.Scheduler` behind ``astream``/``agenerate`` (started on first use)."""
+        if self._scheduler is None:
+            from layerrun.engine.scheduler import Scheduler
+
+            with self._lock:
+                if self._scheduler is None:
+                    self._scheduler = Scheduler(self, self.batch_size)
+        return self._scheduler
+
+    @property
+    def layers_read(self) -> int:
+        """Streamed layers consumed so far (a progress counter: the pipeline's reads, all time)."""
+        return len(self._stream.stats.reads) if self._stream is not None else 0
 
     @property
     def has_tokenizer(self) -> bool:
@@ -669,16 +702,13 @@ class Engine:
         return await loop.run_in_executor(None, lambda: self.generate_batch(prompts, **kwargs))
 
     async def agenerate(self, prompt, **kwargs) -> Generation:
-        text, ids = [], []
-        async for c in self.astream(prompt, **kwargs):
-            text.append(c.text)
-            if c.token_id is not None:
-                ids.append(c.token_id)
-            if c.finish_reason:
-                return Generation("".join(text), ids, c.finish_reason, c.stats)
-        raise RuntimeError("stream ended without a final chunk")
+        chunks = [c async for c in self.astream(prompt, **kwargs)]
+        return _collect(chunks)
 
     def close(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.stop()
+            self._scheduler = None
         if self._stream is not None:
             self._stream.close()
             self._stream = None
@@ -769,6 +799,19 @@ class _ExpertLoader(dict):
         st.stall_s += time.perf_counter() - t0  # compute waits for these reads
         eng.trace.read(self._staged.layer, f"layer_{self._staged.layer:03d} experts {ids}", rec.start, rec.end, rec.bytes,
                        slot=self._staged.slot)
+
+
+def _collect(chunks) -> Generation:
+    text, ids, lps = [], [], []
+    for c in chunks:
+        text.append(c.text)
+        if c.token_id is not None:
+            ids.append(c.token_id)
+            if c.logprob is not None:
+                lps.append((c.logprob, c.top_logprobs or []))
+        if c.finish_reason:
+            return Generation("".join(text), ids, c.finish_reason, c.stats, logprobs=lps if lps else None)
+    raise RuntimeError("stream ended without a final chunk")
 
 
 def _config_eos(config: dict) -> set[int]:

@@ -124,7 +124,7 @@ def register(app, served) -> None:
         ids = encode_inputs(engine, inputs, served.context, truncate)
         return embed_ids(engine, ids), sum(len(x) for x in ids)
 
-    from layerrun.server.app import APIError
+    from layerrun.server.common import APIError
 
     @app.post("/v1/embeddings", summary="Embeddings: mean-pooled final hidden states, unit length",
               tags=["OpenAI API"])

@@ -15,9 +15,7 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
-from layerrun.server.worker import Ticket
-
-GREEDY_BELOW = 1e-5
+from layerrun.server.common import GREEDY_BELOW  # noqa: F401 - re-exported for the API modules
 
 
 @dataclass
@@ -63,18 +61,11 @@ class Served:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode())
 
-    def room(self, k: int) -> bool:
-        """Whether ``k`` more sequences may queue; counts a refusal in the metrics when not."""
-        if self.worker.room() >= k:
-            return True
-        self.metrics.rejected.inc(reason="queue_full")
-        return False
-
-    def submit(self, ids: list[int], options: dict) -> tuple[Ticket, asyncio.Queue]:
-        q: asyncio.Queue = asyncio.Queue()
-        t = Ticket(ids, options, q)
-        self.worker.submit([t])
-        return t, q
+    def submit(self, ids: list[int], options: dict, max_new: int) -> tuple[object, asyncio.Queue]:
+        """Queue one sequence through the OpenAI routes' backend (context, 429 and worker checks);
+        refusals are :class:`~layerrun.server.common.APIError`."""
+        tickets, q = self.app.state.backend.start([ids], 1, lambda j: dict(options), max_new, "prompt")
+        return tickets[0], q
 
 
 def register_extras(app, api_key: str | None = None) -> None:

@@ -5,13 +5,14 @@ line, the last with ``done: true`` and Ollama's counters in nanoseconds) or
 answer once with ``stream: false``; they share the OpenAI endpoints' worker,
 so every client is batched with every other. ``options`` map to LayerRun's
 sampling (``temperature``, ``top_k``, ``top_p``, ``seed``, ``num_predict``,
-``stop``; Ollama's defaults 0.8 / 40 / 0.9 apply when absent). Options that
-tune Ollama's own runtime (``num_ctx``, ``num_gpu``, ``num_thread`` ...) or
-samplers LayerRun does not have (``repeat_penalty``, ``mirostat`` ...) are
+``stop``, ``min_p``, ``repeat_penalty``, ``presence_penalty``,
+``frequency_penalty``; Ollama's defaults 0.8 / 40 / 0.9 apply to the first three
+when absent). Options that tune Ollama's own runtime (``num_ctx``, ``num_gpu``,
+``num_thread`` ...) or samplers LayerRun does not have (``mirostat`` ...) are
 accepted and ignored, and named in the ``X-LayerRun-Ignored-Options`` header.
 ``keep_alive`` is accepted: the model stays loaded for the server's life.
-``format`` (JSON mode, JSON schema) is refused with a 400 until LayerRun has
-constrained decoding. Also ``/api/tags``, ``/api/show``, ``/api/ps``,
+``format`` (``"json"``, or a JSON schema) constrains the output by the same
+llguidance grammars as OpenAI's ``response_format``. Also ``/api/tags``, ``/api/show``, ``/api/ps``,
 ``/api/version``, ``/api/pull`` (into the model store), and llama-server's
 ``/tokenize`` and ``/detokenize``. Errors are Ollama's ``{"error": "..."}``.
 """
@@ -37,16 +38,13 @@ from starlette.concurrency import run_in_threadpool
 
 from layerrun import __version__
 from layerrun.errors import LayerRunError
+from layerrun.server.common import APIError
 from layerrun.server.extras import GREEDY_BELOW, Served
 
 OLLAMA_API_VERSION = "0.6.0"  # the Ollama API level these endpoints follow (clients read /api/version)
 DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9}  # Ollama's, when a request sets none
-IGNORED_OPTIONS = {  # accepted and ignored: Ollama runtime tuning, or samplers LayerRun does not have
-    "num_ctx", "num_batch", "num_gpu", "main_gpu", "use_mmap", "use_mlock", "num_thread", "numa", "low_vram",
-    "vocab_only", "f16_kv", "logits_all", "num_keep", "repeat_last_n", "repeat_penalty", "presence_penalty",
-    "frequency_penalty", "penalize_newline", "mirostat", "mirostat_tau", "mirostat_eta", "tfs_z", "typical_p",
-    "min_p",
-}
+SUPPORTED_OPTIONS = {"temperature", "top_k", "top_p", "seed", "num_predict", "stop", "min_p", "repeat_penalty",
+                     "presence_penalty", "frequency_penalty"}  # others (num_ctx, num_gpu, mirostat, ...) are ignored
 FAR_FUTURE = "2318-06-20T00:00:00Z"  # expires_at of a model that stays loaded (what Ollama shows for keep_alive -1)
 
 
@@ -76,6 +74,8 @@ class _OllamaRoute(APIRoute):
                 return _error(400, f"{where}: {first.get('msg', 'invalid request')}")
             except OllamaError as e:
                 return _error(e.status, e.message)
+            except APIError as e:  # from the shared backend (context, queue full, worker down)
+                return JSONResponse({"error": e.message}, status_code=e.status, headers=e.headers)
             except LayerRunError as e:
                 return _error(400, str(e))
 
@@ -88,7 +88,7 @@ class _Body(BaseModel):
     model: str = Field("", description="the served model (its name, optionally with :latest)")
     stream: bool = Field(True, description="NDJSON stream (default) or one response")
     options: dict[str, Any] | None = Field(None, description="temperature, top_k, top_p, seed, num_predict, stop")
-    format: Any = Field(None, description="not supported yet: JSON mode / JSON schema")
+    format: Any = Field(None, description='"json" (any JSON value) or a JSON schema: constrained decoding')
     keep_alive: Any = Field(None, description="accepted; the model stays loaded while the server runs")
 
 
@@ -150,8 +150,7 @@ def now_iso() -> str:
 def sampling(options: dict | None, context_left: int) -> tuple[dict, list[str]]:
     """Ollama ``options`` -> BatchGenerator.request keywords, and the option names ignored."""
     o = dict(options or {})
-    ignored = sorted(k for k in o if k in IGNORED_OPTIONS or k not in ("temperature", "top_k", "top_p", "seed",
-                                                                           "num_predict", "stop"))
+    ignored = sorted(k for k in o if k not in SUPPORTED_OPTIONS)
 
     def num(key: str, kind: type, default):
         v = o.get(key, default)
@@ -178,11 +177,17 @@ def sampling(options: dict | None, context_left: int) -> tuple[dict, list[str]]:
     if predict == 0:
         raise OllamaError(400, "options.num_predict: must not be 0 (-1 = until the end of the context)")
     max_new = context_left if predict < 0 else min(predict, context_left)
-    return dict(
+    opts = dict(
         temperature=0.0 if temperature < GREEDY_BELOW else temperature,
         top_k=max(top_k, 0), top_p=max(top_p, GREEDY_BELOW) if top_p else 1.0,
         seed=seed if seed is None or seed >= 0 else None, stop=stop, max_new_tokens=max(1, max_new),
-    ), ignored
+    )
+    for ours, theirs in (("min_p", "min_p"), ("repetition_penalty", "repeat_penalty"),
+                         ("presence_penalty", "presence_penalty"), ("frequency_penalty", "frequency_penalty")):
+        v = num(theirs, float, None)
+        if v is not None:
+            opts[ours] = v
+    return opts, ignored
 
 
 def _refuse_unsupported(body, served: Served) -> str:
@@ -191,12 +196,30 @@ def _refuse_unsupported(body, served: Served) -> str:
         raise OllamaError(400, "model is required")
     if name is None:
         raise OllamaError(404, f"model '{body.model}' not found; this server serves: {', '.join(served.names)}")
-    if body.format not in (None, ""):
-        raise OllamaError(400, "format: structured output (JSON mode / JSON schema) is not supported by this "
-                               "LayerRun server yet; leave format out")
     if not served.worker.alive:
         raise OllamaError(503, "the engine worker is not running")
     return name
+
+
+def _grammar(engine, fmt):
+    """Ollama's ``format``: ``"json"`` or a JSON schema -> a compiled grammar (None without one); 400 if bad."""
+    if fmt in (None, ""):
+        return None
+    from layerrun.engine.constrained import from_response_format, processor
+
+    if fmt == "json":
+        rf = {"type": "json_object"}
+    elif isinstance(fmt, dict):
+        rf = {"type": "json_schema", "json_schema": {"name": "format", "schema": fmt}}
+    else:
+        raise OllamaError(400, 'format: expected "json" or a JSON schema object')
+    try:
+        g = from_response_format(rf, what="format")
+        g.check()
+        processor(engine, g)  # a grammar the matcher cannot start is a 400 now, not a failed sequence later
+    except (LayerRunError, ValueError, RuntimeError) as e:
+        raise OllamaError(400, f"format: {e}") from None
+    return g
 
 
 def _details(served: Served) -> dict:
@@ -243,7 +266,7 @@ class _Gen:
     def __init__(self, served: Served, ids: list[int], opts: dict, model: str, chat: bool):
         self.served, self.ids, self.opts, self.model, self.chat = served, ids, opts, model, chat
         self.t0 = time.perf_counter_ns()
-        self.ticket, self.q = served.submit(ids, opts)
+        self.ticket, self.q = served.submit(ids, opts, opts["max_new_tokens"])
         self.first_ns: int | None = None
         self.tokens: list[int] = []
 
@@ -350,14 +373,15 @@ def register(app, served: Served) -> None:
     engine = served.engine
     created = now_iso()
 
-    def start(body, ids: list[int], model: str, chat: bool):
+    async def start(body, ids: list[int], model: str, chat: bool):
         ctx = served.context
         if len(ids) >= ctx:
             raise OllamaError(400, f"the prompt has {len(ids)} tokens; this model's context is {ctx} (and at least "
                                    "one token must be generated)")
         opts, ignored = sampling(body.options, ctx - len(ids))
-        if not served.room(1):
-            raise OllamaError(503, "server busy: the batch and the waiting queue are full; retry later")
+        grammar = await run_in_threadpool(_grammar, engine, body.format)
+        if grammar is not None:
+            opts["grammar"] = grammar
         headers = {"X-LayerRun-Ignored-Options": ",".join(ignored)} if ignored else {}
         return _Gen(served, ids, opts, model, chat), headers
 
@@ -386,7 +410,7 @@ def register(app, served: Served) -> None:
             except LayerRunError as e:
                 raise OllamaError(400, f"context: {e}") from None
             ids = list(body.context) + ids
-        gen, headers = start(body, ids, body.model, chat=False)
+        gen, headers = await start(body, ids, body.model, chat=False)
         return await gen.respond(body.stream, request, headers)
 
     @r.post("/api/chat", summary="Ollama: chat (the model's chat template is applied; NDJSON stream by default)")
@@ -410,7 +434,7 @@ def register(app, served: Served) -> None:
             ids = await run_in_threadpool(engine.encode_prompt, msgs)
         except TemplateError as e:
             raise OllamaError(400, f"messages: the chat template refused them: {e}") from None
-        gen, headers = start(body, ids, body.model, chat=True)
+        gen, headers = await start(body, ids, body.model, chat=True)
         return await gen.respond(body.stream, request, headers)
 
     def tag() -> dict:
