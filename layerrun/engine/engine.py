@@ -81,8 +81,15 @@ class Generation:
 
 
 def resolve_model_path(path: str | Path) -> Path:
-    """A folder path, or the name of a model in the local store."""
+    """A folder path, the name of a model in the local store, or a ``.gguf`` file (converted into the
+    store on first use, with a message and a progress bar on stderr)."""
     p = Path(path).expanduser()
+    if p.is_file() and p.suffix.lower() == ".gguf":
+        import sys
+
+        from layerrun.formats.store import ensure_gguf
+
+        return ensure_gguf(p, progress=True, log=lambda s: print(s, file=sys.stderr))
     if p.exists():
         return p
     try:
@@ -137,6 +144,7 @@ class Engine:
         kv_cache: str = "auto",
         threads: int | str | None = None,
         fast: bool = True,
+        progress: bool = False,
     ):
         from layerrun.engine.governor import plan_memory
         from layerrun.io.throttle import Throttle, parse_size
@@ -206,14 +214,18 @@ class Engine:
         self._scheduler = None
 
         # Embeddings and final norm/head are used every step and stay resident.
-        self.embeddings, self.final = self._load_ends(stored)
-        self._resident: dict[int, dict[str, torch.Tensor]] = {}
-        for i in self.plan.resident:
-            self._resident[i] = self._load_resident(self.manifest.layer(i))
-        # Mixture of experts: attention, norms and router of these streamed layers stay resident.
-        self._dense: dict[int, dict[str, torch.Tensor]] = {}
-        for i in self.plan.dense_resident:
-            self._dense[i] = self._load_resident(self.manifest.layer(i), self._dense_names[i])
+        self._loading = _LoadProgress(self, progress)
+        try:
+            self.embeddings, self.final = self._load_ends(stored)
+            self._resident: dict[int, dict[str, torch.Tensor]] = {}
+            for i in self.plan.resident:
+                self._resident[i] = self._load_resident(self.manifest.layer(i))
+            # Mixture of experts: attention, norms and router of these streamed layers stay resident.
+            self._dense: dict[int, dict[str, torch.Tensor]] = {}
+            for i in self.plan.dense_resident:
+                self._dense[i] = self._load_resident(self.manifest.layer(i), self._dense_names[i])
+        finally:
+            self._loading.close()
         self._stream: LayerStream | None = None
         self._open_stream()
         if self.fast:
@@ -328,6 +340,8 @@ class Engine:
             emb = self.model.sanitize(w)
             final["lm_head.weight"] = FastLinear(emb["embed_tokens.weight"], pack=True)
             self._emb_reader.drop(self.manifest.embeddings)  # packing read every row; lookups need a few
+            e = self.manifest.embeddings
+            self._loading.advance(e.bytes - e.data_start, e.name)
             return emb, final
         emb = self._load_resident(self.manifest.embeddings, pack=False)
         if self.fast and tied and "embed_tokens.weight" in emb:
@@ -349,6 +363,7 @@ class Engine:
         w = {k: v.to(self.device) for k, v in w.items()} if self.device.type != "cpu" else w
         self.trace.read(entry.layer if entry.layer is not None else -1, entry.name, t0, time.perf_counter(), rs.bytes, resident=True)
         w = self._prepare_weights(w)
+        self._loading.advance(rs.bytes, entry.name)
         if not (self.fast and pack):
             return w
         fuse = getattr(self.model, "fuse", None)
@@ -405,7 +420,7 @@ class Engine:
                     stats.read_s += rec.end - rec.start
                     stats.read_intervals.append((rec.start, rec.end))
                     stats.stall_s += stall
-                    self.trace.read(i, f"layer_{i:03d}", rec.start, rec.end, rec.bytes)
+                    self.trace.read(i, f"layer_{i:03d}", rec.start, rec.end, rec.bytes, slot=staged.slot)
                     if stall > 1e-4:
                         self.trace.stall(i, t_wait, t_wait + stall)
                 if self.kv_host and cache is not None and i + 1 < len(cache.layers):
@@ -425,6 +440,9 @@ class Engine:
                 if staged is not None:
                     stream.release(staged)
                     stats.copy_s += staged.record.copy_s  # CUDA: the host -> device copy, timed by events
+                    if staged.record.copy_s:  # drawn from the read's end: the copy is issued right after it
+                        r = staged.record
+                        self.trace.copy(i, r.end, r.end + r.copy_s, r.bytes, staged.slot)
         except BaseException:
             # A pass that stops midway leaves the cyclic prefetch out of step: start it afresh.
             self._open_stream()
@@ -469,6 +487,25 @@ class Engine:
         with self._lock:
             logits = self._forward(ids, None, positions, None, self._new_stats(ids.shape[1]), False, collect)
         return collect, logits
+
+    def final_hidden_states(self, input_ids, attention_mask=None) -> torch.Tensor:
+        """(batch, seq, hidden) float32: the last layer's output after the final norm, i.e. what the LM
+        head reads, for every position (rows may be left-padded, as for :meth:`logits`). Embeddings are
+        pooled from these (the server's ``/v1/embeddings``)."""
+        ids = torch.as_tensor(input_ids, dtype=torch.long)
+        if ids.dim() == 1:
+            ids = ids[None]
+        self._check_ids(ids)
+        key_valid = None if attention_mask is None else torch.as_tensor(attention_mask).bool()
+        if key_valid is None:
+            positions = torch.arange(ids.shape[1])[None].expand(ids.shape[0], -1)
+        else:
+            positions = (key_valid.long().cumsum(-1) - 1).clamp(min=0)
+        last = _LastOnly()  # every layer's output passes through; only the last one is kept
+        with self._lock:  # last_only: the head computes one position, not (seq x vocab) logits
+            self._forward(ids, None, positions, key_valid, self._new_stats(ids.shape[1]), last_only=True, collect=last)
+        x = last[0].to(self.device, self.dtype)
+        return self.model.norm(x, self.final["norm.weight"], self.args.rms_norm_eps).float().cpu()
 
     def _check_ids(self, ids: torch.Tensor) -> None:
         if ids.numel() and (ids.min() < 0 or ids.max() >= self.args.vocab_size):
@@ -735,6 +772,51 @@ class Engine:
         self.close()
 
 
+class _LoadProgress:
+    """``progress=True``: a progress bar on stderr while resident files load (a terminal only), then one line."""
+
+    MIN_BYTES = 64 * 2**20  # smaller loads take well under a second: say nothing
+
+    def __init__(self, engine: Engine, enabled: bool):
+        self.bar = None
+        self.t0 = time.perf_counter()
+        plan, m = engine.plan, engine.manifest
+        self.total = m.embeddings.bytes + m.final.bytes + sum(m.layer(i).bytes for i in plan.resident)
+        self.total += sum(m.layer(i).tensors[n].nbytes for i in plan.dense_resident for n in engine._dense_names[i])
+        self.done = 0
+        if not enabled or self.total < self.MIN_BYTES:
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+        console = Console(stderr=True)
+        if not console.is_terminal:
+            return
+        self.bar = Progress(TextColumn("[bold]loading[/] {task.description}"), BarColumn(), DownloadColumn(),
+                            TimeRemainingColumn(), transient=True, console=console)
+        self.bar.start()
+        self.task = self.bar.add_task(engine.path.name, total=self.total)
+
+    def advance(self, nbytes: int, name: str) -> None:
+        self.done += nbytes
+        if self.bar is not None:
+            self.bar.update(self.task, advance=nbytes, description=name)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            import sys
+
+            print(f"loaded {self.done / 1e6:.0f} MB in {time.perf_counter() - self.t0:.1f} s", file=sys.stderr)
+
+
+class _LastOnly(list):
+    """A ``collect`` list for ``_forward`` that keeps only the latest hidden state."""
+
+    def append(self, x) -> None:
+        self[:] = [x]
+
+
 class _ExpertLoader(dict):
     """A streamed MoE layer's weights before routing: attention, norms and router are here; the
     model calls ``load_experts(ids)`` once it knows which experts the step routes to, and only
@@ -765,7 +847,8 @@ class _ExpertLoader(dict):
         st.read_s += rec.end - rec.start
         st.read_intervals.append((rec.start, rec.end))
         st.stall_s += time.perf_counter() - t0  # compute waits for these reads
-        eng.trace.read(self._staged.layer, f"layer_{self._staged.layer:03d} experts {ids}", rec.start, rec.end, rec.bytes)
+        eng.trace.read(self._staged.layer, f"layer_{self._staged.layer:03d} experts {ids}", rec.start, rec.end, rec.bytes,
+                       slot=self._staged.slot)
 
 
 def _trim_heap() -> None:
