@@ -244,5 +244,13 @@ class FileReader:
             a0 = a - a % page
             mm.madvise(mmap.MADV_WILLNEED, a0, b - a0)
 
+    def drop(self, entry: FileEntry) -> None:
+        """Unmap a mapped file's pages from this process (``MADV_DONTNEED``; they stay in the page
+        cache, and a later access maps them again): after a pass over the whole file that is not
+        repeated, so they stop counting as this process's resident memory."""
+        mm = self._maps[entry.name][0] if entry.name in self._maps else None
+        if mm is not None and hasattr(mm, "madvise"):
+            mm.madvise(mmap.MADV_DONTNEED)
+
     def close(self) -> None:
         self._maps.clear()

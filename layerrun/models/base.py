@@ -177,6 +177,43 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+def signed_sin(rope: dict) -> torch.Tensor:
+    """``sin`` with its first half negated, made once per step and kept in the step's ``rope`` dict:
+    with it RoPE's rotation is one ``roll`` (see :func:`apply_rope_signed`)."""
+    s = rope.get("sin_signed")
+    if s is None:
+        sin = rope["sin"]
+        half = sin.shape[-1] // 2
+        s = rope["sin_signed"] = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+    return s
+
+
+def apply_rope_signed(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """:func:`apply_rope` in 4 ops instead of 7, bit for bit: ``cat(-x2, x1) * sin`` is
+    ``roll(x) * cat(-sin1, sin2)`` (negation is exact)."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin_signed
+
+
+def fuse_linears(w: dict, parts: tuple[str, ...], fused: tuple[str, str]) -> dict:
+    """``w`` with the weights ``{p}.weight`` for ``p`` in ``parts`` concatenated (rows) into ``fused[0]``,
+    and their biases, if all have one, into ``fused[1]``. Unchanged unless every part is a plain tensor
+    of one dtype with the same input width."""
+    ws = [w.get(f"{p}.weight") for p in parts]
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 2 for t in ws):
+        return w
+    if len({(t.dtype, t.shape[1], t.device) for t in ws}) != 1:
+        return w
+    bs = [w.get(f"{p}.bias") for p in parts]
+    if any(b is not None for b in bs) and not all(isinstance(b, torch.Tensor) for b in bs):
+        return w
+    drop = {f"{p}.{k}" for p in parts for k in ("weight", "bias")}
+    out = {k: v for k, v in w.items() if k not in drop}
+    out[fused[0]] = torch.cat(ws)
+    if bs[0] is not None:
+        out[fused[1]] = torch.cat(bs)
+    return out
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Llama-style RMSNorm: normalise in fp32, cast back, then scale."""
     dtype = x.dtype
