@@ -64,7 +64,8 @@ def test_truncated_layer_file(model_copy):
 
 
 def test_layer_truncated_after_load(model_copy):
-    eng = layerrun.load(model_copy, mode="stream", reader="pread")  # streamed: found again when the layer is read
+    # streamed, read at use (prefetch 0: nothing staged ahead at load): found again when the layer is opened
+    eng = layerrun.load(model_copy, mode="stream", reader="pread", prefetch=0)
     p = model_copy / "layer_000.safetensors"
     full = p.stat().st_size
     with open(p, "r+b") as f:
