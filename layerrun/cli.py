@@ -222,10 +222,9 @@ def _json_schema(a) -> dict:
     """--json-schema FILE: structured output; {} when not given."""
     if not a.json_schema:
         return {}
-    try:
-        text = Path(a.json_schema).read_text()
-    except OSError as e:
-        raise LayerRunError(f"--json-schema {a.json_schema}: {e.strerror}") from None
+    from layerrun.formats.files import read_user_text
+
+    text = read_user_text(a.json_schema, "--json-schema file")  # a regular file, bounded: a FIFO is refused
     try:
         return {"json_schema": json.loads(text)}
     except json.JSONDecodeError as e:
@@ -239,7 +238,7 @@ def cmd_generate(a) -> int:
     options = engine_options(a)
     if not a.prompts_file:
         options["batch_size"] = 1  # one sequence: plan the KV cache for one, not for --batch-size
-    with layerrun.load(model, **options, trace=bool(a.trace)) as engine:
+    with layerrun.load(model, **options, trace=bool(a.trace), progress=True) as engine:
         if a.explain:
             print("\n".join(engine.explain_lines), file=sys.stderr)
         try:
@@ -254,10 +253,9 @@ def cmd_generate(a) -> int:
 
 def _read_prompts(path: str) -> list[dict]:
     prompts = []
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError as e:
-        raise LayerRunError(f"--prompts-file {path}: {e.strerror}") from None
+    from layerrun.formats.files import read_user_text
+
+    lines = read_user_text(path, "prompts file").splitlines()  # a FIFO or a device is refused, not read forever
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -349,52 +347,6 @@ def _generate(engine, prompt, a) -> int:
     return 0
 
 
-# ---- pull / list ----------------------------------------------------------------
-def cmd_pull(a) -> int:
-    from layerrun.formats.store import pull
-
-    path = pull(a.name, dtype=a.dtype, progress=not a.quiet, log=lambda s: print(s, file=sys.stderr))
-    print(path)
-    return 0
-
-
-def cmd_list(a) -> int:
-    from layerrun.formats.store import known_models, list_models
-
-    if a.available:
-        avail = known_models()
-        if a.json:
-            print(json.dumps(avail, indent=2, default=str))
-            return 0
-        from rich.table import Table
-
-        t = Table()
-        for col in ("name", "download", "pulled", "description"):
-            t.add_column(col)
-        for m in avail:
-            t.add_row(m["name"] + (" (default)" if m.get("default") else ""), f"{m.get('download_mb', '?')} MB",
-                      "yes" if m.get("pulled") else "no", str(m.get("description", "")))
-        _console().print(t)
-        return 0
-    models = list_models()
-    if a.json:
-        print(json.dumps(models, indent=2, default=str))
-        return 0
-    if not models:
-        print("no local models; try `layerrun pull smollm2-135m-instruct`")
-        return 0
-    from rich.table import Table
-
-    t = Table()
-    for col in ("name", "size", "dtype", "format", "path"):
-        t.add_column(col)
-    for m in models:
-        t.add_row(m["name"], human_bytes(m.get("size", 0)), str(m.get("dtype", "")), str(m.get("format", "")),
-                  str(m.get("path", "")))
-    _console().print(t)
-    return 0
-
-
 # ---- parser -------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -466,22 +418,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, finish_reason, stats")
     c.set_defaults(fn=cmd_generate)
 
-    c = sub.add_parser("pull", help="fetch and convert a known model into the local store")
-    c.add_argument("name", help="model name (see `layerrun list --available`) or a Hugging Face repo id")
-    c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="storage dtype")
-    c.add_argument("--quiet", action="store_true", help="no progress bar")
-    c.set_defaults(fn=cmd_pull)
-
-    c = sub.add_parser("list", help="list local models")
-    c.add_argument("--available", action="store_true", help="list the models `layerrun pull` knows")
-    c.add_argument("--json", action="store_true", help="print JSON")
-    c.set_defaults(fn=cmd_list)
-
     from layerrun.bench import add_bench_parser
     from layerrun.chat import add_chat_parser
     from layerrun.server import add_serve_parser
+    from layerrun.store_cli import add_store_parsers
 
     add_chat_parser(sub)
+    add_store_parsers(sub)
     add_serve_parser(sub)
     add_bench_parser(sub)
     return p
@@ -504,6 +447,12 @@ def main(argv: list[str] | None = None) -> int:
         _err("interrupted")
         return 130
     except BrokenPipeError:
+        return EXIT_ERROR
+    except OSError as e:  # the system refused a file the user named (permissions, a full disk, ...)
+        if a.debug:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        _err(f"{where}{e.strerror or e}")
         return EXIT_ERROR
     except Exception as e:  # a bug, not bad input: still one line unless --debug
         if a.debug:

@@ -31,6 +31,8 @@ def engine_options(a) -> dict:
         experts=getattr(a, "experts", "routed"), kv_cache=getattr(a, "kv_cache", "auto"),
         draft=getattr(a, "draft", None), draft_nodes=getattr(a, "draft_nodes", None),
         draft_fixed=getattr(a, "draft_fixed", False),
+        verify=not getattr(a, "no_verify", False),
+        threads=getattr(a, "threads", None),
     )
 
 
@@ -53,6 +55,12 @@ def add_engine_flags(c) -> None:
     c.add_argument("--kv-cache", default="auto", choices=["auto", "device", "host"],
                    help="where the KV cache lives: auto (the governor decides), device (with the computing layers), "
                         "host (host memory, each layer's part copied to the GPU for its compute: frees VRAM)")
+    c.add_argument("--no-verify", action="store_true",
+                   help="skip the integrity check (each file's sha256 and NaN/Inf, done the first time a file is "
+                        "read and remembered until it changes)")
+    c.add_argument("--threads", default="auto",
+                   help="compute threads (torch's, for the whole process): a number, or auto = one per physical "
+                        "core less one, at least 1 (on a busy 2-core machine 2 threads ran 2-10x slower than 1)")
     c.add_argument("--experts", default="routed", choices=["routed", "all"],
                    help="mixture-of-experts models (Mixtral): routed reads only the experts each step routes to "
                         "in streamed layers; all reads whole layers ahead, like a dense model")
@@ -117,7 +125,7 @@ def print_stats(stats, file=sys.stderr) -> None:
     rows = [
         ("mode", f"{stats.mode} ({stats.resident_layers} resident, {stats.streamed_layers} streamed, prefetch {stats.prefetch})"),
         ("reader", f"{stats.reader}{' (O_DIRECT)' if stats.direct_io else ''}"),
-        ("device / dtype", f"{stats.device} / {stats.dtype}"),
+        ("device / dtype", f"{stats.device} / {stats.dtype}" + (f", {stats.threads} thread{'s' if stats.threads != 1 else ''}" if stats.threads else "")),
         ("KV cache", {"host": "host memory, each layer's part copied to the device for its compute"}.get(
             stats.kv_location, f"on {stats.kv_location}")),
         ("tokens", f"prompt {stats.prompt_tokens}, generated {stats.generated_tokens}"),

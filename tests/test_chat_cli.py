@@ -128,8 +128,9 @@ def test_old_turns_are_dropped_when_the_context_fills(model):
 
 
 def test_progress_shows_while_the_first_token_comes(model):
-    # a throttled stream: every token reads the whole model at 1 MB/s, so the first one takes a while
-    child = spawn(str(model), "--mode", "stream", "--throttle", "1MB/s", "--max-new-tokens", "2")
+    # a throttled stream: every token reads the whole model at 200 KB/s, so the first one takes a while
+    # (slow enough that the pipeline's read-ahead at start-up, the whole 3-layer model, is not done yet)
+    child = spawn(str(model), "--mode", "stream", "--throttle", "200KB/s", "--max-new-tokens", "2")
     child.sendline("Hi")
     child.expect(r"reading layers \d+/3")
     child.expect_exact(">>> ")

@@ -69,10 +69,11 @@ def block(feeds: list[list[int]], starts: list[int], trees: list[list[int] | Non
     return ids, pos, tree
 
 
+@pytest.mark.parametrize("mode", ["stream", "full"])  # full: resident layers fused (qkv, gate/up) for oneDNN
 @pytest.mark.parametrize("name", CASES)
-def test_tree_pass_equals_plain_paths(name, tiny_layered):
-    kv = "host" if name in ("gemma3", "qwen3_moe") else "auto"  # the host-resident cache's gather too
-    eng = layerrun.load(tiny_layered(name), mode="stream", prefetch=1, kv_cache=kv)
+def test_tree_pass_equals_plain_paths(name, mode, tiny_layered):
+    kv = "host" if name in ("gemma3", "qwen3_moe") and mode == "stream" else "auto"  # the host cache's gather too
+    eng = layerrun.load(tiny_layered(name), mode=mode, prefetch=1, kv_cache=kv)
     g = torch.Generator().manual_seed(sum(map(ord, name)))
     V = eng.args.vocab_size
     lengths = (7, 4) if name == "llama_dynamic" else (13, 7)  # dynamic NTK: trees stay below position 16

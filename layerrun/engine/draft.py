@@ -53,6 +53,7 @@ class ModelDraft:
         try:
             self.engine = type(target)(
                 path, mode="full", device=target.device.type, context=target.context, batch_size=target.batch_size,
+                threads=target.threads, fast=target.fast, verify=target.verifier is not None,
             )
         except LayerRunError as e:
             raise type(e)(f"--draft {path}: {e}") from None
@@ -155,7 +156,7 @@ class ModelDraftSession:
         select = torch.tensor(sel, dtype=torch.long)
         tree = trees(T) if trees is not None else None
         threads = torch.get_num_threads()
-        cpu = self.draft.engine.device.type == "cpu"
+        cpu = self.draft.engine.device.type == "cpu" and threads != DRAFT_THREADS  # --threads 1: nothing to switch
         if cpu:
             torch.set_num_threads(DRAFT_THREADS)
         try:

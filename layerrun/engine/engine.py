@@ -9,7 +9,6 @@ and drives the one generation loop in :mod:`layerrun.engine.batch`.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from pathlib import Path
@@ -19,17 +18,20 @@ import torch
 from layerrun.engine.draft import open_draft
 from layerrun.engine.generation import BATCH_FIELDS, DEFAULT_MAX_NEW_TOKENS, Chunk, Generation, GenerationAPI
 from layerrun.engine.kv_cache import KVCache
+from layerrun.engine.model_files import check_model_files, load_config
 from layerrun.engine.speculative import Speculator
 from layerrun.engine.telemetry import GenerationStats, peak_rss_bytes
+from layerrun.engine.threads import apply_threads
 from layerrun.engine.tokenizer import Tokenizer
 from layerrun.engine.trace import TraceRecorder
 from layerrun.errors import FormatError, LayerRunError
 from layerrun.formats.convert import DTYPES
+from layerrun.formats.integrity import Verifier
 from layerrun.formats.manifest import Manifest
 from layerrun.io.pipeline import LayerStream
 from layerrun.io.reader import FileReader
-from layerrun.models import build_model
 from layerrun.models.base import expert_index
+from layerrun.models.fast import FastLinear, available, fast_weights, owned
 
 __all__ = ["BATCH_FIELDS", "DEFAULT_MAX_NEW_TOKENS", "Chunk", "Engine", "Generation", "resolve_model_path"]
 DEFAULT_PREFETCH = 2
@@ -48,8 +50,15 @@ def _pick_device(device: str) -> torch.device:
 
 
 def resolve_model_path(path: str | Path) -> Path:
-    """A folder path, or the name of a model in the local store."""
+    """A folder path, the name of a model in the local store, or a ``.gguf`` file (converted into the
+    store on first use, with a message and a progress bar on stderr)."""
     p = Path(path).expanduser()
+    if p.is_file() and p.suffix.lower() == ".gguf":
+        import sys
+
+        from layerrun.formats.store import ensure_gguf
+
+        return ensure_gguf(p, progress=True, log=lambda s: print(s, file=sys.stderr))
     if p.exists():
         return p
     try:
@@ -74,13 +83,17 @@ class Engine(GenerationAPI):
     ``reader`` ("pread", "direct", "mmap"), ``dtype`` (compute dtype; default:
     the stored dtype, float16 -> float32 on CPU), ``context`` and
     ``batch_size`` (what the KV cache reservation is planned for), ``verify``
-    (check every file's sha256 first), ``trace`` (record a Perfetto trace of
+    (default True: every file's sha256 and NaN/Inf are checked before its bytes are first used,
+    once per file until it changes, :mod:`layerrun.formats.integrity`; False skips it), ``trace`` (record a Perfetto trace of
     reads and compute, written by ``engine.trace.write(path)``), ``experts``
     (mixture-of-experts models: "routed" reads only the experts a step routes
     to in streamed layers; "all" reads whole layers ahead like any other model),
     ``kv_cache`` ("auto": the governor decides; "device": with the layers on the
     compute device; "host": in host memory, each layer's part brought to the
-    device for its compute and prefetched while the layer before computes).
+    device for its compute and prefetched while the layer before computes),
+    ``threads`` (torch's compute threads for the process: a number, or "auto" / None for
+    :func:`layerrun.engine.threads.default_threads`), ``fast`` (CPU: oneDNN's linear kernel with
+    resident weights packed for it, :mod:`layerrun.models.fast`; False keeps plain ``F.linear``).
 
     Speculative decoding: ``draft`` ("ngram", or a layered model folder or store name with the
     same tokenizer: a smaller sibling, or an int8/int4 copy of this model, loaded in full mode on
@@ -102,30 +115,33 @@ class Engine(GenerationAPI):
         dtype: str | None = None,
         context: int | None = None,
         batch_size: int = 1,
-        verify: bool = False,
+        verify: bool = True,
         trace: bool = False,
         experts: str = "routed",
         kv_cache: str = "auto",
         draft=None,
         draft_nodes: int | None = None,
         draft_fixed: bool = False,
+        threads: int | str | None = None,
+        fast: bool = True,
+        progress: bool = False,
     ):
         from layerrun.engine.governor import plan_memory
         from layerrun.io.throttle import Throttle, parse_size
 
         self.path = resolve_model_path(path)
         self.manifest = Manifest.read(self.path)
-        cfg_path = self.path / "config.json"
-        if not cfg_path.is_file():
-            raise FormatError(f"{self.path}: config.json is missing")
-        self.config = json.loads(cfg_path.read_text())
-        self.model = build_model(self.config)
+        self.config, self.model = load_config(self.path)
         self.args = self.model.args
         if self.manifest.num_layers != self.args.num_hidden_layers:
             raise FormatError(
                 f"{self.path}: manifest has {self.manifest.num_layers} layers, config.json says {self.args.num_hidden_layers}"
             )
+        check_model_files(self.path, self.manifest, self.model)  # before anything is sized by them
+        # Every file's bytes are checked (sha256, NaN/Inf) before their first use, unless a stamp vouches for them.
+        self.verifier = Verifier(self.path) if verify else None
         self.device = _pick_device(device)
+        self.threads = apply_threads(threads, self.device)
         stored = DTYPES.get(self.manifest.dtype, torch.float32)
         notes = []
         if dtype is None:
@@ -138,17 +154,17 @@ class Engine(GenerationAPI):
                 raise LayerRunError(f"dtype {dtype!r} is not one of: {', '.join(DTYPES)}")
             self.dtype = DTYPES[dtype]
         self.notes = notes
-        if verify:
-            from layerrun.formats.validate import validate_folder
-
-            problems = validate_folder(self.path, check_sha=True)
-            if problems:
-                raise FormatError(f"{self.path}: " + "; ".join(problems))
+        self.fast = bool(fast) and self.device.type == "cpu"
+        # Streamed layers are not packed (a copy per read); only float32 gains from oneDNN unpacked.
+        self._fast_stream = self.fast and self.dtype == torch.float32 and available(torch.float32)
         if experts not in ("routed", "all"):
             raise LayerRunError(f"--experts {experts!r} is not one of: routed, all")
         budget = parse_size(max_memory, "--max-memory") if max_memory is not None else None
         self.throttle = Throttle(parse_size(throttle, "--throttle")) if throttle else None
-        self.context = int(context or min(self.args.max_position_embeddings, DEFAULT_CONTEXT))
+        if context is not None and (isinstance(context, bool) or not isinstance(context, int) or context < 1):
+            raise LayerRunError(f"--context must be a positive number of tokens, got {context!r}")
+        # A context past the model's own buys nothing but a larger KV reservation.
+        self.context = min(int(context or DEFAULT_CONTEXT), self.args.max_position_embeddings)
         if batch_size < 1:
             raise LayerRunError(f"--batch-size must be >= 1, got {batch_size}")
         self.batch_size = int(batch_size)
@@ -176,7 +192,7 @@ class Engine(GenerationAPI):
         self.explain_lines = list(self.plan.lines) + draft_lines + (self.speculator.rule() if self.speculator else [])
         self.kv_host = self.plan.kv_location == "host"
         self.reader_backend = self._pick_reader(reader)
-        self.reader = FileReader(self.path, "mmap" if self.reader_backend == "mmap" else "pread")
+        self.reader = FileReader(self.path, "mmap" if self.reader_backend == "mmap" else "pread", self.verifier)
         # Streamed MoE layers: expert -> its tensor names, and the names of everything else (staged ahead).
         self.expert_groups, self._dense_names = self._split_experts() if experts == "routed" else ({}, {})
         self._expert_bytes = {  # per streamed MoE layer: the bytes of all its experts
@@ -189,17 +205,22 @@ class Engine(GenerationAPI):
         self._scheduler = None
 
         # Embeddings and final norm/head are used every step and stay resident.
-        self.embeddings = self._load_resident(self.manifest.embeddings)
-        self.final = self._load_resident(self.manifest.final)
-        self._resident: dict[int, dict[str, torch.Tensor]] = {}
-        for i in self.plan.resident:
-            self._resident[i] = self._load_resident(self.manifest.layer(i))
-        # Mixture of experts: attention, norms and router of these streamed layers stay resident.
-        self._dense: dict[int, dict[str, torch.Tensor]] = {}
-        for i in self.plan.dense_resident:
-            self._dense[i] = self._load_resident(self.manifest.layer(i), self._dense_names[i])
+        self._loading = _LoadProgress(self, progress)
+        try:
+            self.embeddings, self.final = self._load_ends(stored)
+            self._resident: dict[int, dict[str, torch.Tensor]] = {}
+            for i in self.plan.resident:
+                self._resident[i] = self._load_resident(self.manifest.layer(i))
+            # Mixture of experts: attention, norms and router of these streamed layers stay resident.
+            self._dense: dict[int, dict[str, torch.Tensor]] = {}
+            for i in self.plan.dense_resident:
+                self._dense[i] = self._load_resident(self.manifest.layer(i), self._dense_names[i])
+        finally:
+            self._loading.close()
         self._stream: LayerStream | None = None
         self._open_stream()
+        if self.fast:
+            _trim_heap()  # fusing and packing freed a copy of each resident weight
 
     def _pick_reader(self, reader: str) -> str:
         """``auto``: mmap when the streamed layers fit in the page cache next to everything else
@@ -268,11 +289,12 @@ class Engine(GenerationAPI):
             self._stream = LayerStream(
                 self.path, [self.manifest.layer(i) for i in self.plan.streamed], depth=self.plan.prefetch,
                 backend=self.reader_backend, throttle=self.throttle, device=self.device,
-                prepare=self._prepare_weights, clock_origin=self.trace.origin,
+                prepare=self._prepare_streamed, clock_origin=self.trace.origin,
                 subsets={  # staged ahead: what is neither an expert nor resident already
                     self.manifest.layer(i).name: [] if i in self._dense else names
                     for i, names in self._dense_names.items()
                 },
+                verifier=self.verifier,
             )
 
     # ---- weights ---------------------------------------------------------
@@ -289,18 +311,55 @@ class Engine(GenerationAPI):
             w = dequantize_weights(w, self.manifest.quantization, self.dtype)
         return self.model.sanitize(self._cast(w))
 
+    def _prepare_streamed(self, w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A streamed layer's weights: prepared, and float32 ones on oneDNN's kernel (no copy)."""
+        w = self._prepare_weights(w)
+        return fast_weights(w, pack=False) if self._fast_stream else w
+
+    def _load_ends(self, stored: torch.dtype) -> tuple[dict, dict]:
+        """The embeddings and the final norm / head, resident.
+
+        A tied head (the embedding matrix) in bfloat16 runs 2.2x faster packed for oneDNN, but the
+        packed copy cannot serve embedding lookups. When the file is stored in the compute dtype, the
+        embeddings are then a memory map of it (a lookup touches a few rows; nothing is copied) and
+        the packed head the one copy in memory, as many bytes as the embeddings took before.
+        """
+        final = self._load_resident(self.manifest.final)
+        tied = "lm_head.weight" not in final
+        if self.fast and tied and self.dtype == stored == torch.bfloat16 and available(self.dtype):
+            self._emb_reader = FileReader(self.path, "mmap", self.verifier)  # owns the mapping the embeddings view
+            w, _ = self._emb_reader.read(self.manifest.embeddings)
+            emb = self.model.sanitize(w)
+            final["lm_head.weight"] = FastLinear(emb["embed_tokens.weight"], pack=True)
+            self._emb_reader.drop(self.manifest.embeddings)  # packing read every row; lookups need a few
+            e = self.manifest.embeddings
+            self._loading.advance(e.bytes - e.data_start, e.name)
+            return emb, final
+        emb = self._load_resident(self.manifest.embeddings, pack=False)
+        if self.fast and tied and "embed_tokens.weight" in emb:
+            head = fast_weights({"lm_head.weight": emb["embed_tokens.weight"]}, pack=False)["lm_head.weight"]
+            if isinstance(head, FastLinear):  # float32: oneDNN on the same tensor, no copy
+                final["lm_head.weight"] = head
+        return emb, final
+
     def _cast(self, w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: (v.to(self.dtype) if v.is_floating_point() and v.dtype != self.dtype else v) for k, v in w.items()}
 
-    def _load_resident(self, entry, names: list[str] | None = None) -> dict[str, torch.Tensor]:
-        """A file's tensors (or only ``names``, read alone and owned), on the compute device, prepared."""
+    def _load_resident(self, entry, names: list[str] | None = None, pack: bool = True) -> dict[str, torch.Tensor]:
+        """A file's tensors (or only ``names``, read alone and owned), on the compute device, prepared
+        (and with ``pack``, the linear weights packed for oneDNN on CPU)."""
         t0 = time.perf_counter()
         w, rs = self.reader.read(entry) if names is None else self.reader.read_tensors(entry, names)
         if self.throttle:
             self.throttle.wait(rs.bytes, t0)
         w = {k: v.to(self.device) for k, v in w.items()} if self.device.type != "cpu" else w
         self.trace.read(entry.layer if entry.layer is not None else -1, entry.name, t0, time.perf_counter(), rs.bytes, resident=True)
-        return self._prepare_weights(w)
+        w = self._prepare_weights(w)
+        self._loading.advance(rs.bytes, entry.name)
+        if not (self.fast and pack):
+            return w
+        fuse = getattr(self.model, "fuse", None)
+        return owned(fast_weights(fuse(w) if fuse is not None else w, pack=True))
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -363,7 +422,7 @@ class Engine(GenerationAPI):
                     stats.read_s += rec.end - rec.start
                     stats.read_intervals.append((rec.start, rec.end))
                     stats.stall_s += stall
-                    self.trace.read(i, f"layer_{i:03d}", rec.start, rec.end, rec.bytes)
+                    self.trace.read(i, f"layer_{i:03d}", rec.start, rec.end, rec.bytes, slot=staged.slot)
                     if stall > 1e-4:
                         self.trace.stall(i, t_wait, t_wait + stall)
                 if self.kv_host and cache is not None and i + 1 < len(cache.layers):
@@ -383,6 +442,9 @@ class Engine(GenerationAPI):
                 if staged is not None:
                     stream.release(staged)
                     stats.copy_s += staged.record.copy_s  # CUDA: the host -> device copy, timed by events
+                    if staged.record.copy_s:  # drawn from the read's end: the copy is issued right after it
+                        r = staged.record
+                        self.trace.copy(i, r.end, r.end + r.copy_s, r.bytes, staged.slot)
         except BaseException:
             # A pass that stops midway leaves the cyclic prefetch out of step: start it afresh.
             self._open_stream()
@@ -395,12 +457,32 @@ class Engine(GenerationAPI):
             x = x[:, -1:]
         t0 = time.perf_counter()
         out = self.model.head(self.final, x, self.embeddings).float()
+        if not torch.isfinite(out).all():  # one cheap check a step: NaN/Inf never reaches the sampler
+            raise self._nonfinite_error()
         if select is not None:
             out = out[0]  # (N, V)
         stats.compute_s += time.perf_counter() - t0
         stats.steps += 1
         stats.step_s += time.perf_counter() - step_t0
         return out
+
+    def _nonfinite_error(self) -> LayerRunError:
+        """The logits hold NaN/Inf: name the file (layer) whose stored weights do (read again from disk,
+        one file at a time: this is the error path), or else call it a numerical overflow."""
+        from layerrun.formats.integrity import check_finite
+
+        reader = FileReader(self.path, "pread")
+        for entry in [self.manifest.embeddings, *self.manifest.layers, self.manifest.final]:
+            w, _ = reader.read(entry)
+            try:
+                check_finite(self.path / entry.name, w)
+            except FormatError as e:
+                where = f"layer {entry.layer}" if entry.layer is not None else entry.kind
+                return FormatError(f"the model's output became NaN/Inf because of its {where}: {e}")
+        return LayerRunError(
+            f"the model's output became NaN/Inf although its weights are finite: a numerical overflow computing in "
+            f"{str(self.dtype).replace('torch.', '')}; try --compute-dtype float32"
+        )
 
     def logits(self, input_ids, attention_mask=None) -> torch.Tensor:
         """Logits (batch, seq, vocab) in float32 for every position; rows may be left-padded."""
@@ -432,6 +514,25 @@ class Engine(GenerationAPI):
             logits = self._forward(ids, None, positions, None, self._new_stats(ids.shape[1]), False, collect)
         return collect, logits
 
+    def final_hidden_states(self, input_ids, attention_mask=None) -> torch.Tensor:
+        """(batch, seq, hidden) float32: the last layer's output after the final norm, i.e. what the LM
+        head reads, for every position (rows may be left-padded, as for :meth:`logits`). Embeddings are
+        pooled from these (the server's ``/v1/embeddings``)."""
+        ids = torch.as_tensor(input_ids, dtype=torch.long)
+        if ids.dim() == 1:
+            ids = ids[None]
+        self._check_ids(ids)
+        key_valid = None if attention_mask is None else torch.as_tensor(attention_mask).bool()
+        if key_valid is None:
+            positions = torch.arange(ids.shape[1])[None].expand(ids.shape[0], -1)
+        else:
+            positions = (key_valid.long().cumsum(-1) - 1).clamp(min=0)
+        last = _LastOnly()  # every layer's output passes through; only the last one is kept
+        with self._lock:  # last_only: the head computes one position, not (seq x vocab) logits
+            self._forward(ids, None, positions, key_valid, self._new_stats(ids.shape[1]), last_only=True, collect=last)
+        x = last[0].to(self.device, self.dtype)
+        return self.model.norm(x, self.final["norm.weight"], self.args.rms_norm_eps).float().cpu()
+
     def _check_ids(self, ids: torch.Tensor) -> None:
         if ids.numel() and (ids.min() < 0 or ids.max() >= self.args.vocab_size):
             raise LayerRunError(f"token ids must be in [0, {self.args.vocab_size}); got {ids.min()}..{ids.max()}")
@@ -441,6 +542,7 @@ class Engine(GenerationAPI):
         return GenerationStats(
             prompt_tokens=prompt_tokens, mode=self.mode, reader=self.reader_backend, device=str(self.device),
             dtype=str(self.dtype).replace("torch.", ""), notes=list(self.notes), prefetch=self.plan.prefetch,
+            threads=self.threads,
             resident_layers=len(self.plan.resident), streamed_layers=len(self.plan.streamed),
             kv_location=self.plan.kv_location,
             plan=list(self.plan.lines),
@@ -471,6 +573,8 @@ class Engine(GenerationAPI):
             self._stream.close()
             self._stream = None
         self.reader.close()
+        if getattr(self, "_emb_reader", None) is not None:
+            self._emb_reader.close()
         self._resident.clear()
         if self.draft is not None:
             self.draft.close()
@@ -480,6 +584,51 @@ class Engine(GenerationAPI):
 
     def __exit__(self, *exc):
         self.close()
+
+
+class _LoadProgress:
+    """``progress=True``: a progress bar on stderr while resident files load (a terminal only), then one line."""
+
+    MIN_BYTES = 64 * 2**20  # smaller loads take well under a second: say nothing
+
+    def __init__(self, engine: Engine, enabled: bool):
+        self.bar = None
+        self.t0 = time.perf_counter()
+        plan, m = engine.plan, engine.manifest
+        self.total = m.embeddings.bytes + m.final.bytes + sum(m.layer(i).bytes for i in plan.resident)
+        self.total += sum(m.layer(i).tensors[n].nbytes for i in plan.dense_resident for n in engine._dense_names[i])
+        self.done = 0
+        if not enabled or self.total < self.MIN_BYTES:
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+        console = Console(stderr=True)
+        if not console.is_terminal:
+            return
+        self.bar = Progress(TextColumn("[bold]loading[/] {task.description}"), BarColumn(), DownloadColumn(),
+                            TimeRemainingColumn(), transient=True, console=console)
+        self.bar.start()
+        self.task = self.bar.add_task(engine.path.name, total=self.total)
+
+    def advance(self, nbytes: int, name: str) -> None:
+        self.done += nbytes
+        if self.bar is not None:
+            self.bar.update(self.task, advance=nbytes, description=name)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            import sys
+
+            print(f"loaded {self.done / 1e6:.0f} MB in {time.perf_counter() - self.t0:.1f} s", file=sys.stderr)
+
+
+class _LastOnly(list):
+    """A ``collect`` list for ``_forward`` that keeps only the latest hidden state."""
+
+    def append(self, x) -> None:
+        self[:] = [x]
 
 
 class _ExpertLoader(dict):
@@ -512,4 +661,17 @@ class _ExpertLoader(dict):
         st.read_s += rec.end - rec.start
         st.read_intervals.append((rec.start, rec.end))
         st.stall_s += time.perf_counter() - t0  # compute waits for these reads
-        eng.trace.read(self._staged.layer, f"layer_{self._staged.layer:03d} experts {ids}", rec.start, rec.end, rec.bytes)
+        eng.trace.read(self._staged.layer, f"layer_{self._staged.layer:03d} experts {ids}", rec.start, rec.end, rec.bytes,
+                       slot=self._staged.slot)
+
+
+def _trim_heap() -> None:
+    """Return freed heap memory to the system (glibc ``malloc_trim``): after the resident weights were
+    fused and packed, the intermediate copies' memory otherwise stays in this process's RSS (Gemma 3
+    270M bf16: 185 MB). A no-op where glibc is not the allocator."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

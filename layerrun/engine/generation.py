@@ -89,10 +89,10 @@ class GenerationAPI:
             use_chat = self.has_chat_template if chat is None else chat
             if use_chat:
                 msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-                return self.tokenizer.encode_chat(msgs)
-            return self.tokenizer.encode(prompt)
+                return self._tokenizer_ids(self.tokenizer.encode_chat(msgs))
+            return self._tokenizer_ids(self.tokenizer.encode(prompt))
         if isinstance(prompt, Sequence) and prompt and isinstance(prompt[0], dict):
-            return self.tokenizer.encode(self.render_chat(list(prompt)), add_special_tokens=False)
+            return self._tokenizer_ids(self.tokenizer.encode(self.render_chat(list(prompt)), add_special_tokens=False))
         if isinstance(prompt, torch.Tensor):
             prompt = prompt.reshape(-1).tolist()
         try:
@@ -100,6 +100,17 @@ class GenerationAPI:
             self._check_ids(torch.tensor(ids, dtype=torch.long))
         except (TypeError, ValueError, OverflowError, RuntimeError):
             raise LayerRunError(f"a prompt must be text, chat messages or token ids in [0, {self.args.vocab_size})") from None
+        return ids
+
+    def _tokenizer_ids(self, ids: list[int]) -> list[int]:
+        """Ids from tokenizer.json, which must fit the model's embeddings (a tokenizer from another model
+        would otherwise index past them)."""
+        top = max(ids, default=-1)
+        if top >= self.args.vocab_size:
+            raise FormatError(
+                f"{self.path / 'tokenizer.json'}: the tokenizer produced token id {top}, but the model has "
+                f"{self.args.vocab_size} token embeddings (config.json vocab_size); the tokenizer belongs to another model"
+            )
         return ids
 
     # ---- generation -------------------------------------------------------
@@ -151,6 +162,11 @@ class GenerationAPI:
         sampler, stop strings). Raises LayerRunError naming what is wrong."""
         params = SamplingParams(temperature, top_k, top_p, seed)
         sampler = make_sampler(params)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+            raise LayerRunError(f"max_new_tokens must be an integer, got {max_new_tokens!r}")
+        if stop is not None and not isinstance(stop, str) and (
+                not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop)):
+            raise LayerRunError(f"stop must be a string or a list of strings, got {stop!r}")
         if max_new_tokens < 1:
             raise LayerRunError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         prompt_ids = self.encode_prompt(prompt, chat=chat, system=system)
@@ -223,7 +239,9 @@ class GenerationAPI:
 
     @property
     def has_tokenizer(self) -> bool:
-        return self._tokenizer is not None or (self.path / "tokenizer.json").is_file()
+        from layerrun.formats.files import is_file
+
+        return self._tokenizer is not None or is_file(self.path, "tokenizer.json")
 
     @property
     def eos_token_ids(self) -> set[int]:

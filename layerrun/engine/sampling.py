@@ -35,6 +35,12 @@ class SamplingParams:
     presence_penalty: float = 0.0
 
     def check(self) -> None:
+        for name, v in (("temperature", self.temperature), ("top_p", self.top_p)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v in (float("inf"), float("-inf")):
+                raise LayerRunError(f"{name} must be a finite number, got {v!r}")
+        for name, v in (("top_k", self.top_k), ("seed", self.seed)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+                raise LayerRunError(f"{name} must be an integer, got {v!r}")
         if self.temperature < 0:
             raise LayerRunError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
@@ -107,6 +113,10 @@ def apply_penalties(
             seen[torch.tensor(ids)] = True
         seen = seen.to(out.device)
         out = torch.where(seen, torch.where(out > 0, out / repetition, out * repetition), out)
+        # A tiny penalty (the API allows any > 0, e.g. 5e-324) overflows a logit to inf and the softmax to NaN;
+        # the largest finite float32 samples the same (the seen token wins either way).
+        out = torch.nan_to_num(out, nan=0.0, posinf=torch.finfo(torch.float32).max / 2,
+                               neginf=torch.finfo(torch.float32).min / 2)
     if (frequency or presence) and output_ids:
         counts = torch.bincount(torch.tensor([i for i in output_ids if 0 <= i < vocab], dtype=torch.long),
                                 minlength=vocab)[:vocab].to(out.device, out.dtype)
@@ -151,6 +161,8 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     Speculative sampling matches exactly this distribution, so it is the one definition of it.
     """
     x = logits.float() / params.temperature
+    big = torch.finfo(torch.float32).max
+    x = torch.nan_to_num(x, nan=-big, posinf=big, neginf=-big)  # huge logits (a tiny penalty or temperature)
     x = apply_top_k(x, params.top_k)
     x = apply_top_p(x, params.top_p)
     x = apply_min_p(x, params.min_p)

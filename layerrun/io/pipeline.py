@@ -7,10 +7,13 @@ and keeps ``depth`` of them in flight ahead of compute. It owns a ring of
 being computed, ``depth`` being filled. A slot is handed back by
 :meth:`LayerStream.release` and immediately refilled with the next layer.
 
-The schedule runs as an asyncio task on the pipeline's own event loop thread
-(uvloop when installed), so it never runs on an application's loop; blocking
-``preadv`` calls run in a thread pool, several per layer so deep device queues
-stay busy. The compute thread waits on plain ``concurrent.futures`` futures.
+Each free slot is submitted straight to a pool of stage threads (at start, then
+from ``release``), so a layer's hand-off wakes one thread and nothing runs on an
+application's event loop; a layer larger than one chunk is read by several
+``preadv`` calls in a second pool, so deep device queues stay busy. The compute
+thread waits on plain ``concurrent.futures`` futures. With the mmap reader on
+CPU there are no threads at all: staging (views and a read-ahead hint) runs
+inline in the compute thread.
 
 On CUDA, slots are pinned and each staged layer is copied to device buffers
 with ``non_blocking`` copies on a dedicated stream; compute waits on the copy's
@@ -20,9 +23,9 @@ On CPU there is no copy: tensors are views of the slot.
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import concurrent.futures as cf
+import mmap
 import os
 import threading
 import time
@@ -34,20 +37,12 @@ import torch
 
 from layerrun.errors import FormatError
 from layerrun.formats.aligned import ALIGN
+from layerrun.formats.integrity import Verifier
 from layerrun.formats.manifest import FileEntry
-from layerrun.io.reader import FileReader, aligned_empty, views
+from layerrun.io.reader import FileReader, aligned_empty, check_size, open_layer_file, verify_buffer, views
 from layerrun.io.throttle import Throttle
 
 IO_CHUNK = 16 * 1024 * 1024  # bytes per preadv; a layer is split into several concurrent reads
-
-
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-
-        return uvloop.new_event_loop()
-    except ImportError:
-        return asyncio.new_event_loop()
 
 
 @dataclass
@@ -92,6 +87,7 @@ class ChunkedReader:
         self.pool = pool
         self.note: str | None = None
         self._fds: dict[str, int] = {}
+        self._stats: dict[str, os.stat_result] = {}
         self._lock = threading.Lock()
 
     def _fd(self, entry: FileEntry) -> int:
@@ -99,31 +95,27 @@ class ChunkedReader:
             fd = self._fds.get(entry.name)
             if fd is not None:
                 return fd
-            path = self.folder / entry.name
-            flags = os.O_RDONLY
             if self.backend == "direct" and hasattr(os, "O_DIRECT"):
                 try:
-                    fd = os.open(path, flags | os.O_DIRECT)
-                except FileNotFoundError:
-                    raise FormatError(f"{path}: layer file is missing; run `layerrun validate {self.folder}`") from None
+                    fd, st = open_layer_file(self.folder, entry, direct=True)
                 except OSError as e:
                     self.note = f"O_DIRECT unavailable on this filesystem ({e.strerror}); fell back to pread"
                     self.backend = "pread"
             if fd is None:
-                try:
-                    fd = os.open(path, flags)
-                except FileNotFoundError:
-                    raise FormatError(f"{path}: layer file is missing; run `layerrun validate {self.folder}`") from None
-            size = os.fstat(fd).st_size
-            if size != entry.bytes:
+                fd, st = open_layer_file(self.folder, entry)
+            try:
+                check_size(self.folder, entry, st.st_size)
+            except FormatError:
                 os.close(fd)
-                what = "truncated" if size < entry.bytes else "longer than expected"
-                raise FormatError(
-                    f"{path}: file is {what} ({size} bytes, manifest says {entry.bytes}); "
-                    "re-run `layerrun convert` to rebuild it"
-                )
+                raise
             self._fds[entry.name] = fd
+            self._stats[entry.name] = st
             return fd
+
+    def stat(self, entry: FileEntry) -> os.stat_result:
+        """The fstat of the open file (taken when it was opened): its identity for verification."""
+        self._fd(entry)
+        return self._stats[entry.name]
 
     def _read_range(self, fd: int, arr: memoryview, file_off: int, length: int, limit: int) -> int:
         t0 = time.perf_counter()
@@ -148,7 +140,7 @@ class ChunkedReader:
         direct = self.backend == "direct"
         arr = memoryview(buf.numpy())
         pool = pool or self.pool
-        futs = []
+        jobs = []
         total = 0
         for start, end in ranges if ranges is not None else [(base, entry.bytes)]:
             if direct:
@@ -159,8 +151,11 @@ class ChunkedReader:
                 length = ((want + ALIGN - 1) // ALIGN) * ALIGN if direct else want  # O_DIRECT: whole blocks
                 rel = off - base
                 length = min(length, buf.numel() - rel)
-                futs.append(pool.submit(self._read_range, fd, arr[rel : rel + length], off, length, want))
-        for f in futs:
+                jobs.append((fd, arr[rel : rel + length], off, length, want))
+        if len(jobs) == 1:  # one chunk: read it here rather than wake a pool thread and wait for it
+            self._read_range(*jobs[0])
+            return total
+        for f in [pool.submit(self._read_range, *job) for job in jobs]:
             f.result()
         return total
 
@@ -192,9 +187,13 @@ class LayerStream:
         io_threads: int | None = None,
         clock_origin: float | None = None,
         subsets: dict[str, list[str]] | None = None,
+        verifier: Verifier | None = None,
     ):
         """``subsets`` maps a file name to the tensors staged ahead of compute; the rest of that file
-        is read on demand by :meth:`fetch` (a mixture-of-experts layer's routed experts)."""
+        is read on demand by :meth:`fetch` (a mixture-of-experts layer's routed experts).
+        ``verifier``: files not yet verified are hashed and checked in the staging thread, before the
+        layer is handed to compute (and staged whole the first time, so the hash covers every byte)."""
+        self.verifier = verifier
         self.entries = entries
         self.subsets = {k: set(v) for k, v in (subsets or {}).items()}
         self.whole = False  # set by the engine: stage whole files even where a subset is configured
@@ -227,34 +226,29 @@ class LayerStream:
         self._results: dict[int, cf.Future] = {}
         self._flock = threading.Lock()
         self.backend = backend
-        self._mmap_reader = FileReader(folder, "mmap") if backend == "mmap" else None
+        self._mmap_reader = FileReader(folder, "mmap", verifier) if backend == "mmap" else None
         self._next_consume = 0
         self._closed = False
-        self._loop = None
-        if self.depth > 0 and entries:
-            self._loop = new_event_loop()
-            self._free: asyncio.Queue | None = None
-            self._ready = threading.Event()
-            self._thread = threading.Thread(target=self._run_loop, name="layerrun-pipeline", daemon=True)
-            self._thread.start()
-            self._ready.wait()
+        # mmap on CPU: staging is making views and a read-ahead hint, microseconds of work, so it runs
+        # inline in the compute thread; the kernel reads ahead on the hints (MADV_WILLNEED) given
+        # ``depth`` layers early. No thread wakes up per layer to compete with compute for the cores
+        # (bench/RESULTS.md, "Compute speed").
+        self.inline = self._mmap_reader is not None and not self.cuda
+        self._hinted = -1  # the last sequence number whose layer was given a read-ahead hint
+        self._probe = bytearray(mmap.PAGESIZE)
+        # Reads ahead (pread / O_DIRECT, or CUDA): each free slot is submitted straight to the stage
+        # pool, at start and from release(), so a layer's hand-off wakes one stage thread and nothing
+        # else (an event loop thread in between was one more wake-up per layer, several ms each on a
+        # busy machine).
+        self.threaded = self.depth > 0 and bool(entries) and not self.inline
+        self._seq = 0
+        self._sched_lock = threading.Lock()
+        if self.threaded:
+            for slot in range(n_slots):
+                self._submit(slot)
         _LIVE.add(self)
 
-    # ---- the asyncio side -------------------------------------------------
-    def _run_loop(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._free = asyncio.Queue()
-        for i in range(len(self.slots)):
-            self._free.put_nowait(i)
-        self._task = self._loop.create_task(self._schedule())
-        self._ready.set()
-        try:
-            self._loop.run_until_complete(self._task)
-        except asyncio.CancelledError:
-            pass
-        finally:
-            self._loop.close()
-
+    # ---- scheduling ----------------------------------------------------------
     def _future(self, seq: int) -> cf.Future:
         with self._flock:
             f = self._results.get(seq)
@@ -262,26 +256,26 @@ class LayerStream:
                 f = self._results[seq] = cf.Future()
             return f
 
-    async def _schedule(self) -> None:
-        loop = asyncio.get_running_loop()
-        seq = 0
-        while not self._closed:
-            slot = await self._free.get()
+    def _submit(self, slot: int) -> None:
+        """Stage the next layer in sequence into ``slot`` (in the stage pool)."""
+        with self._sched_lock:
             if self._closed:
-                break
+                return
+            seq = self._seq
             fut = self._future(seq)
             entry = self.entries[seq % len(self.entries)]
             try:
-                task = loop.run_in_executor(self.pool, self._stage, seq, entry, slot)
+                task = self.pool.submit(self._stage, seq, entry, slot)
             except RuntimeError:  # the pool was shut down (close() or interpreter exit)
-                break
-            task.add_done_callback(lambda t, f=fut: _settle(f, t))
-            seq += 1
+                return
+            self._seq += 1
+        task.add_done_callback(lambda t, f=fut: _settle(f, t))
 
     # ---- staging (runs in an I/O thread) ----------------------------------
     def _stage(self, seq: int, entry: FileEntry, slot: int) -> StagedLayer:
         t0 = time.perf_counter()
-        subset = None if self.whole else self.subsets.get(entry.name)
+        verify = self._needs_verify(entry)
+        subset = None if self.whole or verify else self.subsets.get(entry.name)
         ranges = None if subset is None else self._subset_ranges[entry.name]
         layer = entry.layer if entry.layer is not None else -1
         # Views only of what is staged: a MoE layer holds hundreds of expert tensors, and making
@@ -290,17 +284,29 @@ class LayerStream:
         if self._mmap_reader is not None and not self.cuda:
             # mmap: no slot, tensors view the mapping; touching the pages now faults them in ahead of compute.
             w = views(staged_entry, self._mmap_reader.mapping(entry), 0)
-            self._mmap_reader.advise(entry, ranges)
+            if not (self.inline and seq <= self._hinted):  # inline: hinted already, depth layers ago
+                self._mmap_reader.advise(entry, ranges)
             n = entry.bytes - entry.data_start if subset is None else sum(b - a for a, b in ranges)
             rec = ReadRecord(layer, n, t0, time.perf_counter())
             return StagedLayer(rec.layer, self.prepare(w), slot, rec, seq, None, entry, subset is not None)
         n = self.reader.read(entry, self.slots[slot], ranges)
+        if verify:  # here, in the staging thread: compute never sees bytes that were not checked
+            data = self.slots[slot][: entry.bytes - entry.data_start]
+            verify_buffer(self.verifier, self.reader.folder, entry, self.reader.stat(entry),
+                          memoryview(data.numpy()), entry.data_start, views(entry, self.slots[slot], entry.data_start))
         rec = ReadRecord(layer, n, t0, time.perf_counter())
         if not self.cuda:
             w = views(staged_entry, self.slots[slot], entry.data_start)
             return StagedLayer(rec.layer, self.prepare(w), slot, rec, seq, None, entry, subset is not None)
         w, start, event = self._to_device(entry, slot, ranges, staged_entry)
         return StagedLayer(rec.layer, w, slot, rec, seq, event, entry, subset is not None, start)
+
+    def _needs_verify(self, entry: FileEntry) -> bool:
+        if self.verifier is None:
+            return False
+        if self._mmap_reader is not None and not self.cuda:
+            return False  # the mapping verifies itself when it is made
+        return self.verifier.needed(entry, self.reader.stat(entry))
 
     def _to_device(self, entry: FileEntry, slot: int, ranges, view_entry: FileEntry):
         """CUDA: copy the read ``ranges`` (default: all) of a slot to its device slot on the copy stream
@@ -354,20 +360,48 @@ class LayerStream:
         seq = self._next_consume
         self._next_consume += 1
         t0 = time.perf_counter()
-        if self._loop is None:  # depth 0: read synchronously into the single slot
+        if not self.threaded:  # depth 0 or inline mmap: stage here (depth 0: read into the single slot)
+            if self.inline:
+                self._hint_ahead(seq)
             staged = self._stage(seq, self.entries[seq % len(self.entries)], 0)
         else:
             staged = self._future(seq).result()
-            self._results.pop(seq, None)
+            with self._flock:
+                self._results.pop(seq, None)
         if staged.event is not None:
             torch.cuda.current_stream(self.device).wait_event(staged.event)  # compute runs after the copy
-        wait = time.perf_counter() - t0
-        if self._loop is not None:
-            self.stats.stall_s += wait
-        else:
-            self.stats.stall_s += wait  # no overlap at depth 0: every read is a stall
+        self.stats.stall_s += time.perf_counter() - t0  # at depth 0 (no overlap) every read is a stall
         self.stats.reads.append(staged.record)
         return staged
+
+    def _hint_ahead(self, seq: int) -> None:
+        """mmap: ask the kernel to read the next ``depth`` layers (each hinted once per pass), unless
+        they are in the page cache already: MADV_WILLNEED walks every page even then (~0.1-0.5 ms for
+        a 7-14 MB layer here, as much as the layer's compute)."""
+        n = len(self.entries)
+        for k in range(max(seq + 1, self._hinted + 1), seq + self.depth + 1):
+            e = self.entries[k % n]
+            self._hinted = k
+            if self._cached(e):
+                continue
+            subset = None if self.whole else self.subsets.get(e.name)
+            self._mmap_reader.mapping(e)
+            self._mmap_reader.advise(e, None if subset is None else self._subset_ranges[e.name])
+
+    def _cached(self, entry: FileEntry) -> bool:
+        """Whether a file's data looks resident in the page cache: a non-blocking read
+        (``RWF_NOWAIT``) of one page at its start, middle and end succeeds. False where unsupported."""
+        if not hasattr(os, "RWF_NOWAIT"):
+            return False
+        fd = self.reader._fd(entry)
+        page = mmap.PAGESIZE
+        for off in (entry.data_start, (entry.data_start + entry.bytes) // 2, entry.bytes - 1):
+            try:
+                if os.preadv(fd, [self._probe], off - off % page, os.RWF_NOWAIT) <= 0:
+                    return False
+            except OSError:  # BlockingIOError (EAGAIN): not cached; EOPNOTSUPP: cannot tell
+                return False
+        return True
 
     def release(self, staged: StagedLayer) -> None:
         """Hand the slot back; the pipeline refills it with the next layer at once.
@@ -381,22 +415,14 @@ class LayerStream:
             if staged.copy_start is not None:
                 staged.record.copy_s = staged.copy_start.elapsed_time(staged.event) / 1e3
             self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
-        if self._loop is None:
-            return
-        self._loop.call_soon_threadsafe(self._free.put_nowait, staged.slot)
+        if self.threaded:
+            self._submit(staged.slot)
 
     def close(self) -> None:
         if self._closed:
             return
-        self._closed = True
-        if self._loop is not None:
-            def stop():
-                self._task.cancel()
-            try:
-                self._loop.call_soon_threadsafe(stop)
-            except RuntimeError:
-                pass
-            self._thread.join(timeout=5)
+        with self._sched_lock:
+            self._closed = True
         self.pool.shutdown(wait=True, cancel_futures=True)
         self.io_pool.shutdown(wait=True, cancel_futures=True)
         self.fetch_pool.shutdown(wait=True, cancel_futures=True)
@@ -436,7 +462,7 @@ def tensor_ranges(entry: FileEntry, names) -> list[tuple[int, int]]:
     return [(a, b) for a, b in out]
 
 
-def _settle(fut: cf.Future, task: asyncio.Future) -> None:
+def _settle(fut: cf.Future, task: cf.Future) -> None:
     if fut.done():
         return
     if task.cancelled():

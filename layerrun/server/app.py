@@ -33,6 +33,7 @@ from layerrun import __version__
 from layerrun.errors import LayerRunError
 from layerrun.io.throttle import parse_size
 from layerrun.server.common import APIError, Backend
+from layerrun.server.extras import register_extras
 from layerrun.server.metrics import CONTENT_TYPE, ServerMetrics
 from layerrun.server.openai_api import add_openai_routes
 from layerrun.server.run import DEFAULT_MAX_BODY, check_cors_origins
@@ -86,7 +87,7 @@ def create_app(
     cors_origins = check_cors_origins(cors_origins)
     if engine.has_tokenizer:
         engine.tokenizer  # noqa: B018 - load it now, not concurrently from two request threads
-    metrics = ServerMetrics(engine, batch_size, max_waiting)
+    metrics = ServerMetrics(engine, batch_size, max_waiting, names[0])
     worker = Worker(engine, batch_size, max_waiting, metrics)
     context = min(engine.context, engine.args.max_position_embeddings)
     created = int(time.time())
@@ -171,6 +172,7 @@ def create_app(
     # ---- generation -----------------------------------------------------------------
     add_openai_routes(app, backend)
 
+    register_extras(app, api_key=api_key)  # Ollama API, embeddings, tokenize, the page at / (server/extras.py)
     return app
 
 

@@ -15,7 +15,8 @@ import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
+from sse_starlette.sse import EventSourceResponse
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
@@ -28,6 +29,8 @@ from layerrun.server.schemas import (
     NamedToolChoice,
 )
 from layerrun.server.worker import Output, Ticket
+
+SSE_PING_S = 15  # keep-alive comment lines while a stream has nothing to send (a long prefill)
 
 
 def add_openai_routes(app: FastAPI, backend: Backend) -> None:
@@ -333,11 +336,11 @@ def _usage(prompt_tokens: int, outs: dict) -> dict:
 
 
 def _sse(backend: Backend, tickets: list[Ticket], q, head: dict, make_choices, first: list | None,
-         body, prompt_tokens: int) -> StreamingResponse:
-    def event(obj) -> str:
-        return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+         body, prompt_tokens: int) -> EventSourceResponse:
+    def event(obj) -> dict:
+        return {"data": json.dumps(obj, ensure_ascii=False, separators=(",", ":"))}
 
-    async def stream() -> AsyncIterator[str]:
+    async def stream() -> AsyncIterator[dict]:
         left, completion = len(tickets), 0
         try:
             if first:
@@ -357,12 +360,13 @@ def _sse(backend: Backend, tickets: list[Ticket], q, head: dict, make_choices, f
                 usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                          "total_tokens": prompt_tokens + completion}
                 yield event({**head, "choices": [], "usage": usage})
-            yield "data: [DONE]\n\n"
+            yield {"data": "[DONE]"}
         finally:  # the client went away (the task is cancelled) or the stream ended
             backend.cancel(tickets)
 
     async def after() -> None:  # on the event loop (a sync task would run in a thread), also when the client
         backend.cancel(tickets)  # left before the stream began, so that the generator's finally never ran
 
-    return StreamingResponse(stream(), media_type="text/event-stream", background=BackgroundTask(after),
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    # sse-starlette: a ": ping" comment every SSE_PING_S keeps proxies and clients from timing out a long prefill
+    return EventSourceResponse(stream(), background=BackgroundTask(after), ping=SSE_PING_S, sep="\n",
+                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

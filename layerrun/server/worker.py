@@ -156,6 +156,7 @@ class Worker(Scheduler):
         for t, ev in items:
             if t.t_last is None:
                 m.ttft.observe(now - t.t_submit)
+                m.queue_time.observe(max(0.0, ev.request._joined_at - t.t_submit))
                 m.prompt_tokens.inc(len(ev.request.prompt_ids))
                 t.t_last = now
             elif t.t_last != now:
@@ -167,7 +168,9 @@ class Worker(Scheduler):
                 t.t_last = now
             if ev.finish_reason:
                 m.finished.inc(finish_reason=ev.finish_reason)
+                m.e2e.observe(now - t.t_submit)
 
     def _idle(self) -> None:
         self.metrics.running.set(sum(1 for r in self.bg.rows if not r.done and not r.cancelled))
         self.metrics.waiting.set(sum(1 for r in self.bg.waiting if not r.cancelled) + self._pending)
+        self.metrics.observe_kv(self.bg)
