@@ -378,6 +378,9 @@ def test_cli_draft_json_stats_trace_explain(tiny_layered, int8_copy, tmp_path):
         assert k in st
     assert st["passes"] < 12 and st["tokens_per_pass"] > 1 and st["accepted_tokens"] > 0
     assert "speculation: " in p.stderr and "tokens per pass" in p.stderr
+    # --explain states the sizing rule and the draft it works with
+    assert "token trees of a fixed 6 nodes per row" in p.stderr and "draft forward = a + b*tokens" in p.stderr
+    assert "target pass = max(disk read per pass, a + b*tokens)" in p.stderr
     events = json.loads(trace.read_text())["traceEvents"]
     assert any(e.get("cat") == "draft" for e in events) and any(e.get("cat") == "verify" for e in events)
     plain = subprocess.run(base + ["--draft", "ngram", "--no-speculate"], capture_output=True, text=True)
@@ -395,7 +398,7 @@ def test_server_speculates_by_default_and_counts(tiny_layered, int8_copy):
 
     eng = layerrun.load(tiny_layered("llama_gqa"), draft=int8_copy("llama_gqa"), draft_nodes=6, draft_fixed=True)
     plain = layerrun.load(tiny_layered("llama_gqa")).generate([5, 6, 7, 8], max_new_tokens=10, ignore_eos=True)
-    with running_server(eng, batch_size=4) as s:
+    with running_server(eng, batch_size=4, model_name="tiny") as s:
         body = {"prompt": [5, 6, 7, 8], "max_tokens": 10, "temperature": 0, "ignore_eos": True,
                 "return_token_ids": True}
         r1 = httpx.post(f"{s.base_url}/completions", json=body, timeout=60).json()
@@ -412,3 +415,46 @@ def test_server_speculates_by_default_and_counts(tiny_layered, int8_copy):
     assert drafted > 0 and 0 < accepted <= drafted
     assert counter(m2, "layerrun_spec_decode_draft_tokens_total") == drafted  # the opted-out request drafted none
     assert counter(m2, "layerrun_generation_tokens_total") == 20
+    assert f'vllm:spec_decode_num_draft_tokens_total{{model_name="tiny"}} {drafted}' in m1
+
+
+def test_serve_draft_flag_is_the_server_default(tiny_layered, int8_copy):
+    """`layerrun serve MODEL --draft D`: the real command says its rule, speculates by default, and a
+    request's ``speculate: false`` opts out; tokens are those of decoding without a draft."""
+    import os
+    import signal
+    import socket
+    import time
+
+    httpx = pytest.importorskip("httpx")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    path = tiny_layered("llama_gqa")
+    plain = layerrun.load(path).generate([5, 6, 7, 8], max_new_tokens=10, ignore_eos=True).token_ids
+    cmd = [sys.executable, "-m", "layerrun", "serve", str(path), "--port", str(port), "--log-level", "warning",
+           "--draft", str(int8_copy("llama_gqa")), "--draft-nodes", "5", "--draft-fixed"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "LAYERRUN_API_KEY": ""})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and p.poll() is None:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        assert p.poll() is None, p.stderr.read()
+        body = {"prompt": [5, 6, 7, 8], "max_tokens": 10, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+        r1 = httpx.post(url + "/v1/completions", json=body, timeout=60).json()
+        r2 = httpx.post(url + "/v1/completions", json={**body, "speculate": False}, timeout=60).json()
+        metrics = httpx.get(url + "/metrics", timeout=30).text
+    finally:
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=30)
+    assert r1["choices"][0]["token_ids"] == r2["choices"][0]["token_ids"] == plain
+    drafted = next(float(x.split()[1]) for x in metrics.splitlines()
+                   if x.startswith("layerrun_spec_decode_draft_tokens_total "))
+    assert 0 < drafted <= 5 * 10  # the first request drafted (5 nodes a step at most), the second none
+    assert "speculation: draft " in err and "a fixed 5 nodes per row" in err
