@@ -40,8 +40,9 @@ def load_prompts(path: Path, kinds: set[str] | None) -> list[dict]:
 
 
 def make_target(name: str, dtype: str, work: Path) -> Path:
-    """The store model as a layered folder in ``dtype`` (the store keeps float32)."""
-    folder = store.pull(name, progress=False, log=None)
+    """The store model as a layered folder in ``dtype`` (the store's float32 variant: its default for a
+    Q4 GGUF is int4, which is not the target measured here)."""
+    folder = store.pull(name, dtype="float32", progress=False, log=None)
     if dtype == "float32":
         return folder
     dst = work / f"target-{dtype}"
@@ -81,6 +82,9 @@ def run(a) -> list[dict]:
         eng = layerrun.load(target, mode=mode, throttle=throttle or None, reader=reader or "auto", draft=d,
                             draft_nodes=a.nodes, context=1024, prefetch=a.prefetch)
         eng.generate("Hello", max_new_tokens=2)  # warm up: first-call costs, and the cost estimates
+        per_pass = sum(eng.manifest.layer(i).bytes for i in eng.plan.streamed) / 1e6
+        print(f"# target {target} ({eng.manifest.dtype}, {eng.mode}, {len(eng.plan.streamed)} layers streamed, "
+              f"{per_pass:.0f} MB a pass, reader {eng.reader_backend}); draft {d}", flush=True)
         for rep in range(a.repeat):
             for i, p in enumerate(prompts):
                 order = (True, False) if (rep + i) % 2 == 0 else (False, True)
