@@ -361,24 +361,6 @@ def test_tree_size_follows_the_cost_of_a_pass():
     assert 1 <= resident_cheap_draft < streamed
 
 
-def test_the_fixed_cost_of_a_tree_pass_is_counted():
-    """Full mode: a tree pass takes the masked path, dearer than a plain pass by more than its extra tokens;
-    a draft whose proposals are seldom accepted must not pay for it (the ngram draft on an explanation)."""
-
-    def size(tree_extra_s: float) -> int:
-        spec = Speculator(type("D", (), {"describe": lambda self: "test", "cost": None})(), max_nodes=64)
-        for _ in range(3):
-            spec.target.observe(1, 0.040, 0.0)
-        for n in (2, 4, 8):
-            spec.target.observe(n, 0.040 + tree_extra_s + 0.0005 * n, 0.0, tree=True)
-        spec.continues["greedy"] = 0.2
-        row = SpecRow(0, [0], 32, 64, SamplingParams(), None)
-        return len(spec.propose(_FreeSession(0.0), [row], 1, SpecTotals())[0]) - 1
-
-    assert size(0.0) >= 1  # tree passes cost their tokens only: a cheap guess pays
-    assert size(0.012) == 0  # 12 ms more per tree pass: a 20% guess does not
-
-
 # ---- surfaces: CLI, stats, trace, server ----------------------------------------------------------------
 
 

@@ -308,8 +308,7 @@ class BatchGenerator:
         t_end = time.perf_counter()
         if self.spec is not None:
             T = max(len(bl.tokens) for bl in blocks)
-            self.spec.target.observe(len(blocks) * T, t_end - t_draft, step_stats.stall_s,
-                                     tree=any(bl.tree is not None for bl in blocks))
+            self.spec.target.observe(len(blocks) * T, t_end - t_draft, step_stats.stall_s)
         self.steps += 1
         self.last_stats = step_stats
         self.last_spec = totals

@@ -293,36 +293,19 @@ class LinearCost:
 
 
 class TargetCost:
-    """A target pass over n tokens: max(disk reads of one pass, compute a + b * n).
-
-    Passes that verify a tree and plain passes are also fitted apart: a tree pass takes the masked
-    attention path, whose fixed cost one fit over both kinds hides (SmolLM2 resident on CPU: a
-    1-token pass ~47 ms, a 2-token tree pass ~55 ms, while the joint fit's slope said 1.5 ms/token),
-    and in full mode that step is what decides whether a short tree pays at all.
-    """
+    """A target pass over n tokens: max(disk reads of one pass, compute a + b * n)."""
 
     def __init__(self):
-        self.compute = LinearCost()  # every pass
-        self.plain = LinearCost()  # passes without a tree
-        self.tree = LinearCost()  # passes verifying a tree
+        self.compute = LinearCost()
         self.io = 0.0  # seconds of reading per pass, seen on passes that waited for the disk
 
-    def observe(self, n: int, seconds: float, stall: float, tree: bool = False) -> None:
-        t = max(seconds - stall, 0.0)
-        self.compute.observe(n, t)
-        (self.tree if tree else self.plain).observe(n, t)
+    def observe(self, n: int, seconds: float, stall: float) -> None:
+        self.compute.observe(n, max(seconds - stall, 0.0))
         if stall > 0.1 * seconds:
             self.io = seconds if not self.io else 0.7 * self.io + 0.3 * seconds
 
-    def __call__(self, n: float, tree: bool | None = None) -> float:
-        fit = self.compute
-        if tree is not None and self.tree.known and self.plain.known:
-            fit = self.tree if tree else self.plain
-        return max(self.io, fit(n))
-
-    def added(self, base: float, n: float) -> float:
-        """Seconds a pass of ``n`` tokens (a tree) costs over the plain pass of ``base`` tokens it replaces."""
-        return max(0.0, self(n, tree=True) - self(base, tree=False)) if n > base else 0.0
+    def __call__(self, n: float) -> float:
+        return max(self.io, self.compute(n))
 
 
 @dataclass
@@ -356,8 +339,7 @@ class Speculator:
             "speculation: a tree grows a round at a time (best candidates by calibrated acceptance probability, "
             "then one draft forward for their children) while expected tokens gained / seconds added > the "
             "step's expected tokens/s; seconds from measured costs: target pass = max(disk read per pass, "
-            "a + b*tokens) (a and b fitted apart for passes that verify a tree and plain ones), "
-            "draft forward = a + b*tokens",
+            "a + b*tokens), draft forward = a + b*tokens",
         ]
 
     def figures(self) -> str:
@@ -382,11 +364,11 @@ class Speculator:
             # catching up on a new prompt is paid once, for every step after it); once it does not pay, an
             # occasional probe, paying what the draft has to catch up on, keeps the estimates current.
             gain = sum(self.continues["greedy" if r.greedy else "sampled"] for r in rows)
-            rate = len(rows) / max(self.target(base_tokens, tree=False), 1e-9)
+            rate = len(rows) / max(self.target(base_tokens), 1e-9)
             feed = [1] * len(rows) if not self.idle_s else [session.pending_tokens(r) for r in rows]
-            cost = session.cost(feed) + self.target.added(base_tokens, base_tokens + len(rows))
+            cost = session.cost(feed) + self.target(base_tokens + len(rows)) - self.target(base_tokens)
             if gain <= rate * cost and (not self.idle_s or cost > PROBE_SHARE * self.idle_s):
-                self.idle_s += self.target(base_tokens, tree=False)
+                self.idle_s += self.target(base_tokens)
                 return trees
         self.idle_s = 0.0
         forwards = session.forwards
@@ -411,7 +393,7 @@ class Speculator:
         feeding = True
 
         def rate() -> float:
-            return expected / (time.perf_counter() - t0 + self.target(n, tree=n > base_tokens))
+            return expected / (time.perf_counter() - t0 + self.target(n))
 
         while True:
             # This round's candidates, best first per row. Each pick (once fed) is expected to bring a child
@@ -436,8 +418,7 @@ class Speculator:
             if not picks:
                 break
             gain = sum(p[3] for p in picks)
-            added = self.target.added(base_tokens, n + len(picks)) - self.target.added(base_tokens, n)
-            if not self.fixed and gain <= rate() * added:
+            if not self.fixed and gain <= rate() * (self.target(n + len(picks)) - self.target(n)):
                 break
             new = []
             for k, u, i, _, value in picks:
@@ -457,7 +438,7 @@ class Speculator:
             if not self.fixed:
                 est = sum(self.continues["greedy" if rows[k].greedy else "sampled"] * trees[k].value[x] for k, x in grow)
                 per_row = [sum(1 for kk, _ in grow if kk == k) for k in range(len(rows))]
-                cost = session.cost(per_row) + self.target.added(base_tokens, n + len(grow)) - self.target.added(base_tokens, n)
+                cost = session.cost(per_row) + self.target(n + len(grow)) - self.target(n)
                 if est <= rate() * cost:
                     feeding = False  # the siblings already drafted may still join; no more forwards
                     continue
