@@ -82,3 +82,22 @@ def test_bench_io_reports_h2d_against_a_pinned_copy(tiny_layered):
     assert res["pinned_copy_gb_s"] > 0
     for row in res["results"]:
         assert row["warm"]["h2d_gb_s"] > 0 and row["h2d_vs_pinned"] > 0
+
+
+@pytest.mark.parametrize("mode", ["stream", "full"])
+def test_cuda_speculative_greedy_tokens_equal_cpu(mode, tiny_hf, tiny_layered, tmp_path):
+    """A draft on the GPU (an int8 copy, and ngram) verified in one pass: CPU's greedy tokens, several a pass."""
+    from layerrun.formats.convert import convert
+
+    draft = tmp_path / "int8"
+    convert(tiny_hf("llama_gqa"), draft, progress=False, quantize="int8")
+    cpu = layerrun.load(tiny_layered("llama_gqa"), mode="full", device="cpu")
+    prompt = _ids(12, 2, cpu.args.vocab_size)
+    want = cpu.generate(prompt, max_new_tokens=16, ignore_eos=True).token_ids
+    for d in (str(draft), "ngram"):
+        gpu = layerrun.load(tiny_layered("llama_gqa"), mode=mode, device="cuda", draft=d, draft_nodes=6, draft_fixed=True)
+        got = gpu.generate(prompt, max_new_tokens=16, ignore_eos=True)
+        assert got.token_ids == want, d
+        if d != "ngram":
+            assert got.stats.tokens_per_pass > 1
+        gpu.close()
