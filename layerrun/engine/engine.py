@@ -24,6 +24,7 @@ from layerrun.engine.trace import TraceRecorder
 from layerrun.errors import FormatError, LayerRunError
 from layerrun.formats.convert import DTYPES
 from layerrun.formats.manifest import Manifest
+from layerrun.io.guard import ModelFiles
 from layerrun.io.pipeline import LayerStream
 from layerrun.io.reader import FileReader
 from layerrun.models import build_model
@@ -177,7 +178,10 @@ class Engine:
         self.mode = self.plan.mode
         self.kv_host = self.plan.kv_location == "host"
         self.reader_backend = self._pick_reader(reader)
-        self.reader = FileReader(self.path, "mmap" if self.reader_backend == "mmap" else "pread")
+        # Resident weights are private copies (pread): a mapped page of a file that later shrinks would
+        # kill the process. Streamed layers may be mapped, under the guard of ``self.files``.
+        self.reader = FileReader(self.path, "pread")
+        self.files = ModelFiles(self.path)
         # Streamed MoE layers: expert -> its tensor names, and the names of everything else (staged ahead).
         self.expert_groups, self._dense_names = self._split_experts() if experts == "routed" else ({}, {})
         self._expert_bytes = {  # per streamed MoE layer: the bytes of all its experts
@@ -268,12 +272,30 @@ class Engine:
             self._stream = LayerStream(
                 self.path, [self.manifest.layer(i) for i in self.plan.streamed], depth=self.plan.prefetch,
                 backend=self.reader_backend, throttle=self.throttle, device=self.device,
-                prepare=self._prepare_weights, clock_origin=self.trace.origin,
+                prepare=self._prepare_weights, clock_origin=self.trace.origin, files=self.files,
                 subsets={  # staged ahead: what is neither an expert nor resident already
                     self.manifest.layer(i).name: [] if i in self._dense else names
                     for i, names in self._dense_names.items()
                 },
             )
+
+    # ---- files that change on disk ---------------------------------------------
+    def file_problems(self) -> dict[str, str]:
+        """Model files found changed on disk (truncated, rewritten, replaced) and not restored since:
+        file name -> what is wrong. Requests that need them fail until they are restored."""
+        return self.files.problems()
+
+    def recheck_files(self) -> dict[str, str]:
+        """Check again the files with a recorded problem (a restored file is picked up again: the
+        pipeline restarts, dropping reads made while it was damaged); returns the problems left."""
+        before = self.files.problems()
+        if not before:
+            return before
+        left = self.files.recheck(self.manifest.files)
+        if len(left) < len(before):
+            with self._lock:
+                self._open_stream()
+        return left
 
     # ---- weights ---------------------------------------------------------
     def _prepare_weights(self, w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -541,9 +563,9 @@ class Engine:
         stats.peak_rss_bytes = peak_rss_bytes()
         if self.device.type == "cuda":
             stats.peak_vram_bytes = torch.cuda.max_memory_allocated(self.device)
-        note = self._stream.reader.note if self._stream is not None else None
-        if note and note not in stats.notes:
-            stats.notes.append(note)
+        for note in (self._stream.reader.note if self._stream is not None else None, self.files.note):
+            if note and note not in stats.notes:
+                stats.notes.append(note)
         stats.direct_io = bool(self._stream is not None and self._stream.reader.backend == "direct")
 
     async def astream(self, prompt, **kwargs):

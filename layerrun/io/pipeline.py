@@ -32,10 +32,11 @@ from pathlib import Path
 
 import torch
 
-from layerrun.errors import FormatError
+from layerrun.errors import FileChangedError
 from layerrun.formats.aligned import ALIGN
 from layerrun.formats.manifest import FileEntry
-from layerrun.io.reader import FileReader, aligned_empty, views
+from layerrun.io.guard import MappedFile, ModelFiles, Stamp
+from layerrun.io.reader import aligned_empty, views
 from layerrun.io.throttle import Throttle
 
 IO_CHUNK = 16 * 1024 * 1024  # bytes per preadv; a layer is split into several concurrent reads
@@ -72,6 +73,7 @@ class StagedLayer:
     entry: FileEntry | None = None
     partial: bool = False  # only the staging subset was read; the rest comes through LayerStream.fetch
     copy_start: object | None = None  # CUDA timing event recorded before the copy
+    guard: MappedFile | None = None  # weights view this lease-guarded mapping: touched only while acquired
 
 
 @dataclass
@@ -83,55 +85,58 @@ class PipelineStats:
 
 
 class ChunkedReader:
-    """Reads one layer file's data region into a slot with several concurrent preadv calls."""
+    """Reads one layer file's data region into a slot with several concurrent preadv calls.
 
-    def __init__(self, folder, backend: str, throttle: Throttle | None, pool: cf.ThreadPoolExecutor):
+    Descriptors stay open between reads; before each read the file at the path is checked to be
+    the one open and unchanged (``files``: see :mod:`layerrun.io.guard`), and after it, that it did
+    not change while it was read."""
+
+    def __init__(self, folder, backend: str, throttle: Throttle | None, pool: cf.ThreadPoolExecutor,
+                 files: ModelFiles | None = None):
         self.folder = Path(folder)
         self.backend = backend
         self.throttle = throttle
         self.pool = pool
+        self.files = files or ModelFiles(folder)
         self.note: str | None = None
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def _fd(self, entry: FileEntry) -> int:
+    def _fd(self, entry: FileEntry) -> tuple[int, Stamp]:
         with self._lock:
             fd = self._fds.get(entry.name)
             if fd is not None:
-                return fd
-            path = self.folder / entry.name
-            flags = os.O_RDONLY
+                st = self.files.same_file(entry, fd)
+                if st is not None:
+                    return fd, st
+                os.close(self._fds.pop(entry.name))  # another file is at the path now: open and check it
+            fd = None
             if self.backend == "direct" and hasattr(os, "O_DIRECT"):
                 try:
-                    fd = os.open(path, flags | os.O_DIRECT)
-                except FileNotFoundError:
-                    raise FormatError(f"{path}: layer file is missing; run `layerrun validate {self.folder}`") from None
+                    fd = self.files.open(entry, os.O_DIRECT)
+                except FileChangedError:
+                    raise
                 except OSError as e:
                     self.note = f"O_DIRECT unavailable on this filesystem ({e.strerror}); fell back to pread"
                     self.backend = "pread"
             if fd is None:
-                try:
-                    fd = os.open(path, flags)
-                except FileNotFoundError:
-                    raise FormatError(f"{path}: layer file is missing; run `layerrun validate {self.folder}`") from None
-            size = os.fstat(fd).st_size
-            if size != entry.bytes:
+                fd = self.files.open(entry)
+            try:
+                st = self.files.accept(entry, fd)
+            except BaseException:
                 os.close(fd)
-                what = "truncated" if size < entry.bytes else "longer than expected"
-                raise FormatError(
-                    f"{path}: file is {what} ({size} bytes, manifest says {entry.bytes}); "
-                    "re-run `layerrun convert` to rebuild it"
-                )
+                raise
             self._fds[entry.name] = fd
-            return fd
+            return fd, st
 
-    def _read_range(self, fd: int, arr: memoryview, file_off: int, length: int, limit: int) -> int:
+    def _read_range(self, fd: int, arr: memoryview, file_off: int, length: int, limit: int, entry: FileEntry) -> int:
         t0 = time.perf_counter()
         pos = 0
         while pos < limit:
             got = os.preadv(fd, [arr[pos:length]], file_off + pos)
             if got <= 0:
-                raise FormatError(f"unexpected end of file at byte {file_off + pos}")
+                raise self.files.changed_during_read(entry, f"it ends at byte {file_off + pos} (the manifest says "
+                                                            f"{entry.bytes})")
             pos += got
         if self.throttle:
             self.throttle.wait(limit, t0)
@@ -143,7 +148,7 @@ class ChunkedReader:
         ``buf`` mirrors the file from its data start on; ``ranges`` (absolute ``(start, end)`` file
         offsets) reads only those parts, each to its own place in ``buf``. Returns bytes read.
         """
-        fd = self._fd(entry)
+        fd, before = self._fd(entry)
         base = entry.data_start
         direct = self.backend == "direct"
         arr = memoryview(buf.numpy())
@@ -159,14 +164,15 @@ class ChunkedReader:
                 length = ((want + ALIGN - 1) // ALIGN) * ALIGN if direct else want  # O_DIRECT: whole blocks
                 rel = off - base
                 length = min(length, buf.numel() - rel)
-                futs.append(pool.submit(self._read_range, fd, arr[rel : rel + length], off, length, want))
+                futs.append(pool.submit(self._read_range, fd, arr[rel : rel + length], off, length, want, entry))
         for f in futs:
             f.result()
+        self.files.still(entry, fd, before)  # not changed while it was read (else the bytes may be torn)
         return total
 
     def drop_cache(self, entry: FileEntry) -> None:
         """Evict the file from the page cache (for cold-read benchmarks)."""
-        fd = self._fd(entry)
+        fd, _ = self._fd(entry)
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
@@ -192,9 +198,12 @@ class LayerStream:
         io_threads: int | None = None,
         clock_origin: float | None = None,
         subsets: dict[str, list[str]] | None = None,
+        files: ModelFiles | None = None,
     ):
         """``subsets`` maps a file name to the tensors staged ahead of compute; the rest of that file
-        is read on demand by :meth:`fetch` (a mixture-of-experts layer's routed experts)."""
+        is read on demand by :meth:`fetch` (a mixture-of-experts layer's routed experts). ``files``:
+        the folder's files as the process uses them (identity checks, lease-guarded mappings), shared
+        with the pipelines opened before and after this one."""
         self.entries = entries
         self.subsets = {k: set(v) for k, v in (subsets or {}).items()}
         self.whole = False  # set by the engine: stage whole files even where a subset is configured
@@ -217,7 +226,8 @@ class LayerStream:
         # threads, or a small pool deadlocks with every thread waiting on reads queued behind it.
         self.pool = cf.ThreadPoolExecutor(max_workers=n_slots, thread_name_prefix="layerrun-stage")
         self.io_pool = cf.ThreadPoolExecutor(max_workers=io_threads or max(4, 2 * n_slots), thread_name_prefix="layerrun-io")
-        self.reader = ChunkedReader(folder, backend, throttle, self.io_pool)
+        self.files = files or ModelFiles(folder)
+        self.reader = ChunkedReader(folder, backend, throttle, self.io_pool, self.files)
         # On-demand reads sit on the critical path: their own threads, never queued behind prefetch chunks.
         self.fetch_pool = cf.ThreadPoolExecutor(max_workers=4, thread_name_prefix="layerrun-fetch")
         self.stats.direct = backend == "direct"
@@ -227,7 +237,8 @@ class LayerStream:
         self._results: dict[int, cf.Future] = {}
         self._flock = threading.Lock()
         self.backend = backend
-        self._mmap_reader = FileReader(folder, "mmap") if backend == "mmap" else None
+        self._mapped = backend == "mmap" and not self.cuda  # views of lease-guarded mappings, no slots
+        self._held: dict[int, MappedFile] = {}  # seq -> mapping acquired for compute, released by release()
         self._next_consume = 0
         self._closed = False
         self._loop = None
@@ -287,13 +298,21 @@ class LayerStream:
         # Views only of what is staged: a MoE layer holds hundreds of expert tensors, and making
         # views of them all per step is Python work that competes with compute for the GIL.
         staged_entry = entry if subset is None else self._subset_entries[entry.name]
-        if self._mmap_reader is not None and not self.cuda:
-            # mmap: no slot, tensors view the mapping; touching the pages now faults them in ahead of compute.
-            w = views(staged_entry, self._mmap_reader.mapping(entry), 0)
-            self._mmap_reader.advise(entry, ranges)
-            n = entry.bytes - entry.data_start if subset is None else sum(b - a for a, b in ranges)
-            rec = ReadRecord(layer, n, t0, time.perf_counter())
-            return StagedLayer(rec.layer, self.prepare(w), slot, rec, seq, None, entry, subset is not None)
+        if self._mapped:
+            # mmap: no slot, tensors view the mapping; the read-ahead hint faults them in ahead of compute.
+            m = self.files.mapped(entry)
+            if m is not None and m.acquire():
+                try:
+                    m.advise(ranges)
+                    n = entry.bytes - entry.data_start if subset is None else sum(b - a for a, b in ranges)
+                    rec = ReadRecord(layer, n, t0, time.perf_counter())
+                    w = self.prepare(views(staged_entry, m.tensor, 0))  # may touch pages (casts, sanitize)
+                finally:
+                    m.release()
+                return StagedLayer(rec.layer, w, slot, rec, seq, None, entry, subset is not None, guard=m)
+            # No lease on this file: a private copy read with pread, which a shrinking file cannot fault.
+            if self.slots[slot].numel() < self.slot_bytes:
+                self.slots[slot] = aligned_empty(self.slot_bytes)
         n = self.reader.read(entry, self.slots[slot], ranges)
         rec = ReadRecord(layer, n, t0, time.perf_counter())
         if not self.cuda:
@@ -332,11 +351,11 @@ class LayerStream:
         sub = _subset_entry(entry, set(names))
         ranges = tensor_ranges(sub, sub.tensors)
         t0 = time.perf_counter()
-        mapped = self._mmap_reader is not None and not self.cuda
+        mapped = staged.guard is not None  # acquired by next() until release(): its pages may be touched
         if mapped:
             # No copy: compute touches the mapped pages. The read-ahead hint runs beside compute, which
             # faults in whatever the kernel has not yet read; on a warm cache the hint costs nothing.
-            self.fetch_pool.submit(self._mmap_reader.advise, entry, ranges)
+            self.fetch_pool.submit(staged.guard.advise, ranges)
         else:
             self.reader.read(entry, self.slots[staged.slot], ranges, pool=self.fetch_pool)
         rec = ReadRecord(staged.layer, sum(b - a for a, b in ranges), t0, time.perf_counter())
@@ -345,7 +364,7 @@ class LayerStream:
             torch.cuda.current_stream(self.device).wait_event(event)
             staged.event = event  # release() waits for this copy before the host slot is reused
             return w, rec
-        buf, base = (self._mmap_reader.mapping(entry), 0) if mapped else (self.slots[staged.slot], entry.data_start)
+        buf, base = (staged.guard.tensor, 0) if mapped else (self.slots[staged.slot], entry.data_start)
         return self.prepare(views(sub, buf, base)), rec
 
     # ---- the compute side ---------------------------------------------------
@@ -359,6 +378,10 @@ class LayerStream:
         else:
             staged = self._future(seq).result()
             self._results.pop(seq, None)
+        if staged.guard is not None and not staged.guard.acquire():
+            staged = self._restage(staged)  # the file changed after it was staged: check it and map it again
+        if staged.guard is not None:
+            self._held[staged.seq] = staged.guard
         if staged.event is not None:
             torch.cuda.current_stream(self.device).wait_event(staged.event)  # compute runs after the copy
         wait = time.perf_counter() - t0
@@ -369,6 +392,17 @@ class LayerStream:
         self.stats.reads.append(staged.record)
         return staged
 
+    def _restage(self, staged: StagedLayer) -> StagedLayer:
+        """Stage ``staged``'s layer again, now (its mapping was revoked: the file was opened for writing or
+        truncated since). The file is checked against the manifest again; a file that no longer matches
+        raises FileChangedError naming it. Returns the new staged layer, its mapping acquired."""
+        for _ in range(3):
+            new = self._stage(staged.seq, staged.entry, staged.slot)
+            if new.guard is None or new.guard.acquire():
+                return new
+        raise FileChangedError(f"{self.files.folder / staged.entry.name}: the model file keeps changing on disk; "
+                               "requests that need it fail until it is left alone")
+
     def release(self, staged: StagedLayer) -> None:
         """Hand the slot back; the pipeline refills it with the next layer at once.
 
@@ -376,6 +410,9 @@ class LayerStream:
         only after the compute that reads it: the copy stream waits for the compute stream's work
         queued so far. The copy's duration (CUDA events) goes into ``staged.record.copy_s``.
         """
+        guard = self._held.pop(staged.seq, None)
+        if guard is not None:
+            guard.release()  # compute is done with its pages
         if staged.event is not None:
             staged.event.synchronize()
             if staged.copy_start is not None:
@@ -400,6 +437,9 @@ class LayerStream:
         self.pool.shutdown(wait=True, cancel_futures=True)
         self.io_pool.shutdown(wait=True, cancel_futures=True)
         self.fetch_pool.shutdown(wait=True, cancel_futures=True)
+        for guard in self._held.values():  # a pass that stopped midway (an error): its layer's mapping is let go
+            guard.release()
+        self._held.clear()
         self.reader.close()
 
     def __del__(self):

@@ -5,13 +5,13 @@ Backends:
 - ``direct``: the same with ``O_DIRECT`` (no page cache; needs 4096-aligned
   offsets, lengths and buffers, which the layered format guarantees). Falls back
   to ``pread`` where the filesystem refuses it (tmpfs), and says so.
-- ``mmap``: the file is memory-mapped and tensors are views of the mapping (no
-  copy at all; pages are faulted in by compute).
+- ``mmap``: for whole-file reads here, the same as ``pread``: a mapped page that a
+  shrinking file no longer has kills the process (SIGBUS), so views of a mapping are
+  handed out only by the pipeline, under a file lease (:mod:`layerrun.io.guard`).
 """
 
 from __future__ import annotations
 
-import mmap
 import os
 import time
 from dataclasses import dataclass
@@ -63,7 +63,6 @@ class FileReader:
         self.folder = Path(folder)
         self.backend = backend
         self.fallback_note: str | None = None
-        self._maps: dict[str, tuple[mmap.mmap, torch.Tensor]] = {}
 
     def _open(self, entry: FileEntry) -> tuple[int, str]:
         path = self.folder / entry.name
@@ -93,8 +92,6 @@ class FileReader:
         t0 = time.perf_counter()
         base = entry.data_start
         n = entry.bytes - base
-        if self.backend == "mmap":
-            return self._read_mmap(entry, t0)
         fd, used = self._open(entry)
         try:
             self._check_size(entry, os.fstat(fd).st_size)
@@ -122,11 +119,6 @@ class FileReader:
         buffer or mapping that would keep the rest alive). Reads just their byte ranges."""
         t0 = time.perf_counter()
         names = set(names)
-        if self.backend == "mmap":
-            w, _ = self._read_mmap(entry, t0)
-            out = {k: v.clone() for k, v in w.items() if k in names}
-            n = sum(t.nbytes for k, t in entry.tensors.items() if k in names)
-            return out, ReadStat(entry.name, n, t0, time.perf_counter(), "mmap")
         path = self.folder / entry.name
         try:
             fd = os.open(path, os.O_RDONLY)
@@ -149,41 +141,5 @@ class FileReader:
             os.close(fd)
         return out, ReadStat(entry.name, n, t0, time.perf_counter(), "pread")
 
-    def _read_mmap(self, entry: FileEntry, t0: float):
-        t = self.mapping(entry)
-        n = entry.bytes - entry.data_start
-        return views(entry, t, 0), ReadStat(entry.name, n, t0, time.perf_counter(), "mmap")
-
-    def mapping(self, entry: FileEntry) -> torch.Tensor:
-        """The whole file, memory-mapped (once) as a uint8 tensor."""
-        path = self.folder / entry.name
-        if entry.name not in self._maps:
-            try:
-                with open(path, "rb") as f:
-                    self._check_size(entry, os.fstat(f.fileno()).st_size)
-                    mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            except FileNotFoundError:
-                raise FormatError(f"{path}: layer file is missing; run `layerrun validate {self.folder}`") from None
-            import warnings
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # read-only buffer: we never write to it
-                t = torch.frombuffer(mm, dtype=torch.uint8)
-            self._maps[entry.name] = (mm, t)
-        return self._maps[entry.name][1]
-
-    def advise(self, entry: FileEntry, ranges=None) -> None:
-        """Ask the kernel to read a mapped file (or only ``ranges`` of it) ahead of use."""
-        mm = self._maps[entry.name][0] if entry.name in self._maps else None
-        if mm is None or not hasattr(mm, "madvise"):
-            return
-        if ranges is None:
-            mm.madvise(mmap.MADV_WILLNEED)
-            return
-        page = mmap.PAGESIZE
-        for a, b in ranges:
-            a0 = a - a % page
-            mm.madvise(mmap.MADV_WILLNEED, a0, b - a0)
-
     def close(self) -> None:
-        self._maps.clear()
+        pass

@@ -167,10 +167,20 @@ def create_app(
         return APIError(500, f"internal error: {type(e).__name__}: {e}", type="internal_error").response()
 
     # ---- plain endpoints ------------------------------------------------------
-    @app.get("/health", summary="200 while the engine worker runs")
+    async def file_problems() -> dict[str, str]:
+        """Model files found changed on disk, checked again now (off the loop: it may hash a file)."""
+        if not engine.file_problems():
+            return {}
+        return await run_in_threadpool(engine.recheck_files)
+
+    @app.get("/health", summary="200 while the engine worker runs and the model files are intact")
     async def health():
         if not worker.alive:
             raise APIError(503, "the engine worker is not running", type="service_unavailable")
+        problems = await file_problems()
+        if problems:
+            return JSONResponse({"status": "model_file_changed", "files": problems,
+                                 "message": " ".join(problems.values())}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
@@ -214,7 +224,14 @@ def create_app(
         if not worker.alive:
             raise APIError(503, "the engine worker is not running", type="service_unavailable")
 
+    async def check_files() -> None:
+        problems = await file_problems()
+        if problems:
+            raise APIError(503, " ".join(problems.values()) + " (checked again on every request)",
+                           type="service_unavailable", code="model_file_changed", headers={"Retry-After": "5"})
+
     async def start(body, prompts: list[list[int]], max_tokens: int | None, param: str) -> tuple[list[Ticket], asyncio.Queue]:
+        await check_files()
         for ids in prompts:
             if not ids:
                 raise APIError(400, f"{param}: the prompt is empty", param=param)
@@ -506,7 +523,7 @@ def _usage(prompt_tokens: int, outs: dict) -> dict:
 async def _next(q: asyncio.Queue) -> tuple[int, Output]:
     i, o = await q.get()
     if o.error:
-        raise APIError(500, o.error, type="internal_error")
+        raise APIError(500, o.error, type="server_error" if o.error_code else "internal_error", code=o.error_code)
     return i, o
 
 

@@ -17,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from layerrun.errors import LayerRunError
+from layerrun.errors import FileChangedError, LayerRunError
 from layerrun.server.metrics import ServerMetrics
 
 DEFAULT_MAX_WAITING = 64  # sequences queued beyond the batch before requests get 429
@@ -34,6 +34,7 @@ class Output:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None  # the sequence failed (engine error, shutdown)
+    error_code: str | None = None  # OpenAI-style ``code`` of that error (e.g. model_file_changed)
 
 
 @dataclass(eq=False)
@@ -146,6 +147,9 @@ class Worker:
                 if self.bg.busy:
                     self._step()
                 self._gauges()
+            except FileChangedError as e:  # a model file changed on disk mid-step: these sequences cannot go on
+                log.error("layerrun server: %s", e)
+                self._fail_all(str(e), code="model_file_changed")
             except Exception:  # a bug: keep serving, and say what happened
                 log.exception("layerrun server worker: unexpected error")
                 self._fail_all("internal error in the engine worker (see the server log)")
@@ -216,12 +220,12 @@ class Worker:
         self._send([(t, Output(error=message)) for kind, t in msgs if kind == "submit"])
         self._fail_all(message)
 
-    def _fail_all(self, message: str) -> None:
+    def _fail_all(self, message: str, code: str | None = None) -> None:
         """Finish every sequence with an error and start over with an empty batch."""
         items = []
         for t in self._tickets.values():
             t.finished = True
-            items.append((t, Output(error=message)))
+            items.append((t, Output(error=message, error_code=code)))
             self.metrics.finished.inc(finish_reason="error")
         self._tickets.clear()
         self._send(items)
