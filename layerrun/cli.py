@@ -194,7 +194,9 @@ def cmd_generate(a) -> int:
     import layerrun
 
     model, prompt = _resolve_generate_args(a)
-    with layerrun.load(model, **engine_options(a), trace=bool(a.trace)) as engine:
+    # one prompt is one sequence: the governor plans the KV cache for it alone, not for a batch
+    sequences = None if a.prompts_file else 1
+    with layerrun.load(model, **engine_options(a, sequences), trace=bool(a.trace)) as engine:
         if a.explain:
             print("\n".join(engine.plan.lines), file=sys.stderr)
         try:

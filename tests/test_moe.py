@@ -299,7 +299,12 @@ def test_partial_mode_keeps_attention_and_router_resident_before_whole_layers(me
     p = plan_memory(man, args, mode="stream", max_memory=64 * 2**30, baseline=0, context=full.context, elem_bytes=4,
                     moe_dense=True)
     assert p.dense_resident == []  # stream means nothing resident
-    # the engine, with a budget on top of what the process holds now
+    # the engine, with a budget on top of what the process holds now (its KV cache planned for its first
+    # DEFAULT_RESERVE tokens: it grows on demand)
+    from layerrun.engine.governor import DEFAULT_RESERVE
+
+    stream_need = plan_memory(man, args, mode="stream", max_memory=64 * 2**30, baseline=0, elem_bytes=4,
+                              context=min(full.context, DEFAULT_RESERVE)).need
     rss = psutil.Process().memory_info().rss
     eng = layerrun.load(medium_moe, mode="partial", max_memory=rss + stream_need + dense + experts_per_layer // 2)
     assert eng.plan.dense_resident == [0, 1, 2, 3] and eng.plan.resident == []

@@ -127,9 +127,10 @@ class Engine:
         experts: str = "routed",
         kv_cache: str = "auto",
     ):
-        from layerrun.engine.governor import plan_memory
+        from layerrun.engine.governor import DEFAULT_RESERVE, plan_memory, tame_allocator
         from layerrun.io.throttle import Throttle, parse_size
 
+        tame_allocator()  # freed activations and caches go back to the system (the governor counts on it)
         self.path = resolve_model_path(path)
         self.manifest = Manifest.read(self.path)
         cfg_path = self.path / "config.json"
@@ -170,11 +171,20 @@ class Engine:
             raise LayerRunError(f"--batch-size must be >= 1, got {batch_size}")
         self.batch_size = int(batch_size)
         cast_factor = self.dtype.itemsize / stored.itemsize if self.dtype != stored else 1.0
-        self.plan = plan_memory(
-            self.manifest, self.args, mode=mode, max_memory=budget, prefetch=prefetch, batch=batch_size,
-            context=self.context, device=self.device.type, elem_bytes=self.dtype.itemsize, cast_factor=cast_factor,
+        self._tokenizer: Tokenizer | None = None
+        if self.has_tokenizer:  # loaded now, so that the governor's measured baseline includes it
+            try:
+                self.tokenizer  # noqa: B018
+            except LayerRunError:
+                pass  # said again, where it is used
+        # The KV cache is planned for each sequence's first DEFAULT_RESERVE tokens and grows on demand.
+        self._mode_asked = mode
+        self._plan_kw = dict(
+            prefetch=prefetch, device=self.device.type, elem_bytes=self.dtype.itemsize, cast_factor=cast_factor,
             kv=kv_cache, moe_dense=getattr(self.model, "moe", False) and experts == "routed",
         )
+        self.plan = plan_memory(self.manifest, self.args, mode=mode, max_memory=budget, batch=batch_size,
+                                context=min(self.context, DEFAULT_RESERVE), **self._plan_kw)
         self.mode = self.plan.mode
         self.kv_host = self.plan.kv_location == "host"
         self.reader_backend = self._pick_reader(reader)
@@ -188,7 +198,6 @@ class Engine:
             i: sum(self.manifest.layer(i).tensors[n].nbytes for names in per.values() for n in names)
             for i, per in self.expert_groups.items()
         }
-        self._tokenizer: Tokenizer | None = None
         self.trace = TraceRecorder(enabled=trace)
         self._lock = threading.RLock()
 
@@ -296,6 +305,86 @@ class Engine:
             with self._lock:
                 self._open_stream()
         return left
+
+    # ---- memory for sequences ---------------------------------------------------
+    def _sequences_need(self, rows: int, step_tokens: int, keys: int) -> int:
+        from layerrun.engine.governor import sequences_need
+
+        return sequences_need(self.args, rows, step_tokens, keys, self.dtype.itemsize)
+
+    def room_for(self, rows: int, step_tokens: int, keys: int) -> bool:
+        """Whether ``rows`` sequences whose cache reaches ``keys`` positions, in a step of ``step_tokens``
+        tokens, fit in the memory the weights leave (the governor's ``plan.room``). A mode the caller
+        forced to ``full`` is not held to the budget (it was warned about at load)."""
+        if self._mode_asked == "full":
+            return True
+        return self._sequences_need(rows, step_tokens, keys) <= self.plan.room
+
+    def make_room(self, rows: int, step_tokens: int, keys: int) -> None:
+        """Grow the KV cache's reservation for a sequence that does not fit as the engine stands: plan
+        again with it (the budget measured at load) and stream the resident layers the new plan no
+        longer keeps. Only where the mode was left to the governor (auto, partial)."""
+        from layerrun.engine.governor import fmt, plan_memory
+
+        if self._mode_asked not in ("auto", "partial") or not self.plan.resident or self._dense:
+            return
+        try:
+            new = plan_memory(self.manifest, self.args, mode=self._mode_asked, batch=rows, context=keys,
+                              budget=self.plan.budget, baseline=self.plan.baseline, **self._plan_kw)
+        except LayerRunError:
+            new = None
+        k_old = len(self.plan.resident)
+        k = min(len(new.resident), k_old) if new is not None else 0
+        if k == k_old:
+            return
+        L = self.args.num_hidden_layers
+        for i in range(k, k_old):
+            self._resident.pop(i, None)
+        need = self._sequences_need(rows, step_tokens, keys)
+        line = (f"the KV cache grew to {rows} x {keys} tokens ({fmt(need)} with workspace): layers {k}..{k_old - 1} "
+                f"are streamed from now on, {k} of {L} stay resident")
+        base = new if new is not None else self.plan
+        self.plan = type(base)(
+            "partial" if k else "stream", list(range(k)), list(range(k, L)), base.prefetch, base.kv_location,
+            base.budget, base.need, base.lines + [line], baseline=base.baseline, reserve=(rows, keys),
+            reserved=base.reserved)
+        self.mode = self.plan.mode
+        self.notes.append(line)
+        self._open_stream()
+
+    def check_memory(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        """Refuse a sequence that could not run alone even with every layer streamed, naming the figures."""
+        from layerrun.engine.governor import fmt, plan_memory
+
+        keys = prompt_tokens + max_new_tokens
+        if self._mode_asked == "full" or self.room_for(1, prompt_tokens, keys):
+            return
+        mode = "stream" if self._mode_asked == "stream" else "auto"
+        try:
+            bare = plan_memory(self.manifest, self.args, mode="stream", batch=1, context=1, budget=self.plan.budget,
+                               baseline=self.plan.baseline, **{**self._plan_kw, "prefetch": self.plan.prefetch})
+        except LayerRunError:
+            return  # not even one token: loading would have refused; nothing better to say here
+        # auto/partial: every resident layer could be streamed for it (make_room); else the plan stands
+        room = bare.room if mode == "auto" and not self._dense else self.plan.room
+        need = self._sequences_need(1, prompt_tokens, keys)
+        if need <= room:
+            return
+        fit = 0
+        lo, hi = prompt_tokens + 1, keys
+        while lo <= hi:  # the longest sequence that fits (needs grow with its length)
+            mid = (lo + hi) // 2
+            if self._sequences_need(1, prompt_tokens, mid) <= room:
+                fit, lo = mid, mid + 1
+            else:
+                hi = mid - 1
+        what = (f"at most {fit - prompt_tokens} new tokens (max_tokens / --max-new-tokens)" if fit > prompt_tokens
+                else "a shorter prompt")
+        raise LayerRunError(
+            f"this request needs {fmt(need)} of KV cache and workspace ({prompt_tokens} prompt tokens + up to "
+            f"{max_new_tokens} new); the memory budget leaves {fmt(room)} for them with "
+            f"{'every layer streamed' if mode == 'auto' else 'the layers as planned'}. Would fit: {what}, "
+            "or more memory for the process")
 
     # ---- weights ---------------------------------------------------------
     def _prepare_weights(self, w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -534,7 +623,9 @@ class Engine:
                 )
             raise LayerRunError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {ctx_len}")
         stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
-        return prompt_ids, min(max_new_tokens, ctx_len - len(prompt_ids)), params, sampler, stops
+        max_new = min(max_new_tokens, ctx_len - len(prompt_ids))
+        self.check_memory(len(prompt_ids), max_new)
+        return prompt_ids, max_new, params, sampler, stops
 
     def generate(self, prompt, **kwargs) -> Generation:
         """Generate to completion; returns text, token ids, finish reason and stats."""
