@@ -47,6 +47,7 @@ except LayerRunError as ex:
 g = e.generate(json.loads(sys.argv[3]), max_new_tokens=int(sys.argv[4]), ignore_eos=True)
 resident = sum(e.manifest.layer(i).bytes for i in e.plan.resident)
 print(json.dumps({"tokens": g.token_ids, "mode": e.mode, "resident": len(e.plan.resident), "resident_bytes": resident,
+                  "prefetch": e.plan.prefetch,
                   "decode_tok_s": g.stats.decode_tokens_per_s, "prefill_s": g.stats.prefill_s, "reader": e.reader_backend,
                   "peak_rss": peak_rss_bytes(), "read_bytes": int(memlimit.read_bytes_line()), "plan": e.plan.lines}))
 """
@@ -68,7 +69,7 @@ def run(model: Path, mode: str, limit: int, tokens: int, prefetch: int = 1) -> d
            "cgroup_peak_MiB": round(r.max_usage / 2**20, 1)}
     if r.returncode == 0:
         out = json.loads(r.stdout.strip().splitlines()[-1])
-        row.update({k: out[k] for k in ("mode", "resident", "reader", "tokens")},
+        row.update({k: out[k] for k in ("mode", "resident", "prefetch", "reader", "tokens")},
                    resident_GB=round(out["resident_bytes"] / 1e9, 3), decode_tok_s=round(out["decode_tok_s"], 4),
                    peak_rss_MiB=round(out["peak_rss"] / 2**20, 1), read_GB=round(out["read_bytes"] / 1e9, 3))
     else:
@@ -105,14 +106,22 @@ def threshold(model: Path, tokens: int) -> dict:
     lo, hi = int(0.6 * peak), int(1.6 * peak)  # refuses at lo (checked), runs at hi (checked)
     assert run(model, "auto", lo, tokens)["rc"] == 1
     assert run(model, "auto", hi, tokens)["rc"] == 0
+    at_hi = None
     while hi - lo > 0.02 * peak:
         mid = (lo + hi) // 2
         r = run(model, "auto", mid, tokens)
         if r["oom"]:
             raise SystemExit(f"OOM-killed at {mid / 2**20:.0f} MiB: the governor let a run start that did not fit")
-        lo, hi = (lo, mid) if r["rc"] == 0 else (mid, hi)
+        if r["rc"] == 0:
+            hi, at_hi = mid, r
+        else:
+            lo = mid
     out = {"stream_peak_rss_MiB": round(peak / 2**20, 1), "smallest_limit_that_runs_MiB": round(hi / 2**20, 1),
            "ratio": round(hi / peak, 3)}
+    if at_hi is not None:  # that run itself (the governor may have lowered the prefetch depth to fit)
+        out.update(peak_rss_at_smallest_MiB=at_hi["peak_rss_MiB"],
+                   ratio_to_its_own_peak=round(hi / (at_hi["peak_rss_MiB"] * 2**20), 3),
+                   tokens_equal=at_hi["tokens"] == stream["tokens"])
     print(json.dumps(out), flush=True)
     return out
 

@@ -161,7 +161,7 @@ def test_validate_reference_passes_on_moe_models(name, tiny_layered):
     """validate --reference rebuilds transformers' fused expert tensors from the per-expert files."""
     r = subprocess.run(
         [sys.executable, "-m", "layerrun", "validate", str(tiny_layered(name)), "--reference", "--json"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=900,
     )
     assert r.returncode == 0, r.stdout + r.stderr
     rep = json.loads(r.stdout)
@@ -175,7 +175,7 @@ def test_cli_stats_report_expert_bytes_saved(tiny_layered):
     r = subprocess.run(
         [sys.executable, "-m", "layerrun", "generate", str(path), "Hello world", "--mode", "stream",
          "--max-new-tokens", "6", "--ignore-eos", "--stats", "--json"],
-        capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"},
+        capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "200"},
     )
     assert r.returncode == 0, r.stderr
     stats = json.loads(r.stdout)["stats"]
@@ -214,7 +214,7 @@ def test_server_metrics_count_expert_bytes_never_read(tiny_layered):
 
     eng = layerrun.load(tiny_layered(MODEL), mode="stream")
     with running_server(eng, model_name="mix") as s:
-        r = httpx.post(s.url + "/v1/completions", timeout=60,
+        r = httpx.post(s.url + "/v1/completions", timeout=300,
                        json={"model": "mix", "prompt": "Hello", "max_tokens": 6, "ignore_eos": True})
         assert r.status_code == 200, r.text
         text = httpx.get(s.url + "/metrics").text

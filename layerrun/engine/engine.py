@@ -188,9 +188,10 @@ class Engine:
         self.mode = self.plan.mode
         self.kv_host = self.plan.kv_location == "host"
         self.reader_backend = self._pick_reader(reader)
-        # Resident weights are private copies (pread): a mapped page of a file that later shrinks would
-        # kill the process. Streamed layers may be mapped, under the guard of ``self.files``.
-        self.reader = FileReader(self.path, "pread")
+        # Resident weights are private copies (pread; O_DIRECT where the streamed layers are read so): a
+        # mapped page of a file that later shrinks would kill the process. Streamed layers may be mapped,
+        # under the guard of ``self.files``.
+        self.reader = FileReader(self.path, "direct" if self.reader_backend == "direct" else "pread")
         self.files = ModelFiles(self.path)
         # Streamed MoE layers: expert -> its tensor names, and the names of everything else (staged ahead).
         self.expert_groups, self._dense_names = self._split_experts() if experts == "routed" else ({}, {})
@@ -216,9 +217,11 @@ class Engine:
 
     def _pick_reader(self, reader: str) -> str:
         """``auto``: mmap when the streamed layers fit in the page cache next to everything else
-        (no copy: 2.6-2.7x pread's tokens/s warm, bench/RESULTS.md), pread otherwise (a model
-        bigger than memory is read cold, where pread/O_DIRECT run at the disk's speed), and pread
-        under ``--throttle``, which only explicit reads can honour."""
+        (no copy: 2.6-2.7x pread's tokens/s warm, bench/RESULTS.md); O_DIRECT otherwise: the
+        streamed layers do not stay cached, so every token reads them from disk, and through the
+        page cache that is a copy more and, under a memory limit, a fight for the little cache left
+        (bench/RESULTS.md: partial mode in a cgroup); pread under ``--throttle``, which only
+        explicit reads can honour."""
         if reader != "auto":
             if reader not in ("pread", "direct", "mmap"):
                 raise LayerRunError(f"--reader {reader!r} is not one of: auto, pread, direct, mmap")
@@ -240,7 +243,7 @@ class Engine:
             room = min(room, limit - psutil.Process().memory_info().rss)
         if self.plan.budget and self.plan.mode != "full":
             room = min(room, self.plan.budget)  # a budget below the model means: do not map it all
-        return "mmap" if streamed + self.plan.need < 0.8 * room else "pread"
+        return "mmap" if streamed + self.plan.need < 0.8 * room else "direct"
 
     def _split_experts(self) -> tuple[dict[int, dict[int, list[str]]], dict[int, list[str]]]:
         """For each streamed mixture-of-experts layer: (expert -> its tensor names, the other names)."""
