@@ -4,7 +4,7 @@ A layer file truncated while the server streams from it used to kill the process
 mapped page past the file's new end). Now: the request that needs the file fails with an
 OpenAI-shaped error naming it, /health says what is wrong, the server stays up, and once the file
 is restored requests succeed again with the same tokens. A file replaced by one with other bytes is
-refused, never used. Both readers: mmap (lease-guarded mappings) and pread.
+refused, never used. Every reader: mmap (lease-guarded mappings), pread and O_DIRECT.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ class Server:
         self.log.close()
 
 
-@pytest.fixture(params=["mmap", "pread"])
+@pytest.fixture(params=["mmap", "pread", "direct"])
 def served(request, tiny_layered, tmp_path):
     folder = tmp_path / "model"
     shutil.copytree(tiny_layered("qwen2"), folder)

@@ -53,6 +53,13 @@ def stamp_of(st: os.stat_result) -> Stamp:
 
 def sha256_fd(fd: int, size: int) -> str:
     """sha256 of the first ``size`` bytes of an open file, read with pread (never mapped)."""
+    if getattr(os, "O_DIRECT", 0) and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+        # O_DIRECT reads need aligned buffers: hash through a plain descriptor of the same open file
+        plain = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY)
+        try:
+            return sha256_fd(plain, size)
+        finally:
+            os.close(plain)
     h = hashlib.sha256()
     buf = bytearray(HASH_CHUNK)
     view = memoryview(buf)
