@@ -49,7 +49,7 @@ def add_engine_flags(c) -> None:
     c.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="compute device")
     c.add_argument("--reader", default="auto", choices=["auto", "pread", "direct", "mmap"],
                    help="how layer files are read: auto (mmap when the streamed layers fit in the page cache, "
-                        "else pread), pread, direct (O_DIRECT), mmap")
+                        "else O_DIRECT), pread, direct (O_DIRECT), mmap")
     c.add_argument("--compute-dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="compute dtype (default: the stored dtype; float16 is computed as float32 on CPU)")
     c.add_argument("--context", type=int, default=None,

@@ -211,6 +211,20 @@ def test_a_sequence_that_cannot_fit_even_streamed_is_refused_with_what_would(med
                                             r"memory budget leaves .* with every layer streamed\. Would fit: "):
         eng.generate(prompt, max_new_tokens=800)
     assert eng.generate(_ids(8, seed=1, vocab=4096), max_new_tokens=4).token_ids  # the engine goes on
+    # the server says the same before queueing it: 400, naming max_tokens
+    pytest.importorskip("fastapi")
+    import httpx
+
+    from layerrun.server import running_server
+
+    with running_server(eng) as s:
+        r = httpx.post(s.base_url + "/completions", json={"prompt": prompt, "max_tokens": 800}, timeout=300)
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["code"] == "insufficient_memory" and err["param"] == "max_tokens"
+        assert "1200 prompt tokens + up to 800 new" in err["message"] and "Would fit: " in err["message"]
+        ok = httpx.post(s.base_url + "/completions", json={"prompt": prompt[:8], "max_tokens": 4}, timeout=300)
+        assert ok.status_code == 200, ok.text
 
 
 def test_sequences_wait_for_memory_and_all_complete_with_their_tokens(medium):

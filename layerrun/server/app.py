@@ -255,6 +255,10 @@ def create_app(
             for j in range(body.n):
                 opts = sampling_options(body, j)
                 opts["max_new_tokens"] = min(max_tokens or context, context - len(ids))
+                try:  # its KV cache could never fit the memory budget, even with every layer streamed
+                    engine.check_memory(len(ids), opts["max_new_tokens"])
+                except LayerRunError as e:
+                    raise APIError(400, str(e), param="max_tokens", code="insufficient_memory") from None
                 tickets.append(Ticket(ids, opts, q, index=i * body.n + j))
         worker.submit(tickets)
         return tickets, q
@@ -523,7 +527,8 @@ def _usage(prompt_tokens: int, outs: dict) -> dict:
 async def _next(q: asyncio.Queue) -> tuple[int, Output]:
     i, o = await q.get()
     if o.error:
-        raise APIError(500, o.error, type="server_error" if o.error_code else "internal_error", code=o.error_code)
+        kind = "invalid_request_error" if o.error_status < 500 else "server_error" if o.error_code else "internal_error"
+        raise APIError(o.error_status, o.error, type=kind, code=o.error_code)
     return i, o
 
 

@@ -35,6 +35,7 @@ class Output:
     completion_tokens: int = 0
     error: str | None = None  # the sequence failed (engine error, shutdown)
     error_code: str | None = None  # OpenAI-style ``code`` of that error (e.g. model_file_changed)
+    error_status: int = 500  # the HTTP status it is answered with (400: the request itself)
 
 
 @dataclass(eq=False)
@@ -159,7 +160,7 @@ class Worker:
             t.req = self.bg.request(t.prompt_ids, **t.options)
         except LayerRunError as e:  # the HTTP side checks first; this is a safety net
             t.finished = True
-            self._send([(t, Output(error=str(e)))])
+            self._send([(t, Output(error=str(e), error_status=400))])
             return
         self._tickets[t.req.id] = t
 
