@@ -763,6 +763,7 @@ class Engine:
             self._stream.close()
             self._stream = None
         self.reader.close()
+        self.files.close()  # leases released: writers no longer wait on this process
         self._resident.clear()
 
     def __enter__(self):
