@@ -86,9 +86,10 @@ class Server:
         self.log.close()
 
 
-@pytest.fixture(params=["mmap", "pread", "direct"])
-def served(request, tiny_layered, tmp_path):
-    folder = tmp_path / "model"
+@pytest.fixture(scope="module", params=["mmap", "pread", "direct"])
+def server(request, tiny_layered, tmp_path_factory):
+    """One server per reader for the module; each test leaves the model files as it found them."""
+    folder = tmp_path_factory.mktemp(f"changes-{request.param}") / "model"
     shutil.copytree(tiny_layered("qwen2"), folder)
     s = Server(folder, request.param)
     try:
@@ -97,6 +98,17 @@ def served(request, tiny_layered, tmp_path):
         yield s, folder, request.param
     finally:
         s.stop()
+
+
+@pytest.fixture
+def served(server):
+    s, folder, reader = server
+    path = folder / LAYER
+    original = path.read_bytes()
+    yield s, folder, reader
+    if path.read_bytes() != original:  # a failed test: put it back for the next one
+        (folder / "restore").write_bytes(original)
+        os.replace(folder / "restore", path)
 
 
 def _check_refused(r: httpx.Response, path: Path, what: str) -> None:

@@ -236,15 +236,15 @@ def test_sequences_wait_for_memory_and_all_complete_with_their_tokens(medium):
     from layerrun.engine.governor import process_rss, sequences_need
 
     alone = layerrun.load(medium, mode="full", context=256)
-    prompts = [_ids(100, seed=10 + i, vocab=4096) for i in range(6)]
-    want = [alone.generate(p, max_new_tokens=20, ignore_eos=True).token_ids for p in prompts]
+    prompts = [_ids(100, seed=10 + i, vocab=4096) for i in range(4)]
+    want = [alone.generate(p, max_new_tokens=16, ignore_eos=True).token_ids for p in prompts]
     need = plan_memory(alone.manifest, alone.args, mode="stream", baseline=0, budget=64 * 2**30, batch=1,
                        context=256, elem_bytes=4).need
     eng = layerrun.load(medium, mode="stream", context=256, max_memory=process_rss() + need + 2 * MiB)
     room = eng.plan.room
-    assert sequences_need(eng.args, 6, 100, 120, 4) > room  # all six at once would not fit
+    assert sequences_need(eng.args, 4, 100, 116, 4) > room  # all four at once would not fit
     bg = eng.batch_generator(8)
-    reqs = [bg.request(p, max_new_tokens=20, ignore_eos=True) for p in prompts]
+    reqs = [bg.request(p, max_new_tokens=16, ignore_eos=True) for p in prompts]
     widest = 0
     while bg.busy:
         bg.step()
@@ -252,4 +252,4 @@ def test_sequences_wait_for_memory_and_all_complete_with_their_tokens(medium):
         cols = bg.key_pos.shape[1] if bg.key_pos is not None else 0
         assert sequences_need(eng.args, len(bg.rows), 1, cols, 4) <= room or len(bg.rows) <= 1
     assert [r.token_ids for r in reqs] == want
-    assert 1 < widest < 6
+    assert 1 < widest < 4
