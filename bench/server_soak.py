@@ -67,7 +67,7 @@ def alone(url: str, prompt: str, tokens: int) -> list[int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", nargs="?", default="smollm2-135m-instruct")
-    ap.add_argument("--clients", type=int, default=64)
+    ap.add_argument("--clients", type=int, default=64, help="concurrent streams (0: skip the equality phase)")
     ap.add_argument("--tokens", type=int, default=24, help="max_tokens of each concurrent stream")
     ap.add_argument("--sequential", type=int, default=500)
     ap.add_argument("--mode", default="stream")
@@ -89,46 +89,53 @@ def main() -> None:
                 raise SystemExit(server.stderr.read())
             time.sleep(0.5)
         proc = psutil.Process(server.pid)
-        ps = prompts(a.clients)
-
-        t0 = time.perf_counter()
-        want = [alone(url, p, a.tokens) for p in ps]
-        t_alone = time.perf_counter() - t0
-
-        async def together():
-            async with httpx.AsyncClient(timeout=3600) as c:
-                return await asyncio.gather(*(stream_one(c, url, p, a.tokens) for p in ps))
-
-        t0 = time.perf_counter()
-        got = asyncio.run(together())
-        t_together = time.perf_counter() - t0
-        equal = sum(g == w for g, w in zip(got, want))
-        n_tok = sum(len(g) for g in got)
-        print(json.dumps({"phase": "concurrent", "clients": a.clients, "equal_to_alone": equal,
-                          "tokens": n_tok, "alone_s": round(t_alone, 1), "together_s": round(t_together, 1),
-                          "alone_tok_s": round(sum(map(len, want)) / t_alone, 2),
-                          "together_tok_s": round(n_tok / t_together, 2)}), flush=True)
-
-        warm = max(1, a.sequential // 10)
-        samples, base = [], None
-        t0 = time.perf_counter()
-        for i in range(a.sequential):
-            p = ps[i % len(ps)] + " " + "Again." * (i % 7)
-            alone(url, p, 4 + i % 13)
-            if i + 1 == warm:
-                base = proc.memory_info().rss
-            if (i + 1) % 50 == 0:
-                samples.append(round(proc.memory_info().rss / 2**20, 1))
-        end = proc.memory_info().rss
-        print(json.dumps({"phase": "sequential", "requests": a.sequential, "seconds": round(time.perf_counter() - t0, 1),
-                          "rss_after_warmup_MiB": round(base / 2**20, 1), "rss_end_MiB": round(end / 2**20, 1),
-                          "growth_pct": round(100 * (end - base) / base, 2), "rss_every_50_MiB": samples}), flush=True)
+        ps = prompts(max(a.clients, 64))
+        if a.clients:
+            concurrent(url, ps[: a.clients], a.tokens)
+        sequential(url, ps, a.sequential, proc)
     finally:
         server.terminate()
         try:
             server.wait(timeout=60)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+def concurrent(url: str, ps: list[str], tokens: int) -> None:
+    """Each prompt alone, one request at a time; then all at once as streams: the same token ids?"""
+    t0 = time.perf_counter()
+    want = [alone(url, p, tokens) for p in ps]
+    t_alone = time.perf_counter() - t0
+
+    async def together():
+        async with httpx.AsyncClient(timeout=3600) as c:
+            return await asyncio.gather(*(stream_one(c, url, p, tokens) for p in ps))
+
+    t0 = time.perf_counter()
+    got = asyncio.run(together())
+    t_together = time.perf_counter() - t0
+    n_tok = sum(len(g) for g in got)
+    print(json.dumps({"phase": "concurrent", "clients": len(ps), "equal_to_alone": sum(g == w for g, w in zip(got, want)),
+                      "tokens": n_tok, "alone_s": round(t_alone, 1), "together_s": round(t_together, 1),
+                      "alone_tok_s": round(sum(map(len, want)) / t_alone, 2),
+                      "together_tok_s": round(n_tok / t_together, 2)}), flush=True)
+
+
+def sequential(url: str, ps: list[str], n: int, proc: psutil.Process) -> None:
+    warm = max(1, n // 10)
+    samples, base = [], None
+    t0 = time.perf_counter()
+    for i in range(n):
+        p = ps[i % len(ps)] + " " + "Again." * (i % 7)
+        alone(url, p, 4 + i % 13)
+        if i + 1 == warm:
+            base = proc.memory_info().rss
+        if (i + 1) % 50 == 0:
+            samples.append(round(proc.memory_info().rss / 2**20, 1))
+    end = proc.memory_info().rss
+    print(json.dumps({"phase": "sequential", "requests": n, "seconds": round(time.perf_counter() - t0, 1),
+                      "rss_after_warmup_MiB": round(base / 2**20, 1), "rss_end_MiB": round(end / 2**20, 1),
+                      "growth_pct": round(100 * (end - base) / base, 2), "rss_every_50_MiB": samples}), flush=True)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import os
 import threading
 import time
 import weakref
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -76,9 +77,12 @@ class StagedLayer:
     guard: MappedFile | None = None  # weights view this lease-guarded mapping: touched only while acquired
 
 
+READS_KEPT = 4096  # the latest read records a pipeline keeps (a server's pipeline reads forever)
+
+
 @dataclass
 class PipelineStats:
-    reads: list[ReadRecord] = field(default_factory=list)
+    reads: deque[ReadRecord] | list[ReadRecord] = field(default_factory=lambda: deque(maxlen=READS_KEPT))
     stall_s: float = 0.0
     direct: bool = False
     notes: list[str] = field(default_factory=list)
