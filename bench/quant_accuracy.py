@@ -76,11 +76,11 @@ def _store_model(name: str) -> tuple[Path, Path]:
     from layerrun.formats.manifest import Manifest
     from layerrun.formats.store import resolve_name
 
-    folder = resolve_name(name)
+    folder = resolve_name(f"{name}@float32")  # the exact dequantization of the GGUF
     if folder is None:
         from layerrun.formats.store import pull
 
-        folder = pull(name)
+        folder = pull(name, dtype="float32")
     m = Manifest.read(folder)
     src = Path(m.source.get("path", ""))
     if not src.is_file():

@@ -39,6 +39,7 @@ DEFAULT_GEN_DEPTHS = (0, 1, 2, 4)
 DD_BS = "16M"  # O_DIRECT reads: the pipeline's chunk size
 DD_BS_CACHED = "1M"  # page-cache reads: dd is fastest with a cache-sized block
 EXIT_OK = 0
+RATE_MIN_BYTES = 32 * 10**6  # bench io remembers a disk rate only from reading at least this much a pass
 EXIT_INVALID = 2
 
 Log = Callable[[str], None]
@@ -672,8 +673,9 @@ def bench_generate(
             raise LayerRunError(f"--modes: {m!r} is not one of: stream, partial, full, auto")
     rates = parse_throttles(throttles)
     folder = resolve_model_path(path)
-    config = json.loads((folder / "config.json").read_text())
-    vocab = int(config.get("vocab_size") or config.get("text_config", {}).get("vocab_size"))
+    from layerrun.engine.model_files import load_config
+
+    vocab = load_config(folder)[1].args.vocab_size  # config.json read and checked as the engine reads it
     ids = _prompt_ids(vocab, prompt_tokens, seed)
     context = prompt_tokens + max_new_tokens + 1
     result = {
@@ -809,7 +811,15 @@ def _stderr_log(quiet: bool) -> Log:
     return lambda s: print(s, file=sys.stderr, flush=True)
 
 
+def _check_plot(a) -> None:
+    if a.plot:
+        from layerrun.bench_plot import check
+
+        check(a.plot)
+
+
 def cmd_bench_io(a) -> int:
+    _check_plot(a)
     res = bench_io(
         a.model, depths=parse_int_list(a.depths), passes=a.passes, reader=a.reader, throttle=a.throttle,
         caches=[c.strip() for c in a.cache.split(",") if c.strip()],
@@ -817,14 +827,37 @@ def cmd_bench_io(a) -> int:
         rounds=a.rounds,
         log=_stderr_log(a.quiet or a.json), device=a.device,
     )
+    _remember_disk_rate(res)
     if a.json:
         print(json.dumps(res, indent=1, default=str))
     else:
         print_io_table(res)
+    if a.plot:
+        from layerrun.bench_plot import plot_io
+
+        print(f"plot written to {plot_io(res, a.plot)}", file=sys.stderr)
     return EXIT_OK
 
 
+def _remember_disk_rate(res: dict) -> None:
+    """Save the best cold O_DIRECT rate for `layerrun pull`'s estimates when the model is on the store's disk."""
+    from layerrun.formats import store
+
+    best = res.get("best_cold") or {}
+    if res.get("reader") != "direct" or res.get("throttle") or res.get("device") != "cpu" or not best.get("gb_s"):
+        return
+    if res.get("layer_bytes", 0) < RATE_MIN_BYTES:  # small files: per-file latency, not the disk's rate
+        return
+    try:
+        if Path(res["model"]).stat().st_dev != store.home().stat().st_dev:
+            return
+    except OSError:
+        return
+    store.save_disk_rate(best["gb_s"], res["model"], f"layerrun bench io (best depth {best['depth']}, cold, O_DIRECT)")
+
+
 def cmd_bench_generate(a) -> int:
+    _check_plot(a)
     res = bench_generate(
         a.model, modes=[m.strip() for m in a.modes.split(",") if m.strip()], depths=parse_int_list(a.depths),
         throttles=a.throttle, max_new_tokens=a.max_new_tokens, prompt_tokens=a.prompt_tokens, repeat=a.repeat,
@@ -835,6 +868,10 @@ def cmd_bench_generate(a) -> int:
         print(json.dumps(res, indent=1, default=str))
     else:
         print_generate_table(res)
+    if a.plot:
+        from layerrun.bench_plot import plot_generate
+
+        print(f"plot written to {plot_generate(res, a.plot)}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -876,6 +913,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
                    help="cuda: also copy each layer from its pinned slot to the GPU and report that copy's GB/s "
                         "next to a plain pinned copy_ (default: %(default)s)")
     c.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    c.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="also draw GB/s against depth next to dd/fio (needs matplotlib)")
     c.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     c.set_defaults(fn=cmd_bench_io)
 
@@ -905,6 +944,8 @@ def add_bench_parser(subparsers) -> argparse.ArgumentParser:
     c.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="compute device")
     c.add_argument("--seed", type=int, default=0, help="seed of the random prompt (default: %(default)s)")
     c.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    c.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="also draw tok/s, stall and overlap against depth and throttle (needs matplotlib)")
     c.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     c.set_defaults(fn=cmd_bench_generate)
     return b

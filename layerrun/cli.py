@@ -13,7 +13,16 @@ from pathlib import Path
 
 from layerrun import __version__
 from layerrun.errors import LayerRunError
-from layerrun.options import add_engine_flags, engine_options, human_bytes, human_count, print_stats
+from layerrun.options import (
+    add_engine_flags,
+    add_sampling_flags,
+    engine_options,
+    human_bytes,
+    human_count,
+    looks_like_model,
+    print_stats,
+    sampling_options,
+)
 
 DEFAULT_MAX_NEW_TOKENS = 256
 EXIT_ERROR = 1
@@ -179,24 +188,57 @@ def _resolve_generate_args(a) -> tuple[str, str | None]:
         ensure_default(log=lambda s: print(s, file=sys.stderr))
         return DEFAULT_MODEL, None
     if len(a.args) == 0:
-        raise LayerRunError("usage: layerrun generate [MODEL] PROMPT (or --prompts-file FILE)")
+        raise LayerRunError("usage: layerrun generate [MODEL] PROMPT (or - to read the prompt from stdin, "
+                            "or --prompts-file FILE)")
     if len(a.args) == 1:
+        # One argument is the prompt for the default model, unless it names a model: then the prompt is missing.
+        if a.args[0] != "-" and looks_like_model(a.args[0]):
+            raise LayerRunError(f"no prompt: {a.args[0]!r} is a model (a folder or a name in the local store), "
+                                f"so give the prompt after it: layerrun generate {a.args[0]} PROMPT "
+                                "(or - to read it from stdin)")
         from layerrun.formats.store import DEFAULT_MODEL, ensure_default
 
         ensure_default(log=lambda s: print(s, file=sys.stderr))
-        return DEFAULT_MODEL, a.args[0]
+        return DEFAULT_MODEL, _read_prompt(a.args[0])
     if len(a.args) == 2:
-        return a.args[0], a.args[1]
-    raise LayerRunError("usage: layerrun generate [MODEL] PROMPT (give at most a model and one prompt)")
+        return a.args[0], _read_prompt(a.args[1])
+    raise LayerRunError("usage: layerrun generate [MODEL] PROMPT (give at most a model and one prompt; "
+                        "quote a prompt that has spaces)")
+
+
+def _read_prompt(arg: str) -> str:
+    """``-`` reads the prompt from stdin (to its end); anything else is the prompt."""
+    if arg != "-":
+        return arg
+    if sys.stdin is None or sys.stdin.isatty():
+        print("reading the prompt from stdin (end it with Ctrl-D)", file=sys.stderr)
+    text = sys.stdin.read() if sys.stdin is not None else ""
+    if not text.strip():
+        raise LayerRunError("the prompt read from stdin (-) is empty")
+    return text.rstrip("\n")
+
+
+def _json_schema(a) -> dict:
+    """--json-schema FILE: structured output; {} when not given."""
+    if not a.json_schema:
+        return {}
+    from layerrun.formats.files import read_user_text
+
+    text = read_user_text(a.json_schema, "--json-schema file")  # a regular file, bounded: a FIFO is refused
+    try:
+        return {"json_schema": json.loads(text)}
+    except json.JSONDecodeError as e:
+        raise LayerRunError(f"--json-schema {a.json_schema}: not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
 def cmd_generate(a) -> int:
     import layerrun
 
     model, prompt = _resolve_generate_args(a)
-    # one prompt is one sequence: the governor plans the KV cache for it alone, not for a batch
-    sequences = None if a.prompts_file else 1
-    with layerrun.load(model, **engine_options(a, sequences), trace=bool(a.trace)) as engine:
+    options = engine_options(a)
+    if not a.prompts_file:
+        options["batch_size"] = 1  # one sequence: plan the KV cache for one, not for --batch-size
+    with layerrun.load(model, **options, trace=bool(a.trace), progress=True) as engine:
         if a.explain:
             print("\n".join(engine.plan.lines), file=sys.stderr)
         try:
@@ -211,10 +253,9 @@ def cmd_generate(a) -> int:
 
 def _read_prompts(path: str) -> list[dict]:
     prompts = []
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError as e:
-        raise LayerRunError(f"--prompts-file {path}: {e.strerror}") from None
+    from layerrun.formats.files import read_user_text
+
+    lines = read_user_text(path, "prompts file").splitlines()  # a FIFO or a device is refused, not read forever
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -242,8 +283,8 @@ def _generate_file(engine, a) -> int:
     prompts = _read_prompts(a.prompts_file)
     out_path = Path(a.output) if a.output else None
     sampling = dict(
-        max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-        seed=a.seed, stop=a.stop, chat=False if a.raw else None, system=a.system, ignore_eos=a.ignore_eos,
+        max_new_tokens=a.max_new_tokens, **sampling_options(a), stop=a.stop, chat=False if a.raw else None,
+        system=a.system, ignore_eos=a.ignore_eos, **_json_schema(a),
     )
     t0 = time.perf_counter()
     tokens = 0
@@ -278,8 +319,8 @@ def _generate_file(engine, a) -> int:
 
 def _generate(engine, prompt, a) -> int:
     kwargs = dict(
-        max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-        seed=a.seed, stop=a.stop, chat=False if a.raw else None, system=a.system, ignore_eos=a.ignore_eos,
+        max_new_tokens=a.max_new_tokens, **sampling_options(a), stop=a.stop, chat=False if a.raw else None,
+        system=a.system, ignore_eos=a.ignore_eos, **_json_schema(a),
     )
     if a.json:
         g = engine.generate(prompt, **kwargs)
@@ -303,52 +344,6 @@ def _generate(engine, prompt, a) -> int:
             print_stats(stats)
         for note in stats.notes:
             print(f"note: {note}", file=sys.stderr)
-    return 0
-
-
-# ---- pull / list ----------------------------------------------------------------
-def cmd_pull(a) -> int:
-    from layerrun.formats.store import pull
-
-    path = pull(a.name, dtype=a.dtype, progress=not a.quiet, log=lambda s: print(s, file=sys.stderr))
-    print(path)
-    return 0
-
-
-def cmd_list(a) -> int:
-    from layerrun.formats.store import known_models, list_models
-
-    if a.available:
-        avail = known_models()
-        if a.json:
-            print(json.dumps(avail, indent=2, default=str))
-            return 0
-        from rich.table import Table
-
-        t = Table()
-        for col in ("name", "download", "pulled", "description"):
-            t.add_column(col)
-        for m in avail:
-            t.add_row(m["name"] + (" (default)" if m.get("default") else ""), f"{m.get('download_mb', '?')} MB",
-                      "yes" if m.get("pulled") else "no", str(m.get("description", "")))
-        _console().print(t)
-        return 0
-    models = list_models()
-    if a.json:
-        print(json.dumps(models, indent=2, default=str))
-        return 0
-    if not models:
-        print("no local models; try `layerrun pull smollm2-135m-instruct`")
-        return 0
-    from rich.table import Table
-
-    t = Table()
-    for col in ("name", "size", "dtype", "format", "path"):
-        t.add_column(col)
-    for m in models:
-        t.add_row(m["name"], human_bytes(m.get("size", 0)), str(m.get("dtype", "")), str(m.get("format", "")),
-                  str(m.get("path", "")))
-    _console().print(t)
     return 0
 
 
@@ -399,12 +394,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("generate", help="generate text: layerrun generate [MODEL] PROMPT")
     c.add_argument("args", nargs="*", metavar="[MODEL] PROMPT",
-                   help="model folder or local model name (default: the default model), then the prompt")
+                   help="model folder or local model name (default: the default model), then the prompt "
+                        "(- reads it from stdin)")
     c.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="most tokens to generate")
-    c.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
-    c.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
-    c.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
-    c.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
+    add_sampling_flags(c)
+    c.add_argument("--json-schema", default=None, metavar="FILE",
+                   help="structured output: the answer is JSON valid against this JSON schema (constrained decoding)")
     c.add_argument("--stop", action="append", default=None, help="stop when this text appears (repeatable)")
     c.add_argument("--raw", action="store_true", help="do not apply the chat template")
     c.add_argument("--ignore-eos", action="store_true",
@@ -421,20 +416,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help="print one JSON object: text, token_ids, finish_reason, stats")
     c.set_defaults(fn=cmd_generate)
 
-    c = sub.add_parser("pull", help="fetch and convert a known model into the local store")
-    c.add_argument("name", help="model name (see `layerrun list --available`) or a Hugging Face repo id")
-    c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="storage dtype")
-    c.add_argument("--quiet", action="store_true", help="no progress bar")
-    c.set_defaults(fn=cmd_pull)
-
-    c = sub.add_parser("list", help="list local models")
-    c.add_argument("--available", action="store_true", help="list the models `layerrun pull` knows")
-    c.add_argument("--json", action="store_true", help="print JSON")
-    c.set_defaults(fn=cmd_list)
-
     from layerrun.bench import add_bench_parser
+    from layerrun.chat import add_chat_parser
     from layerrun.server import add_serve_parser
+    from layerrun.store_cli import add_store_parsers
 
+    add_chat_parser(sub)
+    add_store_parsers(sub)
     add_serve_parser(sub)
     add_bench_parser(sub)
     return p
@@ -457,6 +445,12 @@ def main(argv: list[str] | None = None) -> int:
         _err("interrupted")
         return 130
     except BrokenPipeError:
+        return EXIT_ERROR
+    except OSError as e:  # the system refused a file the user named (permissions, a full disk, ...)
+        if a.debug:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        _err(f"{where}{e.strerror or e}")
         return EXIT_ERROR
     except Exception as e:  # a bug, not bad input: still one line unless --debug
         if a.debug:

@@ -36,6 +36,8 @@ def engine_options(a, sequences: int | None = None) -> dict:
         reader=a.reader, dtype=a.compute_dtype, context=a.context,
         batch_size=a.batch_size or sequences or DEFAULT_BATCH_SIZE,
         experts=getattr(a, "experts", "routed"), kv_cache=getattr(a, "kv_cache", "auto"),
+        verify=not getattr(a, "no_verify", False),
+        threads=getattr(a, "threads", None),
     )
 
 
@@ -60,9 +62,51 @@ def add_engine_flags(c) -> None:
     c.add_argument("--kv-cache", default="auto", choices=["auto", "device", "host"],
                    help="where the KV cache lives: auto (the governor decides), device (with the computing layers), "
                         "host (host memory, each layer's part copied to the GPU for its compute: frees VRAM)")
+    c.add_argument("--no-verify", action="store_true",
+                   help="skip the integrity check (each file's sha256 and NaN/Inf, done the first time a file is "
+                        "read and remembered until it changes)")
+    c.add_argument("--threads", default="auto",
+                   help="compute threads (torch's, for the whole process): a number, or auto = one per physical "
+                        "core less one, at least 1 (on a busy 2-core machine 2 threads ran 2-10x slower than 1)")
     c.add_argument("--experts", default="routed", choices=["routed", "all"],
                    help="mixture-of-experts models (Mixtral): routed reads only the experts each step routes to "
                         "in streamed layers; all reads whole layers ahead, like a dense model")
+
+
+def add_sampling_flags(c) -> None:
+    """Sampling flags shared by ``generate`` and ``chat``."""
+    c.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (0 = greedy)")
+    c.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = off)")
+    c.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    c.add_argument("--min-p", type=float, default=0.0,
+                   help="drop tokens less likely than MIN_P x the most likely one (0 = off)")
+    c.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="divide the logits of tokens already in the prompt or output by this (1 = off; try 1.1)")
+    c.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="subtract this x the times a token was generated (-2..2, 0 = off)")
+    c.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="subtract this from tokens generated already (-2..2, 0 = off)")
+    c.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
+
+
+def sampling_options(a) -> dict:
+    """The keyword arguments of ``Engine.stream`` that the sampling flags set."""
+    return dict(temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed, min_p=a.min_p,
+                repetition_penalty=a.repetition_penalty, frequency_penalty=a.frequency_penalty,
+                presence_penalty=a.presence_penalty)
+
+
+def looks_like_model(arg: str) -> bool:
+    """Whether ``arg`` names a model: an existing folder or file, or a model in the local store."""
+    from pathlib import Path
+
+    if Path(arg).expanduser().exists():
+        return True
+    try:
+        from layerrun.formats.store import resolve_name
+    except ImportError:
+        return False
+    return resolve_name(arg) is not None
 
 
 def print_stats(stats, file=sys.stderr) -> None:
@@ -78,7 +122,7 @@ def print_stats(stats, file=sys.stderr) -> None:
     rows = [
         ("mode", f"{stats.mode} ({stats.resident_layers} resident, {stats.streamed_layers} streamed, prefetch {stats.prefetch})"),
         ("reader", f"{stats.reader}{' (O_DIRECT)' if stats.direct_io else ''}"),
-        ("device / dtype", f"{stats.device} / {stats.dtype}"),
+        ("device / dtype", f"{stats.device} / {stats.dtype}" + (f", {stats.threads} thread{'s' if stats.threads != 1 else ''}" if stats.threads else "")),
         ("KV cache", {"host": "host memory, each layer's part copied to the device for its compute"}.get(
             stats.kv_location, f"on {stats.kv_location}")),
         ("tokens", f"prompt {stats.prompt_tokens}, generated {stats.generated_tokens}"),

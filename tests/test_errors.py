@@ -37,8 +37,12 @@ def test_wrong_sha256(model_copy):
     problems = validate_folder(model_copy)
     assert len(problems) == 1
     assert problems[0].startswith("layer_002.safetensors: sha256 mismatch: file ")
-    with pytest.raises(FormatError, match="sha256 mismatch"):
+    for mode in ("full", "stream"):  # checked by default, before the bytes are used: resident at load, streamed at read
+        with pytest.raises(FormatError, match=r"layer_002.safetensors: the file is corrupt: its sha256 is .*re-run `layerrun convert`"):
+            layerrun.load(model_copy, mode=mode).logits([[1, 2, 3]])
+    with pytest.raises(FormatError, match="is corrupt"):
         layerrun.load(model_copy, verify=True)
+    layerrun.load(model_copy, verify=False).logits([[1, 2, 3]])  # opted out: runs on the damaged bytes
 
 
 def test_truncated_layer_file(model_copy):
@@ -53,14 +57,22 @@ def test_truncated_layer_file(model_copy):
         f"{model_copy / 'layer_000.safetensors'}: file is truncated ({full - 100} bytes, manifest says {full}); "
         "re-run `layerrun convert` to rebuild it"
     )
-    eng = layerrun.load(model_copy, mode="stream")  # streamed: found when the layer is read
-    with pytest.raises(FormatError) as e:
+    for mode in ("stream", "full"):  # found at load, before anything is sized by the manifest
+        with pytest.raises(FormatError) as e:
+            layerrun.load(model_copy, mode=mode)
+        assert str(e.value) == msg
+
+
+def test_layer_truncated_after_load(model_copy):
+    # streamed, read at use (prefetch 0: nothing staged ahead at load): found again when the layer is opened
+    eng = layerrun.load(model_copy, mode="stream", reader="pread", prefetch=0)
+    p = model_copy / "layer_000.safetensors"
+    full = p.stat().st_size
+    with open(p, "r+b") as f:
+        f.truncate(full - 100)
+    with pytest.raises(FormatError, match=r"layer_000.safetensors: file is truncated"):
         eng.logits([[1, 2, 3]])
-    assert str(e.value) == msg
     eng.close()
-    with pytest.raises(FormatError) as e:  # resident: found at load
-        layerrun.load(model_copy, mode="full")
-    assert str(e.value) == msg
 
 
 def test_shape_mismatch_with_config(model_copy):
@@ -78,7 +90,7 @@ def test_unknown_model_type(model_copy):
     (model_copy / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(UnsupportedModelError) as e:
         layerrun.load(model_copy)
-    assert str(e.value).startswith("model_type 'gpt_bogus' is not supported; supported: ")
+    assert str(e.value).startswith(f"{model_copy / 'config.json'}: model_type 'gpt_bogus' is not supported; supported: ")
     assert "llama" in str(e.value) and "mistral" in str(e.value)
     assert validate_folder(model_copy, check_sha=False)[0].startswith("config.json: model_type 'gpt_bogus'")
 

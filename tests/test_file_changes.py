@@ -198,3 +198,30 @@ def test_truncated_while_streaming(served):
     path.write_bytes(original)  # O_TRUNC then write: the same inode
     assert s.tokens() == want
     assert _health(s)[0] == 200
+
+
+def test_mapped_embeddings_truncated_under_the_engine(tiny_layered, tmp_path):
+    """A bfloat16 tied head packs its own copy and leaves the embeddings a memory map of their file (the
+    speed branch's choice): that map is lease-guarded too, so a truncated embeddings file is an error
+    naming it, never SIGBUS, and the restored file is used again with the same tokens."""
+    import layerrun
+    from layerrun.errors import FileChangedError
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_layered("qwen2_bf16"), folder)
+    with layerrun.load(folder, mode="full") as eng:
+        if eng._emb_map is None:
+            pytest.skip("no oneDNN bfloat16 kernel here: the embeddings are a private copy, nothing is mapped")
+        path = folder / eng.manifest.embeddings.name
+        assert _mapped(os.getpid(), path)
+        want = eng.generate(PROMPT, max_new_tokens=4, ignore_eos=True).token_ids
+        original = path.read_bytes()
+        os.truncate(path, 4096)  # waits (at most a poll) for the engine to let go of the lease
+        with pytest.raises(FileChangedError, match=r"truncated to 4096 bytes") as e:
+            eng.generate(PROMPT, max_new_tokens=4, ignore_eos=True)
+        assert str(path) in str(e.value)
+        assert eng.file_problems()
+        with open(path, "r+b") as f:  # restored in place
+            f.write(original)
+        assert eng.recheck_files() == {}
+        assert eng.generate(PROMPT, max_new_tokens=4, ignore_eos=True).token_ids == want

@@ -48,7 +48,8 @@ def test_convert_layout_and_manifest(tiny_hf, tmp_path):
     m = convert(src, dst, progress=False)
     names = sorted(p.name for p in dst.iterdir())
     assert names == sorted(
-        ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", MANIFEST_NAME,
+        [".layerrun-verified.json", "config.json", "generation_config.json", "tokenizer.json",
+         "tokenizer_config.json", MANIFEST_NAME,
          "embeddings.safetensors", "final.safetensors", "layer_000.safetensors", "layer_001.safetensors",
          "layer_002.safetensors"]
     )
@@ -183,7 +184,7 @@ def test_source_that_does_not_match_config_lists_every_problem(tmp_path, tiny_hf
     with pytest.raises(FormatError) as e:
         convert(src, tmp_path / "o", progress=False)
     assert str(e.value) == (
-        "source does not match its config: missing tensors: layer_000.safetensors:input_layernorm.weight, "
+        f"{src}: the source does not match its config: missing tensors: layer_000.safetensors:input_layernorm.weight, "
         "layer_002.safetensors:mlp.up_proj.weight; unexpected tensors: layer_001.safetensors:extra.weight"
     )
 

@@ -129,9 +129,9 @@ def test_throttle_makes_auto_read_explicitly(tiny_layered):
     assert eng.reader_backend == "pread"
     g = eng.generate(_ids(4, seed=1), max_new_tokens=2, ignore_eos=True)
     layer_bytes = sum(f.bytes - f.data_start for f in eng.manifest.layers)
-    # every read lasted at least its bytes at 200 MB/s (the sum of read durations: the disk-busy union is
-    # clipped to the request, and reads prefetched before it, as at load, fall outside it on a busy machine)
-    assert g.stats.read_s >= g.stats.bytes_read / 200e6 and g.stats.bytes_read == 2 * layer_bytes
+    # Each read lasts at least its bytes / rate (read_s sums them); read_busy_s would not do: it counts
+    # only the reads' time inside the call, and the pipeline reads the first layers ahead at load.
+    assert g.stats.read_s >= 0.9 * g.stats.bytes_read / 200e6 and g.stats.bytes_read == 2 * layer_bytes
     m = layerrun.load(tiny_layered("llama_gqa"), mode="stream", throttle="200MB/s", reader="mmap")
     assert any("--throttle does not apply" in n for n in m.notes)
 

@@ -313,8 +313,9 @@ def test_int4_repacked_for_another_layout_keeps_its_values(monkeypatch):
     """On a CPU whose kernel layout is not the stored one (AVX-512: 64-row blocks) weights are repacked,
     the read buffer is let go (small tensors are copied), and dequantize() still gives the same values."""
     w = _weights(n=96, k=128)
-    sc = parse_scheme("int4")
+    sc = quant.QuantScheme("int4", 32, quant.STORED_LAYOUT)  # a file written on an AVX2 machine
     parts = quantize_file({"x.weight": w, "n.weight": torch.ones(128)}, sc)
+    monkeypatch.setattr(quant, "_layout", (quant.STORED_LAYOUT,))
     want = dequantize_weights(parts, sc.to_json(), torch.float32)["x.weight"].dequantize()
     monkeypatch.setattr(quant, "_layout", ((64, True),))
     out = dequantize_weights(parts, sc.to_json(), torch.float32)
@@ -323,3 +324,36 @@ def test_int4_repacked_for_another_layout_keeps_its_values(monkeypatch):
     assert torch.equal(qw.packed, quant._cpu_pack(qw.unpacked(), 64, True))
     assert torch.equal(qw.dequantize(), want)
     assert out["n.weight"].data_ptr() != parts["n.weight"].data_ptr()
+
+
+@pytest.mark.parametrize("rows", [128, 96])  # 128: the nibble-moving AVX2 -> AVX-512 path; 96: the generic one
+@pytest.mark.parametrize("written, machine", [((32, True), (64, True)), ((64, True), (32, True)),
+                                              ((64, True), (64, True))])
+def test_int4_layout_chosen_at_conversion(monkeypatch, rows, written, machine):
+    """A file records the layout it was written in; a reader with another kernel layout repacks to the
+    same values, one with the same uses the bytes as read."""
+    w = _weights(n=rows, k=128)
+    sc = quant.QuantScheme("int4", 32, written)
+    parts = quantize_file({"x.weight": w}, sc)
+    meta = sc.to_json()
+    assert quant.QuantScheme.from_json(meta).layout == written
+    monkeypatch.setattr(quant, "_layout", (written,))
+    want = dequantize_weights(parts, meta, torch.float32)["x.weight"].dequantize()
+    monkeypatch.setattr(quant, "_layout", (machine,))
+    qw = dequantize_weights(parts, meta, torch.float32)["x.weight"]
+    assert torch.equal(qw.dequantize(), want)
+    assert torch.equal(qw.packed, quant._cpu_pack(qw.unpacked(), *machine))
+    if written == machine:
+        assert qw.packed.data_ptr() == parts["x.weight.q"].data_ptr()  # no copy
+
+
+def test_int4_layout_in_the_manifest(monkeypatch):
+    old = {"method": "int4", "group_size": 32}  # written before layouts were recorded: the AVX2 one
+    assert quant.QuantScheme.from_json(old).layout == quant.STORED_LAYOUT
+    with pytest.raises(LayerRunError, match="int4_layout 'tinygemm-cpu-n128' is not supported"):
+        quant.QuantScheme.from_json({**old, "int4_layout": "tinygemm-cpu-n128"})
+    monkeypatch.setattr(quant, "_layout", ((64, True),))
+    assert parse_scheme("int4").layout == (64, True)  # new files: this CPU's kernel layout
+    assert parse_scheme("int4").to_json()["int4_layout"] == "tinygemm-cpu-n64"
+    monkeypatch.setattr(quant, "_layout", ("op",))
+    assert parse_scheme("int4-g64").layout == quant.STORED_LAYOUT

@@ -42,6 +42,9 @@ class Request:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
+    # Per-request logits processors (penalties, a grammar): see ``sample_rows``.
+    processors: list = field(default_factory=list)
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the k most likely
     id: int = field(default_factory=lambda: next(_ids))
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
@@ -52,7 +55,8 @@ class Request:
     _sampler: Callable | None = None
     _decoder: StreamDecoder | None = None
     _held: str = ""
-    _pos: int = 0  # position of the next token to feed
+    _pos: int = 0  # position of the next token to feed (= the cache entries this row holds)
+    reused_prompt_tokens: int = 0  # prompt tokens whose KV entries came from the previous sequence (reuse_prefix)
     _next: int | None = None  # token to feed at the next step
     _joined_at: float = 0.0
     _submitted_at: float = field(default_factory=time.perf_counter)
@@ -70,14 +74,20 @@ class Event:
     text: str
     token_id: int | None
     finish_reason: str | None = None
+    logprob: float | None = None  # of token_id under the model's distribution (when the request asked)
+    top_logprobs: list[tuple[int, float]] | None = None
 
 
 class BatchGenerator:
-    def __init__(self, engine, max_batch: int = 8):
+    def __init__(self, engine, max_batch: int = 8, reuse_prefix: bool = False):
+        """``reuse_prefix``: when a lone sequence finishes, keep its KV cache; a next lone sequence whose
+        prompt begins with the same tokens (a chat's next turn) starts from it and prefills only the rest."""
         if max_batch < 1:
             raise LayerRunError(f"--batch-size must be >= 1, got {max_batch}")
         self.engine = engine
         self.max_batch = max_batch
+        self.reuse_prefix = reuse_prefix and getattr(engine.model, "rerun_prefix_at", None) is None
+        self._kept: tuple[list[int], object, torch.Tensor] | None = None  # (ids the cache holds, cache, key_pos)
         self.rows: list[Request] = []
         self.waiting: deque[Request] = deque()
         self.cache = engine.new_cache()
@@ -98,13 +108,22 @@ class BatchGenerator:
         chat: bool | None = None,
         system: str | None = None,
         ignore_eos: bool = False,
+        **options,
     ) -> Request:
-        """Build and check a request (raises LayerRunError on bad input) and queue it."""
+        """Build and check a request (raises LayerRunError on bad input) and queue it.
+
+        ``options``: the other sampling fields (``min_p``, penalties), ``logprobs``, structured output
+        (``json_schema``, ``response_format``) and chat template fields; see
+        :func:`layerrun.engine.request_options.build_request_options`.
+        """
+        from layerrun.engine.request_options import build_request_options
+
         eng = self.engine
-        ids, max_new, params, sampler, stops = eng.check_request(
-            prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, chat, system
+        ids, max_new, params, sampler, stops, extra = build_request_options(
+            eng, prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, chat, system, options
         )
-        req = Request(list(ids), max_new, params, stops, ignore_eos)
+        req = Request(list(ids), max_new, params, stops, ignore_eos, processors=extra.processors,
+                      logprobs=extra.logprobs)
         req._sampler = sampler
         req._decoder = StreamDecoder(eng.tokenizer) if eng.has_tokenizer else None
         req.stats = eng._new_stats(len(ids))
@@ -131,8 +150,9 @@ class BatchGenerator:
         """Keep only rows ``keep`` (indices into self.rows) in the batch and its cache."""
         if len(keep) == len(self.rows):
             return
-        self.rows = [self.rows[i] for i in keep]
+        old, self.rows = self.rows, [self.rows[i] for i in keep]
         if not self.rows:
+            self._kept = self._keepable(old)
             self.cache = self.engine.new_cache()
             self.key_pos = None
             return
@@ -158,6 +178,36 @@ class BatchGenerator:
 
     def _fits(self, joining: list[Request]) -> bool:
         return self.engine.room_for(*self._need(joining))
+    def _keepable(self, rows: list[Request]):
+        """A lone sequence's cache, if it can seed the next one: its entries are exactly its positions
+        0.._pos-1 in every layer (not so after a step that stopped midway, e.g. on Ctrl-C)."""
+        from layerrun.engine.kv_cache import LayerKV
+
+        if not self.reuse_prefix or len(rows) != 1 or self.key_pos is None:
+            return None
+        r, kp = rows[0], self.key_pos
+        if kp.shape[1] != r._pos or not torch.equal(kp[0], torch.arange(r._pos)):
+            return None
+        if not all(type(layer) is LayerKV and layer.length == r._pos for layer in self.cache.layers):
+            return None  # (a host-memory cache is not reused: its device copies have their own bookkeeping)
+        return (r.prompt_ids + r.token_ids)[: r._pos], self.cache, kp
+
+    def _resume(self, r: Request) -> bool:
+        """Start ``r`` from the kept cache when its prompt extends what the cache holds; True if so."""
+        ids, cache, kp = self._kept
+        self._kept = None
+        n = 0
+        limit = min(len(ids), len(r.prompt_ids) - 1)  # at least one prompt token is fed, for the logits
+        while n < limit and ids[n] == r.prompt_ids[n]:
+            n += 1
+        if n == 0:
+            return False
+        for layer in cache.layers:
+            layer.length = n  # entries past the common prefix are overwritten as the new tokens are fed
+        self.cache, self.key_pos = cache, kp[:, :n]
+        r._pos, r.reused_prompt_tokens = n, n
+        self.rows = [r]
+        return True
 
     def step(self) -> list[Event]:
         """Run one forward pass over the live batch (joining waiting requests first)."""
@@ -172,6 +222,14 @@ class BatchGenerator:
         if rerun:
             self._keep_rows([i for i, r in enumerate(self.rows) if r.id not in rerun_ids])
         joined = list(rerun)
+        resumed = None
+        if self._kept is not None and not self.rows and not joined and len(self.waiting) == 1:
+            r = self.waiting[0]
+            if self._resume(r):
+                self.waiting.popleft()
+                r._joined_at = time.perf_counter()
+                resumed = r.id
+        self._kept = None
         while self.waiting and len(self.rows) + len(joined) < self.max_batch:
             if not self._fits(joined + [self.waiting[0]]):  # the KV cache would outgrow the memory left: wait
                 if self.rows or joined:
@@ -182,7 +240,9 @@ class BatchGenerator:
             joined.append(r)
         if not self.rows and not joined:
             return []
-        feeds = [[r._next] for r in self.rows] + [r.prompt_ids + (r.token_ids if r.id in rerun_ids else []) for r in joined]
+        # live rows feed their last token; a resumed row the rest of its prompt; joining rows everything
+        feeds = [[r._next] if r._next is not None else r.prompt_ids[r._pos :] for r in self.rows] + [
+            r.prompt_ids + (r.token_ids if r.id in rerun_ids else []) for r in joined]
         starts = [r._pos for r in self.rows] + [0] * len(joined)
         B, T = len(feeds), max(len(f) for f in feeds)
         ids = torch.zeros((B, T), dtype=torch.long)
@@ -204,17 +264,20 @@ class BatchGenerator:
         self.steps += 1
         self.last_stats = step_stats
         events = []
-        tokens = _sample_rows(self.rows, logits[:, -1])
+        tokens, logprobs = sample_rows(self.rows, logits[:, -1])
         dt = time.perf_counter() - t0  # the whole step as the rows see it: batching, forward, sampling
-        joined_ids = {r.id for r in joined}
-        for r, tok in zip(self.rows, tokens):
+        joined_ids = {r.id for r in joined} | {resumed}
+        for r, tok, lp in zip(self.rows, tokens, logprobs):
             _account(r, step_stats, dt, first=r.id in joined_ids and r.id not in rerun_ids)
-            events.append(self._advance(r, tok))
+            ev = self._advance(r, tok)
+            if lp is not None:
+                ev.logprob, ev.top_logprobs = lp
+            events.append(ev)
         return events
 
     def _advance(self, r: Request, tok: int) -> Event:
         r.stats.generated_tokens += 1
-        r._pos += len(r.prompt_ids) if r._next is None else 1
+        r._pos = len(r.prompt_ids) if r._next is None else r._pos + 1
         eos = set() if r.ignore_eos else self.engine.eos_token_ids
         if tok in eos:
             return self._finish(r, "stop", None)
@@ -262,18 +325,43 @@ def _cancel(r: Request) -> bool:
     return False
 
 
-def _sample_rows(rows: list[Request], logits: torch.Tensor) -> list[int]:
-    """Sample each row with its own sampler; greedy rows share one argmax."""
+def sample_rows(rows: list[Request], logits: torch.Tensor) -> tuple[list[int], list]:
+    """Sample each row with its own sampler; plain greedy rows share one argmax.
+
+    The logits-processor hook: a row with ``processors`` has its logits passed through each
+    (``proc(prompt + output so far, logits (V,))``) before its sampler, and each is told the
+    chosen token (``proc.accept(tok)``): that is how penalties and grammars (structured output)
+    apply, row by row. Logprobs (for rows that ask) come from the model's own distribution,
+    before any processor, temperature or filter (as vLLM's default).
+    Returns (token per row, per row None or (logprob, [(token, logprob)] top-k)).
+    """
     out = [0] * len(rows)
-    greedy = [i for i, r in enumerate(rows) if r.sampling.temperature == 0]
-    if greedy:
-        am = logits[greedy].argmax(-1).tolist()
-        for i, t in zip(greedy, am):
+    plain = [i for i, r in enumerate(rows) if r.sampling.temperature == 0 and not r.processors]
+    if plain:
+        am = logits[plain].argmax(-1).tolist()
+        for i, t in zip(plain, am):
             out[i] = t
     for i, r in enumerate(rows):
-        if r.sampling.temperature != 0:
-            out[i] = int(r._sampler(logits[i : i + 1])[0])
-    return out
+        if r.processors:
+            x = logits[i]
+            history = r.prompt_ids + r.token_ids
+            for proc in r.processors:
+                x = proc(history, x)
+            x = x[None]
+        elif r.sampling.temperature != 0:
+            x = logits[i : i + 1]
+        else:
+            continue
+        out[i] = int(x.argmax(-1)[0]) if r.sampling.temperature == 0 else int(r._sampler(x)[0])
+        for proc in r.processors:
+            proc.accept(out[i])
+    lps: list = [None] * len(rows)
+    for i, r in enumerate(rows):
+        if r.logprobs is not None:
+            lp = torch.log_softmax(logits[i].float(), dim=-1)
+            top = torch.topk(lp, r.logprobs) if r.logprobs else None
+            lps[i] = (float(lp[out[i]]), list(zip(top.indices.tolist(), top.values.tolist())) if top else [])
+    return out, lps
 
 
 def _account(r: Request, s: GenerationStats, dt: float, first: bool) -> None:

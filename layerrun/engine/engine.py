@@ -7,7 +7,6 @@ arrive; ``Engine.generate`` collects them into a :class:`Generation`;
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -17,21 +16,26 @@ from pathlib import Path
 import torch
 
 from layerrun.engine.kv_cache import KVCache
+from layerrun.engine.model_files import check_model_files, load_config
 from layerrun.engine.sampling import SamplingParams, make_sampler
 from layerrun.engine.telemetry import GenerationStats, peak_rss_bytes
+from layerrun.engine.threads import apply_threads
 from layerrun.engine.tokenizer import Tokenizer
 from layerrun.engine.trace import TraceRecorder
-from layerrun.errors import FormatError, LayerRunError
+from layerrun.errors import FileChangedError, FormatError, LayerRunError
 from layerrun.formats.convert import DTYPES
+from layerrun.formats.integrity import Verifier
 from layerrun.formats.manifest import Manifest
 from layerrun.io.guard import ModelFiles
 from layerrun.io.pipeline import LayerStream
-from layerrun.io.reader import FileReader
-from layerrun.models import build_model
+from layerrun.io.reader import FileReader, views
 from layerrun.models.base import expert_index
+from layerrun.models.fast import FastLinear, available, fast_weights, owned
 
 DEFAULT_MAX_NEW_TOKENS = 256
-BATCH_FIELDS = {"max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "chat", "system", "ignore_eos"}
+BATCH_FIELDS = {"max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "chat", "system", "ignore_eos",
+                "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty", "logprobs", "json_schema",
+                "response_format", "tools", "chat_template_kwargs"}
 DEFAULT_PREFETCH = 2
 DEFAULT_CONTEXT = 4096  # KV reservation when the caller does not say
 
@@ -55,6 +59,8 @@ class Chunk:
     index: int
     finish_reason: str | None = None
     stats: GenerationStats | None = None
+    logprob: float | None = None  # with logprobs=: the token's log-probability under the model
+    top_logprobs: list[tuple[int, float]] | None = None  # (token id, logprob), most likely first
 
 
 @dataclass
@@ -64,6 +70,7 @@ class Generation:
     finish_reason: str
     stats: GenerationStats
     prompt_token_ids: list[int] = field(default_factory=list)
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None  # per token, with logprobs=
 
     def to_dict(self) -> dict:
         return {
@@ -75,8 +82,15 @@ class Generation:
 
 
 def resolve_model_path(path: str | Path) -> Path:
-    """A folder path, or the name of a model in the local store."""
+    """A folder path, the name of a model in the local store, or a ``.gguf`` file (converted into the
+    store on first use, with a message and a progress bar on stderr)."""
     p = Path(path).expanduser()
+    if p.is_file() and p.suffix.lower() == ".gguf":
+        import sys
+
+        from layerrun.formats.store import ensure_gguf
+
+        return ensure_gguf(p, progress=True, log=lambda s: print(s, file=sys.stderr))
     if p.exists():
         return p
     try:
@@ -101,13 +115,17 @@ class Engine:
     ``reader`` ("pread", "direct", "mmap"), ``dtype`` (compute dtype; default:
     the stored dtype, float16 -> float32 on CPU), ``context`` and
     ``batch_size`` (what the KV cache reservation is planned for), ``verify``
-    (check every file's sha256 first), ``trace`` (record a Perfetto trace of
+    (default True: every file's sha256 and NaN/Inf are checked before its bytes are first used,
+    once per file until it changes, :mod:`layerrun.formats.integrity`; False skips it), ``trace`` (record a Perfetto trace of
     reads and compute, written by ``engine.trace.write(path)``), ``experts``
     (mixture-of-experts models: "routed" reads only the experts a step routes
     to in streamed layers; "all" reads whole layers ahead like any other model),
     ``kv_cache`` ("auto": the governor decides; "device": with the layers on the
     compute device; "host": in host memory, each layer's part brought to the
-    device for its compute and prefetched while the layer before computes).
+    device for its compute and prefetched while the layer before computes),
+    ``threads`` (torch's compute threads for the process: a number, or "auto" / None for
+    :func:`layerrun.engine.threads.default_threads`), ``fast`` (CPU: oneDNN's linear kernel with
+    resident weights packed for it, :mod:`layerrun.models.fast`; False keeps plain ``F.linear``).
     """
 
     def __init__(
@@ -122,10 +140,13 @@ class Engine:
         dtype: str | None = None,
         context: int | None = None,
         batch_size: int = 1,
-        verify: bool = False,
+        verify: bool = True,
         trace: bool = False,
         experts: str = "routed",
         kv_cache: str = "auto",
+        threads: int | str | None = None,
+        fast: bool = True,
+        progress: bool = False,
     ):
         from layerrun.engine.governor import DEFAULT_RESERVE, plan_memory, tame_allocator
         from layerrun.io.throttle import Throttle, parse_size
@@ -133,17 +154,17 @@ class Engine:
         tame_allocator()  # freed activations and caches go back to the system (the governor counts on it)
         self.path = resolve_model_path(path)
         self.manifest = Manifest.read(self.path)
-        cfg_path = self.path / "config.json"
-        if not cfg_path.is_file():
-            raise FormatError(f"{self.path}: config.json is missing")
-        self.config = json.loads(cfg_path.read_text())
-        self.model = build_model(self.config)
+        self.config, self.model = load_config(self.path)
         self.args = self.model.args
         if self.manifest.num_layers != self.args.num_hidden_layers:
             raise FormatError(
                 f"{self.path}: manifest has {self.manifest.num_layers} layers, config.json says {self.args.num_hidden_layers}"
             )
+        check_model_files(self.path, self.manifest, self.model)  # before anything is sized by them
+        # Every file's bytes are checked (sha256, NaN/Inf) before their first use, unless a stamp vouches for them.
+        self.verifier = Verifier(self.path) if verify else None
         self.device = _pick_device(device)
+        self.threads = apply_threads(threads, self.device)
         stored = DTYPES.get(self.manifest.dtype, torch.float32)
         notes = []
         if dtype is None:
@@ -156,17 +177,17 @@ class Engine:
                 raise LayerRunError(f"dtype {dtype!r} is not one of: {', '.join(DTYPES)}")
             self.dtype = DTYPES[dtype]
         self.notes = notes
-        if verify:
-            from layerrun.formats.validate import validate_folder
-
-            problems = validate_folder(self.path, check_sha=True)
-            if problems:
-                raise FormatError(f"{self.path}: " + "; ".join(problems))
+        self.fast = bool(fast) and self.device.type == "cpu"
+        # Streamed layers are not packed (a copy per read); only float32 gains from oneDNN unpacked.
+        self._fast_stream = self.fast and self.dtype == torch.float32 and available(torch.float32)
         if experts not in ("routed", "all"):
             raise LayerRunError(f"--experts {experts!r} is not one of: routed, all")
         budget = parse_size(max_memory, "--max-memory") if max_memory is not None else None
         self.throttle = Throttle(parse_size(throttle, "--throttle")) if throttle else None
-        self.context = int(context or min(self.args.max_position_embeddings, DEFAULT_CONTEXT))
+        if context is not None and (isinstance(context, bool) or not isinstance(context, int) or context < 1):
+            raise LayerRunError(f"--context must be a positive number of tokens, got {context!r}")
+        # A context past the model's own buys nothing but a larger KV reservation.
+        self.context = min(int(context or DEFAULT_CONTEXT), self.args.max_position_embeddings)
         if batch_size < 1:
             raise LayerRunError(f"--batch-size must be >= 1, got {batch_size}")
         self.batch_size = int(batch_size)
@@ -189,10 +210,10 @@ class Engine:
         self.kv_host = self.plan.kv_location == "host"
         self.reader_backend = self._pick_reader(reader)
         # Resident weights are private copies (pread; O_DIRECT where the streamed layers are read so): a
-        # mapped page of a file that later shrinks would kill the process. Streamed layers may be mapped,
-        # under the guard of ``self.files``.
-        self.reader = FileReader(self.path, "direct" if self.reader_backend == "direct" else "pread")
-        self.files = ModelFiles(self.path)
+        # mapped page of a file that later shrinks would kill the process. Streamed layers (and a bfloat16
+        # tied head's embeddings) may be mapped, under the guard of ``self.files``.
+        self.reader = FileReader(self.path, "direct" if self.reader_backend == "direct" else "pread", self.verifier)
+        self.files = ModelFiles(self.path, verifier=self.verifier)
         # Streamed MoE layers: expert -> its tensor names, and the names of everything else (staged ahead).
         self.expert_groups, self._dense_names = self._split_experts() if experts == "routed" else ({}, {})
         self._expert_bytes = {  # per streamed MoE layer: the bytes of all its experts
@@ -201,19 +222,25 @@ class Engine:
         }
         self.trace = TraceRecorder(enabled=trace)
         self._lock = threading.RLock()
+        self._scheduler = None
 
         # Embeddings and final norm/head are used every step and stay resident.
-        self.embeddings = self._load_resident(self.manifest.embeddings)
-        self.final = self._load_resident(self.manifest.final)
-        self._resident: dict[int, dict[str, torch.Tensor]] = {}
-        for i in self.plan.resident:
-            self._resident[i] = self._load_resident(self.manifest.layer(i))
-        # Mixture of experts: attention, norms and router of these streamed layers stay resident.
-        self._dense: dict[int, dict[str, torch.Tensor]] = {}
-        for i in self.plan.dense_resident:
-            self._dense[i] = self._load_resident(self.manifest.layer(i), self._dense_names[i])
+        self._loading = _LoadProgress(self, progress)
+        try:
+            self.embeddings, self.final = self._load_ends(stored)
+            self._resident: dict[int, dict[str, torch.Tensor]] = {}
+            for i in self.plan.resident:
+                self._resident[i] = self._load_resident(self.manifest.layer(i))
+            # Mixture of experts: attention, norms and router of these streamed layers stay resident.
+            self._dense: dict[int, dict[str, torch.Tensor]] = {}
+            for i in self.plan.dense_resident:
+                self._dense[i] = self._load_resident(self.manifest.layer(i), self._dense_names[i])
+        finally:
+            self._loading.close()
         self._stream: LayerStream | None = None
         self._open_stream()
+        if self.fast:
+            _trim_heap()  # fusing and packing freed a copy of each resident weight
 
     def _pick_reader(self, reader: str) -> str:
         """``auto``: mmap when the streamed layers fit in the page cache next to everything else
@@ -284,11 +311,12 @@ class Engine:
             self._stream = LayerStream(
                 self.path, [self.manifest.layer(i) for i in self.plan.streamed], depth=self.plan.prefetch,
                 backend=self.reader_backend, throttle=self.throttle, device=self.device,
-                prepare=self._prepare_weights, clock_origin=self.trace.origin, files=self.files,
+                prepare=self._prepare_streamed, clock_origin=self.trace.origin, files=self.files,
                 subsets={  # staged ahead: what is neither an expert nor resident already
                     self.manifest.layer(i).name: [] if i in self._dense else names
                     for i, names in self._dense_names.items()
                 },
+                verifier=self.verifier,
             )
 
     # ---- files that change on disk ---------------------------------------------
@@ -403,18 +431,86 @@ class Engine:
             w = dequantize_weights(w, self.manifest.quantization, self.dtype)
         return self.model.sanitize(self._cast(w))
 
+    def _prepare_streamed(self, w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A streamed layer's weights: prepared, and float32 ones on oneDNN's kernel (no copy)."""
+        w = self._prepare_weights(w)
+        return fast_weights(w, pack=False) if self._fast_stream else w
+
+    def _load_ends(self, stored: torch.dtype) -> tuple[dict, dict]:
+        """The embeddings and the final norm / head, resident.
+
+        A tied head (the embedding matrix) in bfloat16 runs 2.2x faster packed for oneDNN, but the
+        packed copy cannot serve embedding lookups. When the file is stored in the compute dtype, the
+        embeddings are then a memory map of it (a lookup touches a few rows; nothing is copied) and
+        the packed head the one copy in memory, as many bytes as the embeddings took before. The map is
+        lease-guarded (``self.files``): a lookup touches its pages only while acquired (:meth:`_embed`), so
+        a file truncated under the process is an error naming it, never SIGBUS; where no lease can be
+        had, the embeddings are a private copy.
+        """
+        final = self._load_resident(self.manifest.final)
+        tied = "lm_head.weight" not in final
+        self._emb_map = None
+        if self.fast and tied and self.dtype == stored == torch.bfloat16 and available(self.dtype):
+            e = self.manifest.embeddings
+            m = self.files.mapped(e)
+            if m is not None and m.acquire():
+                try:
+                    emb = self.model.sanitize(views(e, m.tensor, 0))
+                    final["lm_head.weight"] = FastLinear(emb["embed_tokens.weight"], pack=True)
+                finally:
+                    m.release()
+                m.drop()  # packing read every row; lookups need a few
+                self._emb_map = m
+                self._loading.advance(e.bytes - e.data_start, e.name)
+                return emb, final
+        emb = self._load_resident(self.manifest.embeddings, pack=False)
+        if self.fast and tied and "embed_tokens.weight" in emb:
+            head = fast_weights({"lm_head.weight": emb["embed_tokens.weight"]}, pack=False)["lm_head.weight"]
+            if isinstance(head, FastLinear):  # float32: oneDNN on the same tensor, no copy
+                final["lm_head.weight"] = head
+        return emb, final
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """The input embeddings of ``ids`` (a new tensor). Mapped embeddings are touched only under their
+        lease; a file that changed since is checked and mapped again (FileChangedError if it is not the
+        manifest's any more)."""
+        m = self._emb_map
+        if m is None:
+            return self.model.embed(self.embeddings, ids)
+        for _ in range(3):
+            if m.acquire():
+                try:
+                    return self.model.embed(self.embeddings, ids)
+                finally:
+                    m.release()
+            e = self.manifest.embeddings
+            m = self.files.mapped(e)
+            if m is None:  # no lease any more: a private copy
+                w, _ = self.reader.read(e)
+                self.embeddings, self._emb_map = self.model.sanitize(w), None
+                return self.model.embed(self.embeddings, ids)
+            self.embeddings, self._emb_map = self.model.sanitize(views(e, m.tensor, 0)), m
+        raise FileChangedError(f"{self.path / self.manifest.embeddings.name}: the model file keeps changing on "
+                               "disk; requests that need it fail until it is left alone")
+
     def _cast(self, w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: (v.to(self.dtype) if v.is_floating_point() and v.dtype != self.dtype else v) for k, v in w.items()}
 
-    def _load_resident(self, entry, names: list[str] | None = None) -> dict[str, torch.Tensor]:
-        """A file's tensors (or only ``names``, read alone and owned), on the compute device, prepared."""
+    def _load_resident(self, entry, names: list[str] | None = None, pack: bool = True) -> dict[str, torch.Tensor]:
+        """A file's tensors (or only ``names``, read alone and owned), on the compute device, prepared
+        (and with ``pack``, the linear weights packed for oneDNN on CPU)."""
         t0 = time.perf_counter()
         w, rs = self.reader.read(entry) if names is None else self.reader.read_tensors(entry, names)
         if self.throttle:
             self.throttle.wait(rs.bytes, t0)
         w = {k: v.to(self.device) for k, v in w.items()} if self.device.type != "cpu" else w
         self.trace.read(entry.layer if entry.layer is not None else -1, entry.name, t0, time.perf_counter(), rs.bytes, resident=True)
-        return self._prepare_weights(w)
+        w = self._prepare_weights(w)
+        self._loading.advance(rs.bytes, entry.name)
+        if not (self.fast and pack):
+            return w
+        fuse = getattr(self.model, "fuse", None)
+        return owned(fast_weights(fuse(w) if fuse is not None else w, pack=True))
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -439,7 +535,7 @@ class Engine:
         if key_valid is not None:
             key_valid = key_valid.to(self.device)
         step_t0 = time.perf_counter()
-        x = self.model.embed(self.embeddings, ids)
+        x = self._embed(ids)
         if collect is not None:
             collect.append(x.float().cpu())
         ctx = self.model.prepare(positions, key_valid, past + ids.shape[1], self.dtype)
@@ -467,7 +563,7 @@ class Engine:
                     stats.read_s += rec.end - rec.start
                     stats.read_intervals.append((rec.start, rec.end))
                     stats.stall_s += stall
-                    self.trace.read(i, f"layer_{i:03d}", rec.start, rec.end, rec.bytes)
+                    self.trace.read(i, f"layer_{i:03d}", rec.start, rec.end, rec.bytes, slot=staged.slot)
                     if stall > 1e-4:
                         self.trace.stall(i, t_wait, t_wait + stall)
                 if self.kv_host and cache is not None and i + 1 < len(cache.layers):
@@ -487,6 +583,9 @@ class Engine:
                 if staged is not None:
                     stream.release(staged)
                     stats.copy_s += staged.record.copy_s  # CUDA: the host -> device copy, timed by events
+                    if staged.record.copy_s:  # drawn from the read's end: the copy is issued right after it
+                        r = staged.record
+                        self.trace.copy(i, r.end, r.end + r.copy_s, r.bytes, staged.slot)
         except BaseException:
             # A pass that stops midway leaves the cyclic prefetch out of step: start it afresh.
             self._open_stream()
@@ -497,10 +596,30 @@ class Engine:
             x = x[:, -1:]
         t0 = time.perf_counter()
         out = self.model.head(self.final, x, self.embeddings).float()
+        if not torch.isfinite(out).all():  # one cheap check a step: NaN/Inf never reaches the sampler
+            raise self._nonfinite_error()
         stats.compute_s += time.perf_counter() - t0
         stats.steps += 1
         stats.step_s += time.perf_counter() - step_t0
         return out
+
+    def _nonfinite_error(self) -> LayerRunError:
+        """The logits hold NaN/Inf: name the file (layer) whose stored weights do (read again from disk,
+        one file at a time: this is the error path), or else call it a numerical overflow."""
+        from layerrun.formats.integrity import check_finite
+
+        reader = FileReader(self.path, "pread")
+        for entry in [self.manifest.embeddings, *self.manifest.layers, self.manifest.final]:
+            w, _ = reader.read(entry)
+            try:
+                check_finite(self.path / entry.name, w)
+            except FormatError as e:
+                where = f"layer {entry.layer}" if entry.layer is not None else entry.kind
+                return FormatError(f"the model's output became NaN/Inf because of its {where}: {e}")
+        return LayerRunError(
+            f"the model's output became NaN/Inf although its weights are finite: a numerical overflow computing in "
+            f"{str(self.dtype).replace('torch.', '')}; try --compute-dtype float32"
+        )
 
     def logits(self, input_ids, attention_mask=None) -> torch.Tensor:
         """Logits (batch, seq, vocab) in float32 for every position; rows may be left-padded."""
@@ -532,6 +651,25 @@ class Engine:
             logits = self._forward(ids, None, positions, None, self._new_stats(ids.shape[1]), False, collect)
         return collect, logits
 
+    def final_hidden_states(self, input_ids, attention_mask=None) -> torch.Tensor:
+        """(batch, seq, hidden) float32: the last layer's output after the final norm, i.e. what the LM
+        head reads, for every position (rows may be left-padded, as for :meth:`logits`). Embeddings are
+        pooled from these (the server's ``/v1/embeddings``)."""
+        ids = torch.as_tensor(input_ids, dtype=torch.long)
+        if ids.dim() == 1:
+            ids = ids[None]
+        self._check_ids(ids)
+        key_valid = None if attention_mask is None else torch.as_tensor(attention_mask).bool()
+        if key_valid is None:
+            positions = torch.arange(ids.shape[1])[None].expand(ids.shape[0], -1)
+        else:
+            positions = (key_valid.long().cumsum(-1) - 1).clamp(min=0)
+        last = _LastOnly()  # every layer's output passes through; only the last one is kept
+        with self._lock:  # last_only: the head computes one position, not (seq x vocab) logits
+            self._forward(ids, None, positions, key_valid, self._new_stats(ids.shape[1]), last_only=True, collect=last)
+        x = last[0].to(self.device, self.dtype)
+        return self.model.norm(x, self.final["norm.weight"], self.args.rms_norm_eps).float().cpu()
+
     def _check_ids(self, ids: torch.Tensor) -> None:
         if ids.numel() and (ids.min() < 0 or ids.max() >= self.args.vocab_size):
             raise LayerRunError(f"token ids must be in [0, {self.args.vocab_size}); got {ids.min()}..{ids.max()}")
@@ -544,6 +682,16 @@ class Engine:
         except FormatError:
             return False
 
+    def render_chat(self, prompt, system: str | None = None, **template) -> str:
+        """The chat template's text for a string (as a user message) or a list of messages; ``template``
+        holds its other inputs (``tools``, ``enable_thinking``, ...), as transformers passes them."""
+        from layerrun.engine.tools import prepare_messages
+
+        if isinstance(prompt, str):
+            prompt = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        messages, template = prepare_messages(self.tokenizer, list(prompt), template)
+        return self.tokenizer.apply_chat_template(messages, True, **template)
+
     def encode_prompt(self, prompt, chat: bool | None = None, system: str | None = None) -> list[int]:
         """Token ids for a string (chat template applied when the model has one, unless chat=False),
         a list of chat messages, or a list of ids (used as-is)."""
@@ -555,10 +703,10 @@ class Engine:
             use_chat = self.has_chat_template if chat is None else chat
             if use_chat:
                 msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-                return self.tokenizer.encode_chat(msgs)
-            return self.tokenizer.encode(prompt)
+                return self._tokenizer_ids(self.tokenizer.encode_chat(msgs))
+            return self._tokenizer_ids(self.tokenizer.encode(prompt))
         if isinstance(prompt, Sequence) and prompt and isinstance(prompt[0], dict):
-            return self.tokenizer.encode_chat(list(prompt))
+            return self._tokenizer_ids(self.tokenizer.encode(self.render_chat(list(prompt)), add_special_tokens=False))
         if isinstance(prompt, torch.Tensor):
             prompt = prompt.reshape(-1).tolist()
         try:
@@ -566,6 +714,17 @@ class Engine:
             self._check_ids(torch.tensor(ids, dtype=torch.long))
         except (TypeError, ValueError, OverflowError, RuntimeError):
             raise LayerRunError(f"a prompt must be text, chat messages or token ids in [0, {self.args.vocab_size})") from None
+        return ids
+
+    def _tokenizer_ids(self, ids: list[int]) -> list[int]:
+        """Ids from tokenizer.json, which must fit the model's embeddings (a tokenizer from another model
+        would otherwise index past them)."""
+        top = max(ids, default=-1)
+        if top >= self.args.vocab_size:
+            raise FormatError(
+                f"{self.path / 'tokenizer.json'}: the tokenizer produced token id {top}, but the model has "
+                f"{self.args.vocab_size} token embeddings (config.json vocab_size); the tokenizer belongs to another model"
+            )
         return ids
 
     # ---- generation -------------------------------------------------------
@@ -581,9 +740,14 @@ class Engine:
         chat: bool | None = None,
         system: str | None = None,
         ignore_eos: bool = False,
+        **options,
     ) -> Iterator[Chunk]:
         """Yield chunks as tokens are generated; the last chunk carries finish_reason and stats.
 
+        ``options``: ``min_p``, ``repetition_penalty``, ``frequency_penalty``, ``presence_penalty``,
+        ``logprobs`` (True or k: each chunk carries ``logprob`` and k ``top_logprobs``),
+        ``json_schema`` / ``response_format`` (structured output by constrained decoding),
+        ``tools`` and ``chat_template_kwargs`` (passed to the chat template).
         One sequence is a batch of one: the same step, stop-string, end-of-sequence and cache logic
         as the batch generator and the server (which run many).
         """
@@ -591,13 +755,14 @@ class Engine:
 
         with self._lock:  # one sequence at a time owns the layer schedule
             bg = BatchGenerator(self, 1)
-            req = bg.request(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, chat, system, ignore_eos)
+            req = bg.request(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop, chat, system, ignore_eos,
+                             **options)
             n = 0
             try:
                 while not req.done:
                     for ev in bg.step():
                         if ev.token_id is not None:
-                            yield Chunk(ev.text, ev.token_id, n)
+                            yield Chunk(ev.text, ev.token_id, n, logprob=ev.logprob, top_logprobs=ev.top_logprobs)
                             n += 1
                         if ev.finish_reason is not None:  # the last chunk: no token, the finish reason and stats
                             yield Chunk("" if ev.token_id is not None else ev.text, None, n, ev.finish_reason, req.stats)
@@ -610,6 +775,11 @@ class Engine:
         sampler, stop strings). Raises LayerRunError naming what is wrong."""
         params = SamplingParams(temperature, top_k, top_p, seed)
         sampler = make_sampler(params)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+            raise LayerRunError(f"max_new_tokens must be an integer, got {max_new_tokens!r}")
+        if stop is not None and not isinstance(stop, str) and (
+                not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop)):
+            raise LayerRunError(f"stop must be a string or a list of strings, got {stop!r}")
         if max_new_tokens < 1:
             raise LayerRunError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         prompt_ids = self.encode_prompt(prompt, chat=chat, system=system)
@@ -631,20 +801,15 @@ class Engine:
         return prompt_ids, max_new, params, sampler, stops
 
     def generate(self, prompt, **kwargs) -> Generation:
-        """Generate to completion; returns text, token ids, finish reason and stats."""
-        text, ids = [], []
-        for c in self.stream(prompt, **kwargs):
-            text.append(c.text)
-            if c.token_id is not None:
-                ids.append(c.token_id)
-            if c.finish_reason:
-                return Generation("".join(text), ids, c.finish_reason, c.stats)
-        raise RuntimeError("stream ended without a final chunk")  # unreachable
+        """Generate to completion; returns text, token ids, finish reason and stats (and per-token
+        logprobs when ``logprobs=`` is given). Takes the options of :meth:`stream`."""
+        return _collect(self.stream(prompt, **kwargs))
 
     def _new_stats(self, prompt_tokens: int) -> GenerationStats:
         return GenerationStats(
             prompt_tokens=prompt_tokens, mode=self.mode, reader=self.reader_backend, device=str(self.device),
             dtype=str(self.dtype).replace("torch.", ""), notes=list(self.notes), prefetch=self.plan.prefetch,
+            threads=self.threads,
             resident_layers=len(self.plan.resident), streamed_layers=len(self.plan.streamed),
             kv_location=self.plan.kv_location,
             plan=list(self.plan.lines),
@@ -663,43 +828,62 @@ class Engine:
         stats.direct_io = bool(self._stream is not None and self._stream.reader.backend == "direct")
 
     async def astream(self, prompt, **kwargs):
-        """Async generator of chunks. Compute runs in its own thread, never on the caller's event loop."""
+        """Async generator of chunks (the options of :meth:`stream`). Compute runs in the engine's
+        scheduler thread, never on the caller's event loop, and concurrent callers share its
+        continuous batching: up to ``batch_size`` (of :func:`load`) sequences per step."""
         import asyncio
-        import threading
+
+        from layerrun.engine.scheduler import Job
 
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        done = object()
-        cancelled = threading.Event()
 
-        def work():
+        def deliver(item) -> None:
             try:
-                for chunk in self.stream(prompt, **kwargs):
-                    loop.call_soon_threadsafe(q.put_nowait, chunk)
-                    if cancelled.is_set():
-                        break
-            except BaseException as e:  # delivered to the awaiting side
-                loop.call_soon_threadsafe(q.put_nowait, e)
-            finally:
-                loop.call_soon_threadsafe(q.put_nowait, done)
+                loop.call_soon_threadsafe(q.put_nowait, item)
+            except RuntimeError:  # the caller's loop has closed
+                pass
 
-        t = threading.Thread(target=work, name="layerrun-engine", daemon=True)
-        t.start()
+        job = Job(prompt, kwargs, deliver)
+        self.scheduler.submit([job])
+        n = 0
         try:
             while True:
                 item = await q.get()
-                if item is done:
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+                if isinstance(item, str):
+                    raise LayerRunError(item)
+                if item.token_id is not None:
+                    yield Chunk(item.text, item.token_id, n, logprob=item.logprob, top_logprobs=item.top_logprobs)
+                    n += 1
+                if item.finish_reason is not None:
+                    text = "" if item.token_id is not None else item.text
+                    yield Chunk(text, None, n, item.finish_reason, item.request.stats)
+                    return
         finally:
-            cancelled.set()
-            await loop.run_in_executor(None, t.join)
+            if not job.finished:
+                self.scheduler.cancel(job)  # the caller stopped early: the sequence leaves the batch
+
+    @property
+    def scheduler(self):
+        """The :class:`~layerrun.engine.scheduler.Scheduler` behind ``astream``/``agenerate`` (started on first use)."""
+        if self._scheduler is None:
+            from layerrun.engine.scheduler import Scheduler
+
+            with self._lock:
+                if self._scheduler is None:
+                    self._scheduler = Scheduler(self, self.batch_size)
+        return self._scheduler
+
+    @property
+    def layers_read(self) -> int:
+        """Streamed layers consumed so far (a progress counter: the pipeline's reads, all time)."""
+        return len(self._stream.stats.reads) if self._stream is not None else 0
 
     @property
     def has_tokenizer(self) -> bool:
-        return self._tokenizer is not None or (self.path / "tokenizer.json").is_file()
+        from layerrun.formats.files import is_file
+
+        return self._tokenizer is not None or is_file(self.path, "tokenizer.json")
 
     @property
     def eos_token_ids(self) -> set[int]:
@@ -749,16 +933,13 @@ class Engine:
         return await loop.run_in_executor(None, lambda: self.generate_batch(prompts, **kwargs))
 
     async def agenerate(self, prompt, **kwargs) -> Generation:
-        text, ids = [], []
-        async for c in self.astream(prompt, **kwargs):
-            text.append(c.text)
-            if c.token_id is not None:
-                ids.append(c.token_id)
-            if c.finish_reason:
-                return Generation("".join(text), ids, c.finish_reason, c.stats)
-        raise RuntimeError("stream ended without a final chunk")
+        chunks = [c async for c in self.astream(prompt, **kwargs)]
+        return _collect(chunks)
 
     def close(self) -> None:
+        if self._scheduler is not None:
+            self._scheduler.stop()
+            self._scheduler = None
         if self._stream is not None:
             self._stream.close()
             self._stream = None
@@ -771,6 +952,51 @@ class Engine:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class _LoadProgress:
+    """``progress=True``: a progress bar on stderr while resident files load (a terminal only), then one line."""
+
+    MIN_BYTES = 64 * 2**20  # smaller loads take well under a second: say nothing
+
+    def __init__(self, engine: Engine, enabled: bool):
+        self.bar = None
+        self.t0 = time.perf_counter()
+        plan, m = engine.plan, engine.manifest
+        self.total = m.embeddings.bytes + m.final.bytes + sum(m.layer(i).bytes for i in plan.resident)
+        self.total += sum(m.layer(i).tensors[n].nbytes for i in plan.dense_resident for n in engine._dense_names[i])
+        self.done = 0
+        if not enabled or self.total < self.MIN_BYTES:
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+        console = Console(stderr=True)
+        if not console.is_terminal:
+            return
+        self.bar = Progress(TextColumn("[bold]loading[/] {task.description}"), BarColumn(), DownloadColumn(),
+                            TimeRemainingColumn(), transient=True, console=console)
+        self.bar.start()
+        self.task = self.bar.add_task(engine.path.name, total=self.total)
+
+    def advance(self, nbytes: int, name: str) -> None:
+        self.done += nbytes
+        if self.bar is not None:
+            self.bar.update(self.task, advance=nbytes, description=name)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            import sys
+
+            print(f"loaded {self.done / 1e6:.0f} MB in {time.perf_counter() - self.t0:.1f} s", file=sys.stderr)
+
+
+class _LastOnly(list):
+    """A ``collect`` list for ``_forward`` that keeps only the latest hidden state."""
+
+    def append(self, x) -> None:
+        self[:] = [x]
 
 
 class _ExpertLoader(dict):
@@ -803,7 +1029,33 @@ class _ExpertLoader(dict):
         st.read_s += rec.end - rec.start
         st.read_intervals.append((rec.start, rec.end))
         st.stall_s += time.perf_counter() - t0  # compute waits for these reads
-        eng.trace.read(self._staged.layer, f"layer_{self._staged.layer:03d} experts {ids}", rec.start, rec.end, rec.bytes)
+        eng.trace.read(self._staged.layer, f"layer_{self._staged.layer:03d} experts {ids}", rec.start, rec.end, rec.bytes,
+                       slot=self._staged.slot)
+
+
+def _trim_heap() -> None:
+    """Return freed heap memory to the system (glibc ``malloc_trim``): after the resident weights were
+    fused and packed, the intermediate copies' memory otherwise stays in this process's RSS (Gemma 3
+    270M bf16: 185 MB). A no-op where glibc is not the allocator."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _collect(chunks) -> Generation:
+    text, ids, lps = [], [], []
+    for c in chunks:
+        text.append(c.text)
+        if c.token_id is not None:
+            ids.append(c.token_id)
+            if c.logprob is not None:
+                lps.append((c.logprob, c.top_logprobs or []))
+        if c.finish_reason:
+            return Generation("".join(text), ids, c.finish_reason, c.stats, logprobs=lps if lps else None)
+    raise RuntimeError("stream ended without a final chunk")
 
 
 def _config_eos(config: dict) -> set[int]:

@@ -59,6 +59,7 @@ class GenerationStats:
     reader: str = "pread"
     device: str = "cpu"
     dtype: str = "float32"
+    threads: int = 0  # torch compute threads (--threads)
     notes: list[str] = field(default_factory=list)
     # mixture-of-experts layers streamed with routed expert reads
     experts_read: int = 0  # expert loads, summed over layers and steps

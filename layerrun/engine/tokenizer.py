@@ -8,16 +8,18 @@ transformers renders them, so prompts are byte-identical.
 from __future__ import annotations
 
 import json
-from datetime import datetime
 from pathlib import Path
 
 from layerrun.errors import FormatError
+from layerrun.formats.files import MAX_TOKENIZER_BYTES, MissingFileError, optional_json, read_text
+
+MAX_TEMPLATE_BYTES = 4 * 2**20
 
 
 def _token_str(v) -> str | None:
     if isinstance(v, dict):
-        return v.get("content")
-    return v
+        v = v.get("content")
+    return v if isinstance(v, str) else None
 
 
 class Tokenizer:
@@ -26,17 +28,19 @@ class Tokenizer:
 
         self.folder = Path(folder)
         path = self.folder / "tokenizer.json"
-        if not path.is_file():
+        try:
+            text = read_text(self.folder, "tokenizer.json", "tokenizer", MAX_TOKENIZER_BYTES)
+        except MissingFileError:
             raise FormatError(
                 f"{self.folder}: tokenizer.json is missing; text prompts need it "
                 "(copy it from the original model folder, or pass token ids)"
-            )
+            ) from None
         try:
-            self._tok = HFTokenizer.from_file(str(path))
+            self._tok = HFTokenizer.from_str(text)
         except Exception as e:  # tokenizers raises plain Exceptions
             raise FormatError(f"{path}: cannot load tokenizer ({e})") from None
-        cfg_path = self.folder / "tokenizer_config.json"
-        self.config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        self.config = optional_json(self.folder, "tokenizer_config.json", "tokenizer config") or {}
+        self.template_source: Path | None = None
         self.chat_template = self._find_chat_template()
         self.bos_token = _token_str(self.config.get("bos_token"))
         self.eos_token = _token_str(self.config.get("eos_token"))
@@ -63,13 +67,13 @@ class Tokenizer:
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()
         for name in ("generation_config.json", "config.json"):
-            p = self.folder / name
-            if p.is_file():
-                v = json.loads(p.read_text()).get("eos_token_id")
-                if isinstance(v, int):
-                    ids.add(v)
-                elif isinstance(v, list):
-                    ids.update(int(x) for x in v)
+            v = (optional_json(self.folder, name, "config") or {}).get("eos_token_id")
+            if v is None:
+                continue
+            for i in v if isinstance(v, list) else [v]:
+                if not isinstance(i, int) or isinstance(i, bool):
+                    raise FormatError(f"{self.folder / name}: eos_token_id {v!r} is not a token id (or a list of them)")
+                ids.add(i)
         if self.eos_token:
             i = self._tok.token_to_id(self.eos_token)
             if i is not None:
@@ -78,43 +82,43 @@ class Tokenizer:
 
     # ---- chat template ----------------------------------------------------
     def _find_chat_template(self) -> str | None:
-        jinja = self.folder / "chat_template.jinja"
-        if jinja.is_file():
-            return jinja.read_text()
-        ct_json = self.folder / "chat_template.json"
-        if ct_json.is_file():
-            return json.loads(ct_json.read_text()).get("chat_template")
-        t = self.config.get("chat_template")
+        """The template and (in ``template_source``) the file it came from, for error messages."""
+        try:
+            t = read_text(self.folder, "chat_template.jinja", "chat template", MAX_TEMPLATE_BYTES)
+            self.template_source = self.folder / "chat_template.jinja"
+            return t
+        except MissingFileError:
+            pass
+        ct = optional_json(self.folder, "chat_template.json", "chat template")
+        if ct is not None:
+            self.template_source = self.folder / "chat_template.json"
+            t = ct.get("chat_template")
+        else:
+            self.template_source = self.folder / "tokenizer_config.json"
+            t = self.config.get("chat_template")
         if isinstance(t, list):  # named templates: take "default"
-            named = {d.get("name"): d.get("template") for d in t}
-            return named.get("default") or next(iter(named.values()), None)
-        return t
+            named = {d.get("name"): d.get("template") for d in t if isinstance(d, dict)}
+            t = named.get("default") or next(iter(named.values()), None)
+        if t is not None and not isinstance(t, str):
+            raise FormatError(f"{self.template_source}: chat_template must be a string (or a list of named ones)")
+        return t or None
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
+        """The prompt for ``messages``; the template runs sandboxed and within a budget
+        (:mod:`layerrun.engine.template`), and any failure names the template's file."""
+        from layerrun.engine.template import compile_template, make_environment, render
+
         if not self.chat_template:
             raise FormatError(f"{self.folder}: the model has no chat template; use a raw prompt (--raw)")
         if self._template is None:
-            from jinja2.exceptions import TemplateError
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-            def raise_exception(msg):
-                raise TemplateError(msg)
-
-            def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-                return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-            def strftime_now(fmt):
-                return datetime.now().strftime(fmt)
-
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-            env.filters["tojson"] = tojson
-            env.globals["raise_exception"] = raise_exception
-            env.globals["strftime_now"] = strftime_now
-            self._template = env.from_string(self.chat_template)
+            self._template = compile_template(make_environment(), self.chat_template, self.template_source)
         special = {k: _token_str(v) for k, v in self.config.items() if k.endswith("_token")}
-        return self._template.render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **special, **kwargs
-        )
+        try:
+            size = len(json.dumps(messages, default=str))
+        except (TypeError, ValueError, RecursionError):
+            size = 0
+        return render(self._template, self.template_source, size,
+                      messages=messages, add_generation_prompt=add_generation_prompt, **{**special, **kwargs})
 
     def encode_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         # The template already contains any BOS token, so no special tokens are added.

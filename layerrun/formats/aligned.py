@@ -107,7 +107,9 @@ def write_aligned(
 
     sha = hashlib.sha256()
     infos: list[TensorInfo] = []
-    with open(path, "wb") as f:
+    # O_NOFOLLOW: a symlink planted under the output name is refused, never written through
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    with os.fdopen(fd, "wb") as f:
         head = struct.pack("<Q", len(hbytes)) + hbytes
         f.write(head)
         sha.update(head)
@@ -126,25 +128,93 @@ def write_aligned(
     return infos, data_start + rel, sha.hexdigest()
 
 
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+MAX_DIMS = 8
+
+
 def read_header(f: BinaryIO, path: str | os.PathLike, file_size: int | None = None) -> tuple[dict[str, TensorInfo], dict]:
-    """Parse a safetensors header; return (tensor infos with absolute offsets, metadata)."""
+    """Parse a safetensors header; return (tensor infos with absolute offsets, metadata).
+
+    The header is untrusted: anything that is not an object of well-formed tensor entries whose
+    byte ranges fit their shapes, lie inside the file and do not overlap is a FormatError naming
+    the file and the tensor.
+    """
+    if file_size is None:
+        file_size = os.fstat(f.fileno()).st_size
     head = f.read(8)
     if len(head) != 8:
         raise FormatError(f"{path}: not a safetensors file (shorter than 8 bytes)")
     (n,) = struct.unpack("<Q", head)
-    if file_size is not None and 8 + n > file_size:
+    if 8 + n > file_size:
         raise FormatError(f"{path}: header length {n} runs past the end of the file ({file_size} bytes); the file is truncated or not safetensors")
-    if n > 100 * 1024 * 1024:
+    if n > MAX_HEADER_BYTES:
         raise FormatError(f"{path}: header length {n} is implausible; not a safetensors file")
     raw = f.read(n)
+    if len(raw) != n:
+        raise FormatError(f"{path}: the file ended inside its header; it is truncated")
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise FormatError(f"{path}: safetensors header is not valid JSON ({e})") from None
-    meta = header.pop("__metadata__", {}) or {}
+    except RecursionError:
+        raise FormatError(f"{path}: safetensors header nests JSON too deeply; not a safetensors file") from None
+    if not isinstance(header, dict):
+        raise FormatError(f"{path}: safetensors header must be a JSON object, found {type(header).__name__}")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise FormatError(f"{path}: safetensors __metadata__ must map names to strings")
     data_start = 8 + n
     infos = {}
     for name, h in header.items():
-        s, e = h["data_offsets"]
-        infos[name] = TensorInfo(name, h["dtype"], tuple(h["shape"]), data_start + s, data_start + e)
+        infos[name] = _tensor_info(path, name, h, data_start, file_size)
+    check_no_overlap(path, infos.values())
     return infos, meta
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _tensor_info(path, name: str, h, data_start: int, file_size: int) -> TensorInfo:
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(h, dict):
+        raise FormatError(f"{where}: its header entry must be an object with dtype, shape and data_offsets")
+    missing = [k for k in ("dtype", "shape", "data_offsets") if k not in h]
+    if missing:
+        raise FormatError(f"{where}: its header entry lacks {', '.join(missing)}")
+    dtype, shape, offs = h["dtype"], h["shape"], h["data_offsets"]
+    if not isinstance(dtype, str):
+        raise FormatError(f"{where}: dtype {dtype!r} is not a dtype name")
+    if dtype not in ST_DTYPES:
+        from layerrun.errors import UnsupportedModelError
+
+        raise UnsupportedModelError(f"{where} has dtype {dtype}, which LayerRun cannot read (supported: {', '.join(ST_DTYPES)})")
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_is_int(d) and d >= 0 for d in shape):
+        raise FormatError(f"{where}: shape {shape!r} is not a list of at most {MAX_DIMS} sizes >= 0")
+    if not isinstance(offs, list) or len(offs) != 2 or not all(_is_int(o) for o in offs):
+        raise FormatError(f"{where}: data_offsets {offs!r} is not a pair of byte offsets [start, end]")
+    s, e = offs
+    if not 0 <= s <= e:
+        raise FormatError(f"{where}: data_offsets [{s}, {e}] are reversed or negative")
+    numel = 1
+    for d in shape:
+        numel *= d
+    need = numel * ST_DTYPES[dtype].itemsize
+    if e - s != need:
+        raise FormatError(
+            f"{where}: data_offsets [{s}, {e}] hold {e - s} bytes, but shape {shape} of {dtype} needs {need}"
+        )
+    if data_start + e > file_size:
+        raise FormatError(
+            f"{where}: its data (bytes {data_start + s}..{data_start + e}) runs past the end of the file "
+            f"({file_size} bytes); the file is truncated"
+        )
+    return TensorInfo(name, dtype, tuple(shape), data_start + s, data_start + e)
+
+
+def check_no_overlap(path, infos) -> None:
+    """Two tensors sharing bytes would let a write to one change the other: refuse the file."""
+    spans = sorted((t.start, t.end, t.name) for t in infos if t.nbytes)
+    for (a0, a1, an), (b0, b1, bn) in zip(spans, spans[1:]):
+        if b0 < a1:
+            raise FormatError(f"{path}: tensors {an!r} and {bn!r} overlap (bytes {a0}..{a1} and {b0}..{b1})")

@@ -8,7 +8,9 @@ Architectures: ``llama`` (Llama, SmolLM, Mistral-style files; Mixtral when
 ``llama.expert_count`` is set), ``qwen2``, ``qwen3``, ``qwen3moe``, ``gemma2``,
 ``gemma3`` (text); others fail with one line naming them.
 
-- **Header**: parsed here with ``struct`` (about 100 lines); ``gguf.GGUFReader``
+- **Header**: parsed with ``struct`` in :mod:`layerrun.formats.gguf_header`, which
+  also checks everything in it (counts against the file size, nesting, duplicate
+  names, alignment, overlaps, the model keys' types); ``gguf.GGUFReader``
   builds a numpy object per metadata element, which takes 14 s and 750 MB for a
   262k-token vocabulary, against well under a second here.
 - **Tensors**: one at a time, read with ``pread`` (never a memory map of the
@@ -44,10 +46,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 import os
 import re
-import struct
 from collections import Counter
 from dataclasses import dataclass
 from math import prod
@@ -57,6 +57,16 @@ import numpy as np
 import torch
 
 from layerrun.errors import FormatError, UnsupportedModelError
+from layerrun.formats.files import open_user_file
+from layerrun.formats.gguf_header import (  # noqa: F401  (read_header and the types: re-exported)
+    GGUF_MAGIC,
+    GGUFHeader,
+    TensorInfo,
+    _ggml_types,
+    _is_int,
+    check_metadata,
+    read_header,
+)
 from layerrun.formats.gguf_tokenizer import (  # noqa: F401  (TOKENIZER_KINDS: re-exported for older importers)
     TOKENIZER_KINDS,
     check_tokenizer,
@@ -65,152 +75,17 @@ from layerrun.formats.gguf_tokenizer import (  # noqa: F401  (TOKENIZER_KINDS: r
 )
 from layerrun.formats.source import row_chunks
 
-# ---- the file: header, metadata, tensor table -----------------------------
-
-GGUF_MAGIC = b"GGUF"
-_KV_FORMAT = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_KV_NUMPY = {
-    0: np.uint8,
-    1: np.int8,
-    2: np.uint16,
-    3: np.int16,
-    4: np.uint32,
-    5: np.int32,
-    6: np.float32,
-    7: np.bool_,
-    10: np.uint64,
-    11: np.int64,
-    12: np.float64,
-}
-_STRING, _ARRAY = 8, 9
+# ---- the file: tensors ------------------------------------------------------------
 
 F32, F16, BF16 = 0, 1, 30
 _PLAIN = {F32: (np.float32, torch.float32), F16: (np.float16, torch.float16), BF16: (np.int16, torch.bfloat16)}
 _CHUNK_BYTES = 4 << 20  # stored bytes read and dequantized (or cast) at a time; bounds the float32 temporaries
 
 
-def _ggml_types() -> dict[int, tuple[str, int, int]]:
-    """ggml type id -> (name, elements per block, bytes per block), from the gguf package."""
-    import gguf
-
-    return {int(t): (t.name, *gguf.GGML_QUANT_SIZES[t]) for t in gguf.GGMLQuantizationType}
-
-
 def _dequantizable() -> set[int]:
     import gguf.quants
 
     return {F32, F16, BF16} | {int(t) for t in gguf.quants._type_traits}
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str  # the GGUF name, e.g. blk.0.attn_q.weight
-    shape: tuple[int, ...]  # torch order: (rows, columns)
-    ggml_type: int
-    type_name: str
-    offset: int  # absolute offset of the data in the file
-    nbytes: int
-
-
-@dataclass
-class GGUFHeader:
-    path: Path
-    version: int
-    metadata: dict
-    tensors: dict[str, TensorInfo]
-    file_bytes: int
-
-    @property
-    def architecture(self) -> str:
-        return self.metadata.get("general.architecture", "")
-
-    def arch_key(self, key: str, default=None):
-        return self.metadata.get(f"{self.architecture}.{key}", default)
-
-
-def read_header(path: str | Path) -> GGUFHeader:
-    """Parse the metadata and the tensor table; reads no tensor data. Any damage is a FormatError."""
-    path = Path(path)
-    if not path.is_file():
-        raise FormatError(f"{path}: no such file")
-    size = path.stat().st_size
-    if size < 24:
-        raise FormatError(f"{path}: not a GGUF file ({size} bytes, too short for a GGUF header)")
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-        if mm[:4] != GGUF_MAGIC:
-            raise FormatError(f"{path}: not a GGUF file (starts with {bytes(mm[:4])!r}, expected b'GGUF')")
-        try:
-            return _parse(path, mm, size)
-        except (struct.error, IndexError, ValueError) as e:
-            raise FormatError(f"{path}: truncated or corrupt GGUF header ({e}); download the file again") from None
-
-
-def _parse(path: Path, mm: mmap.mmap, size: int) -> GGUFHeader:
-    version, n_tensors, n_kv = struct.unpack_from("<IQQ", mm, 4)
-    if version not in (2, 3):
-        raise FormatError(f"{path}: GGUF version {version} is not supported (supported: 2, 3)")
-    pos = 24
-
-    def string(p: int) -> tuple[str, int]:
-        (n,) = struct.unpack_from("<Q", mm, p)
-        if p + 8 + n > size:
-            raise ValueError(f"a string runs past the end of the file at offset {p}")
-        return mm[p + 8 : p + 8 + n].decode("utf-8"), p + 8 + n
-
-    def value(p: int, vtype: int):
-        if vtype in _KV_FORMAT:
-            fmt = "<" + _KV_FORMAT[vtype]
-            return struct.unpack_from(fmt, mm, p)[0], p + struct.calcsize(fmt)
-        if vtype == _STRING:
-            return string(p)
-        if vtype == _ARRAY:
-            etype, count = struct.unpack_from("<IQ", mm, p)
-            p += 12
-            if etype in _KV_NUMPY:
-                dt = np.dtype(_KV_NUMPY[etype]).newbyteorder("<")
-                end = p + count * dt.itemsize
-                if end > size:
-                    raise ValueError(f"an array runs past the end of the file at offset {p}")
-                return np.frombuffer(mm[p:end], dtype=dt).tolist(), end
-            out = []
-            for _ in range(count):
-                v, p = value(p, etype)
-                out.append(v)
-            return out, p
-        raise ValueError(f"unknown metadata value type {vtype} at offset {p}")
-
-    metadata: dict = {}
-    for _ in range(n_kv):
-        key, pos = string(pos)
-        (vtype,) = struct.unpack_from("<I", mm, pos)
-        metadata[key], pos = value(pos + 4, vtype)
-
-    types = _ggml_types()
-    table = []
-    for _ in range(n_tensors):
-        name, pos = string(pos)
-        (ndim,) = struct.unpack_from("<I", mm, pos)
-        dims = struct.unpack_from(f"<{ndim}Q", mm, pos + 4)
-        ggml_type, rel = struct.unpack_from("<IQ", mm, pos + 4 + 8 * ndim)
-        pos += 4 + 8 * ndim + 12
-        table.append((name, tuple(int(d) for d in reversed(dims)), int(ggml_type), int(rel)))
-
-    align = int(metadata.get("general.alignment", 32))
-    data_start = (pos + align - 1) // align * align
-    tensors: dict[str, TensorInfo] = {}
-    for name, shape, ggml_type, rel in table:
-        tname, block, block_bytes = types.get(ggml_type, (f"type{ggml_type}", 1, 0))
-        n = prod(shape)
-        nbytes = n // block * block_bytes
-        tensors[name] = TensorInfo(name, shape, ggml_type, tname, data_start + rel, nbytes)
-    header = GGUFHeader(path, version, metadata, tensors, size)
-    short = [t.name for t in tensors.values() if t.offset + t.nbytes > size]
-    if short:
-        raise FormatError(
-            f"{path}: truncated GGUF file ({size} bytes): the data of {len(short)} tensor(s) runs past the end "
-            f"(first: {short[0]}); download the file again"
-        )
-    return header
 
 
 class GGUFFile:
@@ -220,7 +95,7 @@ class GGUFFile:
         self._fd: int | None = None
         self.path = Path(path)
         self.header = read_header(self.path)
-        self._fd = os.open(self.path, os.O_RDONLY)
+        self._fd, _ = open_user_file(self.path, "GGUF file")
 
     def read(self, name: str, dtype: torch.dtype | None = None, index: int | None = None) -> torch.Tensor:
         """One tensor: F16/BF16/F32 as stored, anything quantized dequantized to float32.
@@ -369,11 +244,13 @@ _SPLIT_EXPERT_RE = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight$"
 
 def _expert_count(h: GGUFHeader) -> int:
     n = h.arch_key("expert_count", 0)
-    return int(n or 0)
+    return n if _is_int(n) and n > 0 else 0  # anything else: check_metadata names it
 
 
 def arch_of(h: GGUFHeader) -> _Arch | None:
     """How the file maps to Hugging Face names, or None for an architecture not supported."""
+    if not isinstance(h.architecture, str):
+        return None
     if h.architecture == "llama" and _expert_count(h) > 0:
         return MIXTRAL
     return ARCHS.get(h.architecture)
@@ -416,6 +293,7 @@ def _rope_scaling(h: GGUFHeader) -> dict | None:
 
 def build_config(h: GGUFHeader) -> dict:
     """A Hugging Face ``config.json`` dict from the metadata, with the values transformers' GGUF loader gives."""
+    check_metadata(h)
     arch = h.architecture
     spec = arch_of(h)
     k = h.arch_key
@@ -425,6 +303,7 @@ def build_config(h: GGUFHeader) -> dict:
     if isinstance(kv, list):
         raise UnsupportedModelError(f"{h.path.name}: per-layer key/value head counts are not supported")
     tokens = h.metadata.get("tokenizer.ggml.tokens")
+    tokens = tokens if isinstance(tokens, list) else None
     head_dim = k("attention.key_length") or (k("rope.dimension_count") if arch == "llama" else None)
     cfg = {
         "model_type": spec.model_type,
@@ -627,6 +506,16 @@ class GGUFSource:
             n = self.config["num_attention_heads"] if ".q_proj." in name else self.config["num_key_value_heads"]
             x = _unpermute(x, n)  # a permutation of rows: the same before or after a cast
         return x if dtype is None else x.to(dtype)
+
+    def aux_names(self) -> list[str]:
+        """The files :meth:`write_aux_files` will write."""
+        meta = self.header.metadata
+        names = ["tokenizer.json", "tokenizer_config.json"] if "tokenizer.ggml.tokens" in meta else []
+        if names and meta.get("tokenizer.chat_template"):
+            names.append("chat_template.jinja")
+        if any(k in self.config for k in ("bos_token_id", "eos_token_id", "pad_token_id")):
+            names.append("generation_config.json")
+        return [*names, "config.json"]
 
     def write_aux_files(self, dst: Path) -> list[str]:
         """tokenizer.json, tokenizer_config.json, chat_template.jinja (if any), generation_config.json, config.json."""

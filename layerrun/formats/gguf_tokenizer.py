@@ -27,7 +27,7 @@ import json
 from collections.abc import Mapping
 from pathlib import Path
 
-from layerrun.errors import UnsupportedModelError
+from layerrun.errors import FormatError, UnsupportedModelError
 
 CONTROL, USER_DEFINED = 3, 4
 TOKENIZER_KINDS = ("gpt2", "llama")  # byte-level BPE; SentencePiece BPE with byte fallback
@@ -87,12 +87,38 @@ def has_tokenizer(meta: Mapping) -> bool:
 
 
 def check_tokenizer(meta: Mapping, file_name: str = "GGUF file") -> None:
-    """Raise UnsupportedModelError, naming the file, if its vocabulary is of a kind not supported."""
+    """Raise UnsupportedModelError, naming the file, if its vocabulary is of a kind not supported, and
+    FormatError if its ``tokenizer.ggml.*`` metadata is not of the types llama.cpp writes."""
     kind = meta.get("tokenizer.ggml.model")
-    if has_tokenizer(meta) and kind not in TOKENIZER_KINDS:
+    if not has_tokenizer(meta):
+        return
+    if kind not in TOKENIZER_KINDS:
         raise UnsupportedModelError(
             f"{file_name}: GGUF tokenizer {kind!r} is not supported; supported: {', '.join(TOKENIZER_KINDS)}"
         )
+
+    def bad(key: str, want: str):
+        raise FormatError(f"{file_name}: tokenizer.ggml.{key} is not {want}; the file's vocabulary is damaged")
+
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+        bad("tokens", "a list of strings")
+    for key, want, ok in (
+        ("token_type", "a list of integers", lambda v: all(isinstance(x, int) for x in v)),
+        ("scores", "a list of numbers, one per token",
+         lambda v: len(v) == len(tokens) and all(isinstance(x, (int, float)) for x in v)),
+        ("merges", "a list of 'a b' strings", lambda v: all(isinstance(x, str) and " " in x for x in v)),
+    ):
+        v = meta.get(f"tokenizer.ggml.{key}")
+        if v is not None and (not isinstance(v, list) or not ok(v)):
+            bad(key, want)
+    if kind == "llama" and not str(meta.get("general.architecture", "")).startswith("gemma"):
+        if meta.get("tokenizer.ggml.merges") is None and meta.get("tokenizer.ggml.scores") is None:
+            bad("scores", "present (a SentencePiece vocabulary without merges needs its scores)")
+    for key in ("pre", "chat_template"):
+        full = f"tokenizer.{key}" if key == "chat_template" else f"tokenizer.ggml.{key}"
+        if meta.get(full) is not None and not isinstance(meta[full], str):
+            raise FormatError(f"{file_name}: {full} is not a string")
 
 
 def tokenizer_from_metadata(meta: Mapping, file_name: str = "GGUF file"):
@@ -225,7 +251,13 @@ def write_tokenizer_files(meta: Mapping, dst: str | Path, file_name: str = "GGUF
     if not has_tokenizer(meta):
         return []
     dst = Path(dst)
-    tok, tok_cfg, template = tokenizer_from_metadata(meta, file_name)
+    check_tokenizer(meta, file_name)
+    try:
+        tok, tok_cfg, template = tokenizer_from_metadata(meta, file_name)
+    except (FormatError, UnsupportedModelError):
+        raise
+    except Exception as e:  # the tokenizers library raises plain Exceptions on a vocabulary it cannot build
+        raise FormatError(f"{file_name}: cannot build a tokenizer from its vocabulary ({e})") from None
     tok.save(str(dst / "tokenizer.json"))
     (dst / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n")
     written = ["tokenizer.json", "tokenizer_config.json"]

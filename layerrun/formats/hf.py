@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
 
 from layerrun.errors import FormatError, UnsupportedModelError
 from layerrun.formats.aligned import ST_DTYPES, TensorInfo, read_header
+from layerrun.formats.files import (
+    MAX_TOKENIZER_BYTES,
+    MissingFileError,
+    check_name,
+    open_file,
+    read_bytes,
+    read_json,
+    write_new,
+)
 from layerrun.formats.source import row_chunks
 
 # Files copied verbatim into a layered folder when present.
@@ -30,34 +37,30 @@ _ST_TO_TORCH = ST_DTYPES
 
 
 def read_config(folder: Path) -> dict:
-    path = folder / "config.json"
-    if not path.is_file():
-        raise FormatError(f"{folder}: config.json is missing; a Hugging Face model folder needs its config.json")
     try:
-        cfg = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(cfg, dict):
-        raise FormatError(f"{path}: expected a JSON object")
-    return cfg
+        return read_json(folder, "config.json", "config")
+    except MissingFileError:
+        raise FormatError(f"{folder}: config.json is missing; a Hugging Face model folder needs its config.json") from None
 
 
 def find_weight_files(folder: Path) -> list[Path]:
-    """The safetensors files of a HF folder, in shard order."""
-    single = folder / "model.safetensors"
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (KeyError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise FormatError(f"{index}: malformed index ({e})") from None
+    """The safetensors files of a HF folder, in shard order. Names from the index are untrusted: each
+    must be a plain file name inside the folder."""
+    index = "model.safetensors.index.json"
+    if os.path.lexists(folder / index):
+        d = read_json(folder, index, "index")
+        weight_map = d.get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise FormatError(f"{folder / index}: weight_map must map tensor names to shard file names")
         files = sorted(set(weight_map.values()))
-        missing = [f for f in files if not (folder / f).is_file()]
+        for f in files:
+            check_name(f, "shard", folder / index)
+        missing = [f for f in files if not os.path.lexists(folder / f)]
         if missing:
             raise FormatError(f"{folder}: shard(s) listed in model.safetensors.index.json are missing: {', '.join(missing)}")
         return [folder / f for f in files]
-    if single.is_file():
-        return [single]
+    if os.path.lexists(folder / "model.safetensors"):
+        return [folder / "model.safetensors"]
     shards = sorted(folder.glob("model-*-of-*.safetensors"))
     if shards:
         return shards
@@ -75,6 +78,31 @@ def find_weight_files(folder: Path) -> list[Path]:
     raise FormatError(f"{folder}: no model weights found (expected model.safetensors or model-0000x-of-0000y.safetensors)")
 
 
+def read_headers(folder: Path, files: list[Path], keep_open: bool = False):
+    """{tensor name: (file, TensorInfo)} over the shards, and {file: (fd, stat)} when ``keep_open``.
+
+    Each shard is opened under the folder's rule; a tensor named in two shards is refused."""
+    infos: dict[str, tuple[Path, TensorInfo]] = {}
+    fds: dict[Path, tuple[int, os.stat_result]] = {}
+    try:
+        for p in files:
+            fd, st = open_file(folder, p.name, "weights file")
+            fds[p] = (fd, st)
+            with os.fdopen(os.dup(fd), "rb") as f:
+                header, _ = read_header(f, p, st.st_size)
+            for name, info in header.items():
+                if name in infos:
+                    raise FormatError(f"{folder}: tensor {name} is in both {infos[name][0].name} and {p.name}")
+                infos[name] = (p, info)
+            if not keep_open:
+                os.close(fds.pop(p)[0])
+    except BaseException:
+        for fd, _ in fds.values():
+            os.close(fd)
+        raise
+    return infos, fds
+
+
 class HFSource:
     """A Hugging Face folder, read one tensor at a time.
 
@@ -89,18 +117,9 @@ class HFSource:
             raise FormatError(f"{self.folder}: no such folder")
         self.config = read_config(self.folder)
         self.files = find_weight_files(self.folder)
-        self._fds: dict[Path, int] = {}
-        self._infos: dict[str, tuple[Path, TensorInfo]] = {}
-        for p in self.files:
-            size = p.stat().st_size
-            with open(p, "rb") as f:
-                infos, _ = read_header(f, p, size)
-            for name, info in infos.items():
-                if info.end > size:
-                    raise FormatError(f"{p}: tensor {name} runs past the end of the file; the file is truncated")
-                if info.dtype not in _ST_TO_TORCH:
-                    raise UnsupportedModelError(f"{p}: tensor {name} has unsupported dtype {info.dtype}")
-                self._infos[name] = (p, info)
+        self._infos, opened = read_headers(self.folder, self.files, keep_open=True)
+        self._fds: dict[Path, int] = {p: fd for p, (fd, _) in opened.items()}
+        self._stats: dict[Path, os.stat_result] = {p: st for p, (_, st) in opened.items()}
 
     def description(self) -> dict:
         dtypes = sorted({i.dtype for _, i in self._infos.values()})
@@ -109,7 +128,7 @@ class HFSource:
     def fingerprint(self) -> str:
         h = hashlib.sha256()
         for p in self.files:
-            st = p.stat()
+            st = self._stats[p]
             h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns};".encode())
         return h.hexdigest()[:16]
 
@@ -130,7 +149,7 @@ class HFSource:
         path, info = self._infos[name]
         fd = self._fds.get(path)
         if fd is None:
-            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+            raise FormatError(f"{self.folder}: source is closed")
         src = _ST_TO_TORCH[info.dtype]
         shape = tuple(info.shape)
         if dtype is None or dtype == src or len(shape) < 2 or info.nbytes <= self.CAST_CHUNK:
@@ -156,12 +175,17 @@ class HFSource:
             pos += got
         return buf
 
+    def aux_names(self) -> list[str]:
+        """The files :meth:`write_aux_files` will write."""
+        return [n for n in AUX_FILES if os.path.lexists(self.folder / n)]
+
     def write_aux_files(self, dst: Path) -> list[str]:
+        """Copy the tokenizer, template and config files that exist (each read under the folder's rule,
+        so a link out of the source folder is refused rather than copied into the model)."""
         copied = []
         for n in AUX_FILES:
-            p = self.folder / n
-            if p.is_file():
-                shutil.copyfile(p, dst / n)
+            if os.path.lexists(self.folder / n):
+                write_new(dst, n, read_bytes(self.folder, n, n, MAX_TOKENIZER_BYTES))
                 copied.append(n)
         return copied
 

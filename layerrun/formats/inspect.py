@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
 
 from layerrun.errors import FormatError, LayerRunError
+from layerrun.formats.files import is_file, optional_json, read_json
 from layerrun.formats.manifest import MANIFEST_NAME, Manifest, layer_file_name
 from layerrun.formats.source import split_name
-
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
 def _arch(config: dict) -> dict:
@@ -42,15 +41,10 @@ def _arch(config: dict) -> dict:
 
 
 def _tokenizer_info(folder: Path) -> dict:
-    tok = folder / "tokenizer.json"
-    cfg = folder / "tokenizer_config.json"
-    chat = (folder / "chat_template.jinja").is_file()
-    if cfg.is_file():
-        try:
-            chat = chat or bool(json.loads(cfg.read_text()).get("chat_template"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            pass
-    return {"tokenizer": tok.is_file(), "chat_template": chat}
+    chat = is_file(folder, "chat_template.jinja")
+    if not chat and os.path.lexists(folder / "tokenizer_config.json"):
+        chat = bool(read_json(folder, "tokenizer_config.json", "tokenizer config").get("chat_template"))
+    return {"tokenizer": is_file(folder, "tokenizer.json"), "chat_template": chat}
 
 
 def _compare(expected: dict, have: dict[str, dict[str, tuple]], tie: bool, n_layers: int) -> dict:
@@ -76,7 +70,7 @@ def inspect_layered(folder: Path) -> dict:
     from layerrun.models import build_model
 
     m = Manifest.read(folder)
-    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    config = optional_json(folder, "config.json", "config") or {}
     layer_bytes = [f.bytes for f in m.layers]
     if m.quantization:
         from layerrun.formats.quant import logical_tensors
@@ -130,29 +124,24 @@ def _moe_figures(m: Manifest, shapes: dict, n_experts: int, top_k: int) -> dict:
 
 
 def inspect_hf(folder: Path) -> dict:
-    from safetensors import safe_open
-
-    from layerrun.formats.hf import find_weight_files, read_config
+    from layerrun.formats.hf import find_weight_files, read_config, read_headers
     from layerrun.models import build_model
 
     config = read_config(folder)
     files = find_weight_files(folder)
+    infos, _ = read_headers(folder, files)  # every header checked (offsets, overlaps, dtypes) as convert does
     have: dict[str, dict[str, tuple]] = {}
     per_file_bytes: dict[str, int] = {}
     dtypes: set[str] = set()
     params = 0
-    for p in files:
-        with safe_open(str(p), framework="pt") as h:
-            for name in h.keys():
-                sl = h.get_slice(name)
-                shape, dt = tuple(sl.get_shape()), sl.get_dtype()
-                dtypes.add(dt)
-                n = _numel(shape)
-                params += n
-                kind, idx, short = split_name(name)
-                fname = layer_file_name(idx) if kind == "layer" else f"{kind}.safetensors"
-                have.setdefault(fname, {})[short] = shape
-                per_file_bytes[fname] = per_file_bytes.get(fname, 0) + n * DTYPE_BYTES.get(dt, 4)
+    for name, (_, info) in sorted(infos.items()):
+        shape, dt = tuple(info.shape), info.dtype
+        dtypes.add(dt)
+        params += _numel(shape)
+        kind, idx, short = split_name(name)
+        fname = layer_file_name(idx) if kind == "layer" else f"{kind}.safetensors"
+        have.setdefault(fname, {})[short] = shape
+        per_file_bytes[fname] = per_file_bytes.get(fname, 0) + info.nbytes
     layer_bytes = [v for k, v in per_file_bytes.items() if k.startswith("layer_")]
     info = {
         "path": str(folder),
@@ -175,13 +164,13 @@ def inspect_hf(folder: Path) -> dict:
 
 def inspect_path(path: str | Path) -> dict:
     p = Path(path)
-    if p.is_file() and p.suffix.lower() == ".gguf":
+    if not os.path.lexists(p):
+        raise FormatError(f"{p}: no such file or folder")
+    if not p.is_dir() and p.suffix.lower() == ".gguf":
         from layerrun.formats.gguf import inspect_gguf
 
-        return inspect_gguf(p)
-    if not p.exists():
-        raise FormatError(f"{p}: no such file or folder")
-    if p.is_dir() and (p / MANIFEST_NAME).is_file():
+        return inspect_gguf(p)  # refuses anything but a regular file
+    if p.is_dir() and os.path.lexists(p / MANIFEST_NAME):
         return inspect_layered(p)
     if p.is_dir():
         return inspect_hf(p)

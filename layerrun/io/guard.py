@@ -39,8 +39,11 @@ from pathlib import Path
 
 import torch
 
-from layerrun.errors import FileChangedError
+from layerrun.errors import FileChangedError, FormatError
+from layerrun.formats.files import MissingFileError, open_file
+from layerrun.formats.integrity import Verifier
 from layerrun.formats.manifest import FileEntry
+from layerrun.io.reader import verify_buffer, views
 
 POLL_S = 0.02  # how often the watcher looks at the leases: a writer waits at most this plus one layer's compute
 HASH_CHUNK = 8 * 2**20
@@ -145,6 +148,17 @@ class MappedFile:
             pass
 
 
+    def drop(self) -> None:
+        """Unmap the file's pages from this process (``MADV_DONTNEED``; they stay in the page cache and a
+        later touch maps them again), so they stop counting as its resident memory."""
+        if not hasattr(self.mm, "madvise") or self.revoked:
+            return
+        try:
+            self.mm.madvise(mmap.MADV_DONTNEED)
+        except (ValueError, OSError):
+            pass
+
+
 class _LeaseWatcher:
     """One thread for the process: polls every leased file and revokes those whose lease breaks."""
 
@@ -186,9 +200,10 @@ class ModelFiles:
     matched the manifest, the problems found, and the lease-guarded mappings. Thread-safe; one per
     engine, shared by the pipelines it opens (a pipeline restarted after an error keeps them)."""
 
-    def __init__(self, folder: str | Path, leases: bool = True):
+    def __init__(self, folder: str | Path, leases: bool = True, verifier: Verifier | None = None):
         self.folder = Path(folder)
         self.leases = leases
+        self.verifier = verifier  # files not verified yet are hashed and checked when first mapped
         self.note: str | None = None  # why mapped reads fell back to pread, once
         self._lock = threading.Lock()
         self._file_locks: dict[str, threading.Lock] = {}
@@ -277,16 +292,26 @@ class ModelFiles:
             return None
         return self.accept(entry, fd)
 
-    def open(self, entry: FileEntry, flags: int = 0) -> int:
+    def open(self, entry: FileEntry, direct: bool = False) -> int:
+        """Open ``entry`` under the model folder's rule (:func:`layerrun.formats.files.open_file`: a
+        regular file inside the folder, no links followed). ``direct``: O_DIRECT (a filesystem that
+        refuses it raises the plain OSError, for the caller to fall back)."""
         path = self.folder / entry.name
+        what = "layer file" if entry.layer is not None else "model file"
+        with self._lock:
+            changed = entry.name in self._ever
         try:
-            return os.open(path, os.O_RDONLY | flags)
-        except FileNotFoundError:
-            with self._lock:
-                changed = entry.name in self._ever
+            fd, _ = open_file(self.folder, entry.name, what, direct)
+            return fd
+        except MissingFileError:
             msg = (f"{path}: the model file was removed from disk; restore it or re-run `layerrun convert`"
                    if changed else f"{path}: layer file is missing; run `layerrun validate {self.folder}`")
             raise self._fail(entry, None, msg) from None
+        except FormatError as e:  # replaced by a link, a folder, a FIFO, made unreadable
+            if not changed:
+                raise
+            raise self._fail(entry, None, f"{e}; the model file changed on disk: restore it or re-run "
+                                          "`layerrun convert`") from None
 
     def still(self, entry: FileEntry, fd: int, before: Stamp) -> None:
         """After a read: the file did not change while it was read (else its bytes may be torn)."""
@@ -356,6 +381,15 @@ class ModelFiles:
                 fcntl.fcntl(fd, fcntl.F_SETOWN, 0)  # no SIGIO on a break (its default action kills): we poll
                 s = self.accept(entry, fd)  # under the lease: what is checked cannot change unnoticed
                 m = MappedFile(self, entry, fd, s)
+                st = os.fstat(fd)
+                if self.verifier is not None and self.verifier.needed(entry, st):
+                    try:  # under the lease, the pages cannot go away
+                        verify_buffer(self.verifier, self.folder, entry, st, memoryview(m.mm)[entry.data_start:],
+                                      entry.data_start, views(entry, m.tensor, 0))
+                    except BaseException:
+                        m.revoked = True
+                        m._leased = False
+                        raise
             except BaseException:
                 try:
                     fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)

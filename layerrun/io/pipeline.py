@@ -7,10 +7,13 @@ and keeps ``depth`` of them in flight ahead of compute. It owns a ring of
 being computed, ``depth`` being filled. A slot is handed back by
 :meth:`LayerStream.release` and immediately refilled with the next layer.
 
-The schedule runs as an asyncio task on the pipeline's own event loop thread
-(uvloop when installed), so it never runs on an application's loop; blocking
-``preadv`` calls run in a thread pool, several per layer so deep device queues
-stay busy. The compute thread waits on plain ``concurrent.futures`` futures.
+Each free slot is submitted straight to a pool of stage threads (at start, then
+from ``release``), so a layer's hand-off wakes one thread and nothing runs on an
+application's event loop; a layer larger than one chunk is read by several
+``preadv`` calls in a second pool, so deep device queues stay busy. The compute
+thread waits on plain ``concurrent.futures`` futures. With the mmap reader on
+CPU there are no threads at all: staging (views and a read-ahead hint) runs
+inline in the compute thread.
 
 On CUDA, slots are pinned and each staged layer is copied to device buffers
 with ``non_blocking`` copies on a dedicated stream; compute waits on the copy's
@@ -20,9 +23,9 @@ On CPU there is no copy: tensors are views of the slot.
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import concurrent.futures as cf
+import mmap
 import os
 import threading
 import time
@@ -33,23 +36,15 @@ from pathlib import Path
 
 import torch
 
-from layerrun.errors import FileChangedError
+from layerrun.errors import FileChangedError, FormatError
 from layerrun.formats.aligned import ALIGN
+from layerrun.formats.integrity import Verifier
 from layerrun.formats.manifest import FileEntry
 from layerrun.io.guard import MappedFile, ModelFiles, Stamp
-from layerrun.io.reader import aligned_empty, views
+from layerrun.io.reader import aligned_empty, verify_buffer, views
 from layerrun.io.throttle import Throttle
 
 IO_CHUNK = 16 * 1024 * 1024  # bytes per preadv; a layer is split into several concurrent reads
-
-
-def new_event_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-
-        return uvloop.new_event_loop()
-    except ImportError:
-        return asyncio.new_event_loop()
 
 
 @dataclass
@@ -104,6 +99,7 @@ class ChunkedReader:
         self.files = files or ModelFiles(folder)
         self.note: str | None = None
         self._fds: dict[str, int] = {}
+        self._stats: dict[str, os.stat_result] = {}
         self._lock = threading.Lock()
 
     def _fd(self, entry: FileEntry) -> tuple[int, Stamp]:
@@ -117,7 +113,7 @@ class ChunkedReader:
             fd = None
             if self.backend == "direct" and hasattr(os, "O_DIRECT"):
                 try:
-                    fd = self.files.open(entry, os.O_DIRECT)
+                    fd = self.files.open(entry, direct=True)
                 except FileChangedError:
                     raise
                 except OSError as e:
@@ -127,11 +123,17 @@ class ChunkedReader:
                 fd = self.files.open(entry)
             try:
                 st = self.files.accept(entry, fd)
+                self._stats[entry.name] = os.fstat(fd)
             except BaseException:
                 os.close(fd)
                 raise
             self._fds[entry.name] = fd
             return fd, st
+
+    def stat(self, entry: FileEntry) -> os.stat_result:
+        """The fstat of the open file (taken when it was last checked): its identity for verification."""
+        self._fd(entry)
+        return self._stats[entry.name]
 
     def _read_range(self, fd: int, arr: memoryview, file_off: int, length: int, limit: int, entry: FileEntry) -> int:
         t0 = time.perf_counter()
@@ -157,7 +159,7 @@ class ChunkedReader:
         direct = self.backend == "direct"
         arr = memoryview(buf.numpy())
         pool = pool or self.pool
-        futs = []
+        jobs = []
         total = 0
         for start, end in ranges if ranges is not None else [(base, entry.bytes)]:
             if direct:
@@ -168,9 +170,12 @@ class ChunkedReader:
                 length = ((want + ALIGN - 1) // ALIGN) * ALIGN if direct else want  # O_DIRECT: whole blocks
                 rel = off - base
                 length = min(length, buf.numel() - rel)
-                futs.append(pool.submit(self._read_range, fd, arr[rel : rel + length], off, length, want, entry))
-        for f in futs:
-            f.result()
+                jobs.append((fd, arr[rel : rel + length], off, length, want, entry))
+        if len(jobs) == 1:  # one chunk: read it here rather than wake a pool thread and wait for it
+            self._read_range(*jobs[0])
+        else:
+            for f in [pool.submit(self._read_range, *job) for job in jobs]:
+                f.result()
         self.files.still(entry, fd, before)  # not changed while it was read (else the bytes may be torn)
         return total
 
@@ -202,12 +207,16 @@ class LayerStream:
         io_threads: int | None = None,
         clock_origin: float | None = None,
         subsets: dict[str, list[str]] | None = None,
+        verifier: Verifier | None = None,
         files: ModelFiles | None = None,
     ):
         """``subsets`` maps a file name to the tensors staged ahead of compute; the rest of that file
-        is read on demand by :meth:`fetch` (a mixture-of-experts layer's routed experts). ``files``:
-        the folder's files as the process uses them (identity checks, lease-guarded mappings), shared
-        with the pipelines opened before and after this one."""
+        is read on demand by :meth:`fetch` (a mixture-of-experts layer's routed experts).
+        ``verifier``: files not yet verified are hashed and checked in the staging thread, before the
+        layer is handed to compute (and staged whole the first time, so the hash covers every byte).
+        ``files``: the folder's files as the process uses them (identity checks, lease-guarded
+        mappings), shared with the pipelines opened before and after this one."""
+        self.verifier = verifier
         self.entries = entries
         self.subsets = {k: set(v) for k, v in (subsets or {}).items()}
         self.whole = False  # set by the engine: stage whole files even where a subset is configured
@@ -230,7 +239,7 @@ class LayerStream:
         # threads, or a small pool deadlocks with every thread waiting on reads queued behind it.
         self.pool = cf.ThreadPoolExecutor(max_workers=n_slots, thread_name_prefix="layerrun-stage")
         self.io_pool = cf.ThreadPoolExecutor(max_workers=io_threads or max(4, 2 * n_slots), thread_name_prefix="layerrun-io")
-        self.files = files or ModelFiles(folder)
+        self.files = files or ModelFiles(folder, verifier=verifier)
         self.reader = ChunkedReader(folder, backend, throttle, self.io_pool, self.files)
         # On-demand reads sit on the critical path: their own threads, never queued behind prefetch chunks.
         self.fetch_pool = cf.ThreadPoolExecutor(max_workers=4, thread_name_prefix="layerrun-fetch")
@@ -245,31 +254,26 @@ class LayerStream:
         self._held: dict[int, MappedFile] = {}  # seq -> mapping acquired for compute, released by release()
         self._next_consume = 0
         self._closed = False
-        self._loop = None
-        if self.depth > 0 and entries:
-            self._loop = new_event_loop()
-            self._free: asyncio.Queue | None = None
-            self._ready = threading.Event()
-            self._thread = threading.Thread(target=self._run_loop, name="layerrun-pipeline", daemon=True)
-            self._thread.start()
-            self._ready.wait()
+        # mmap on CPU: staging is making views and a read-ahead hint, microseconds of work, so it runs
+        # inline in the compute thread; the kernel reads ahead on the hints (MADV_WILLNEED) given
+        # ``depth`` layers early. No thread wakes up per layer to compete with compute for the cores
+        # (bench/RESULTS.md, "Compute speed").
+        self.inline = self._mapped
+        self._hinted = -1  # the last sequence number whose layer was given a read-ahead hint
+        self._probe = bytearray(mmap.PAGESIZE)
+        # Reads ahead (pread / O_DIRECT, or CUDA): each free slot is submitted straight to the stage
+        # pool, at start and from release(), so a layer's hand-off wakes one stage thread and nothing
+        # else (an event loop thread in between was one more wake-up per layer, several ms each on a
+        # busy machine).
+        self.threaded = self.depth > 0 and bool(entries) and not self.inline
+        self._seq = 0
+        self._sched_lock = threading.Lock()
+        if self.threaded:
+            for slot in range(n_slots):
+                self._submit(slot)
         _LIVE.add(self)
 
-    # ---- the asyncio side -------------------------------------------------
-    def _run_loop(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._free = asyncio.Queue()
-        for i in range(len(self.slots)):
-            self._free.put_nowait(i)
-        self._task = self._loop.create_task(self._schedule())
-        self._ready.set()
-        try:
-            self._loop.run_until_complete(self._task)
-        except asyncio.CancelledError:
-            pass
-        finally:
-            self._loop.close()
-
+    # ---- scheduling ----------------------------------------------------------
     def _future(self, seq: int) -> cf.Future:
         with self._flock:
             f = self._results.get(seq)
@@ -277,37 +281,39 @@ class LayerStream:
                 f = self._results[seq] = cf.Future()
             return f
 
-    async def _schedule(self) -> None:
-        loop = asyncio.get_running_loop()
-        seq = 0
-        while not self._closed:
-            slot = await self._free.get()
+    def _submit(self, slot: int) -> None:
+        """Stage the next layer in sequence into ``slot`` (in the stage pool)."""
+        with self._sched_lock:
             if self._closed:
-                break
+                return
+            seq = self._seq
             fut = self._future(seq)
             entry = self.entries[seq % len(self.entries)]
             try:
-                task = loop.run_in_executor(self.pool, self._stage, seq, entry, slot)
+                task = self.pool.submit(self._stage, seq, entry, slot)
             except RuntimeError:  # the pool was shut down (close() or interpreter exit)
-                break
-            task.add_done_callback(lambda t, f=fut: _settle(f, t))
-            seq += 1
+                return
+            self._seq += 1
+        task.add_done_callback(lambda t, f=fut: _settle(f, t))
 
     # ---- staging (runs in an I/O thread) ----------------------------------
     def _stage(self, seq: int, entry: FileEntry, slot: int) -> StagedLayer:
         t0 = time.perf_counter()
-        subset = None if self.whole else self.subsets.get(entry.name)
+        verify = self._needs_verify(entry)
+        subset = None if self.whole or verify else self.subsets.get(entry.name)
         ranges = None if subset is None else self._subset_ranges[entry.name]
         layer = entry.layer if entry.layer is not None else -1
         # Views only of what is staged: a MoE layer holds hundreds of expert tensors, and making
         # views of them all per step is Python work that competes with compute for the GIL.
         staged_entry = entry if subset is None else self._subset_entries[entry.name]
         if self._mapped:
-            # mmap: no slot, tensors view the mapping; the read-ahead hint faults them in ahead of compute.
+            # mmap: no slot, tensors view the mapping (verified when it was made); the read-ahead hint
+            # faults them in ahead of compute.
             m = self.files.mapped(entry)
             if m is not None and m.acquire():
                 try:
-                    m.advise(ranges)
+                    if not (self.inline and seq <= self._hinted):  # inline: hinted already, depth layers ago
+                        m.advise(ranges)
                     n = entry.bytes - entry.data_start if subset is None else sum(b - a for a, b in ranges)
                     rec = ReadRecord(layer, n, t0, time.perf_counter())
                     w = self.prepare(views(staged_entry, m.tensor, 0))  # may touch pages (casts, sanitize)
@@ -317,13 +323,27 @@ class LayerStream:
             # No lease on this file: a private copy read with pread, which a shrinking file cannot fault.
             if self.slots[slot].numel() < self.slot_bytes:
                 self.slots[slot] = aligned_empty(self.slot_bytes)
+            verify = self.verifier is not None and self.verifier.needed(entry, self.reader.stat(entry))
+            if verify:
+                subset, ranges, staged_entry = None, None, entry
         n = self.reader.read(entry, self.slots[slot], ranges)
+        if verify:  # here, in the staging thread: compute never sees bytes that were not checked
+            data = self.slots[slot][: entry.bytes - entry.data_start]
+            verify_buffer(self.verifier, self.reader.folder, entry, self.reader.stat(entry),
+                          memoryview(data.numpy()), entry.data_start, views(entry, self.slots[slot], entry.data_start))
         rec = ReadRecord(layer, n, t0, time.perf_counter())
         if not self.cuda:
             w = views(staged_entry, self.slots[slot], entry.data_start)
             return StagedLayer(rec.layer, self.prepare(w), slot, rec, seq, None, entry, subset is not None)
         w, start, event = self._to_device(entry, slot, ranges, staged_entry)
         return StagedLayer(rec.layer, w, slot, rec, seq, event, entry, subset is not None, start)
+
+    def _needs_verify(self, entry: FileEntry) -> bool:
+        if self.verifier is None:
+            return False
+        if self._mapped:
+            return False  # the mapping verifies itself when it is made (a pread fallback checks in _stage)
+        return self.verifier.needed(entry, self.reader.stat(entry))
 
     def _to_device(self, entry: FileEntry, slot: int, ranges, view_entry: FileEntry):
         """CUDA: copy the read ``ranges`` (default: all) of a slot to its device slot on the copy stream
@@ -377,24 +397,58 @@ class LayerStream:
         seq = self._next_consume
         self._next_consume += 1
         t0 = time.perf_counter()
-        if self._loop is None:  # depth 0: read synchronously into the single slot
-            staged = self._stage(seq, self.entries[seq % len(self.entries)], 0)
+        if not self.threaded:  # depth 0 or inline mmap: stage here (depth 0: read into the single slot)
+            if self.inline:
+                self._hint_ahead(seq)
+            # (inline, a file read with pread for want of a lease uses the slots in turn)
+            staged = self._stage(seq, self.entries[seq % len(self.entries)], seq % len(self.slots))
         else:
             staged = self._future(seq).result()
-            self._results.pop(seq, None)
+            with self._flock:
+                self._results.pop(seq, None)
         if staged.guard is not None and not staged.guard.acquire():
             staged = self._restage(staged)  # the file changed after it was staged: check it and map it again
         if staged.guard is not None:
             self._held[staged.seq] = staged.guard
         if staged.event is not None:
             torch.cuda.current_stream(self.device).wait_event(staged.event)  # compute runs after the copy
-        wait = time.perf_counter() - t0
-        if self._loop is not None:
-            self.stats.stall_s += wait
-        else:
-            self.stats.stall_s += wait  # no overlap at depth 0: every read is a stall
+        self.stats.stall_s += time.perf_counter() - t0  # at depth 0 (no overlap) every read is a stall
         self.stats.reads.append(staged.record)
         return staged
+
+    def _hint_ahead(self, seq: int) -> None:
+        """mmap: ask the kernel to read the next ``depth`` layers (each hinted once per pass), unless
+        they are in the page cache already: MADV_WILLNEED walks every page even then (~0.1-0.5 ms for
+        a 7-14 MB layer here, as much as the layer's compute)."""
+        n = len(self.entries)
+        for k in range(max(seq + 1, self._hinted + 1), seq + self.depth + 1):
+            e = self.entries[k % n]
+            self._hinted = k
+            try:
+                m = self.files.mapped(e)
+            except FormatError:
+                continue  # a hint only: staging the layer raises it, naming the file
+            if m is None or self._cached(m):
+                continue
+            subset = None if self.whole else self.subsets.get(e.name)
+            m.advise(None if subset is None else self._subset_ranges[e.name])
+
+    def _cached(self, m: MappedFile) -> bool:
+        """Whether a mapped file's data looks resident in the page cache: a non-blocking read
+        (``RWF_NOWAIT``) of one page at its start, middle and end succeeds. False where unsupported."""
+        if not hasattr(os, "RWF_NOWAIT") or not m.acquire():  # acquired: its descriptor stays open
+            return False
+        try:
+            entry, page = m.entry, mmap.PAGESIZE
+            for off in (entry.data_start, (entry.data_start + entry.bytes) // 2, entry.bytes - 1):
+                try:
+                    if os.preadv(m.fd, [self._probe], off - off % page, os.RWF_NOWAIT) <= 0:
+                        return False
+                except OSError:  # BlockingIOError (EAGAIN): not cached; EOPNOTSUPP: cannot tell
+                    return False
+            return True
+        finally:
+            m.release()
 
     def _restage(self, staged: StagedLayer) -> StagedLayer:
         """Stage ``staged``'s layer again, now (its mapping was revoked: the file was opened for writing or
@@ -422,22 +476,14 @@ class LayerStream:
             if staged.copy_start is not None:
                 staged.record.copy_s = staged.copy_start.elapsed_time(staged.event) / 1e3
             self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
-        if self._loop is None:
-            return
-        self._loop.call_soon_threadsafe(self._free.put_nowait, staged.slot)
+        if self.threaded:
+            self._submit(staged.slot)
 
     def close(self) -> None:
         if self._closed:
             return
-        self._closed = True
-        if self._loop is not None:
-            def stop():
-                self._task.cancel()
-            try:
-                self._loop.call_soon_threadsafe(stop)
-            except RuntimeError:
-                pass
-            self._thread.join(timeout=5)
+        with self._sched_lock:
+            self._closed = True
         self.pool.shutdown(wait=True, cancel_futures=True)
         self.io_pool.shutdown(wait=True, cancel_futures=True)
         self.fetch_pool.shutdown(wait=True, cancel_futures=True)
@@ -480,7 +526,7 @@ def tensor_ranges(entry: FileEntry, names) -> list[tuple[int, int]]:
     return [(a, b) for a, b in out]
 
 
-def _settle(fut: cf.Future, task: asyncio.Future) -> None:
+def _settle(fut: cf.Future, task: cf.Future) -> None:
     if fut.done():
         return
     if task.cancelled():

@@ -64,14 +64,18 @@ def get_family(model_type: str):
 
 def build_model(config: dict):
     """Build the compute object for a Hugging Face config dict."""
+    if not isinstance(config, dict):
+        raise FormatError(f"config.json must be a JSON object, found {type(config).__name__}")
     model_type = config.get("model_type")
     if not model_type:
         raise UnsupportedModelError("config.json has no model_type; cannot tell the architecture")
+    if not isinstance(model_type, str):
+        raise FormatError(f"config.json: model_type {model_type!r} is not a name")
     fam = get_family(model_type)
     try:
         args = fam.ModelArgs.from_dict(config)
         return fam.Model(args)
     except NotImplementedError as e:
         raise UnsupportedModelError(f"{model_type}: {e}") from None
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, ArithmeticError, AttributeError, KeyError) as e:
         raise FormatError(f"config.json ({model_type}) is not valid: {e}") from None

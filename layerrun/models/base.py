@@ -50,20 +50,92 @@ class BaseArgs:
 
     @classmethod
     def from_dict(cls, d: dict):
-        names = {f.name for f in dataclasses.fields(cls)}
+        fields = dataclasses.fields(cls)
+        missing = [f.name for f in fields if f.name not in d and f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise ValueError(f"it lacks {', '.join(missing)}")
+        names = {f.name for f in fields}
         return cls(**{k: v for k, v in d.items() if k in names})
 
     def __post_init__(self):
+        check_sizes(self)
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
+            if self.head_dim < 1:
+                raise ValueError(f"hidden_size={self.hidden_size} is smaller than num_attention_heads={self.num_attention_heads}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads={self.num_key_value_heads}")
         # transformers 5 moves rope_theta / rope_scaling into rope_parameters.
         rp = self.rope_parameters
         if isinstance(rp, dict) and "rope_type" in rp or isinstance(rp, dict) and "rope_theta" in rp:
             self.rope_theta = float(rp.get("rope_theta", self.rope_theta))
             if rp.get("rope_type", "default") != "default" and self.rope_scaling is None:
                 self.rope_scaling = rp
+
+
+# Sizes a config may state (when present), with a ceiling far above any real model: a config is
+# untrusted, and one claiming 10^9 layers or a 10^9 hidden size must be refused before anything is
+# sized by it (the engine then checks every size against the tensors actually stored).
+SIZE_LIMITS = {
+    "hidden_size": 2**20,
+    "num_hidden_layers": 10_000,
+    "intermediate_size": 2**22,
+    "moe_intermediate_size": 2**22,
+    "num_attention_heads": 2**16,
+    "num_key_value_heads": 2**16,
+    "head_dim": 2**16,
+    "vocab_size": 2**24,
+    "max_position_embeddings": 2**32,
+    "original_max_position_embeddings": 2**32,
+    "sliding_window_pattern": 10_000,
+    "num_local_experts": 2**16,
+    "num_experts": 2**16,
+    "num_experts_per_tok": 2**16,
+}
+
+
+def check_sizes(args) -> None:
+    """Every size field present is an integer within 1..its limit; the float fields are positive numbers."""
+    for f in dataclasses.fields(args):
+        if getattr(args, f.name) is None and str(f.type) in ("int", "float", "bool", "str", "dict"):
+            raise ValueError(f"{f.name} is null; it must be set")
+    for name, hi in SIZE_LIMITS.items():
+        v = getattr(args, name, None)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"{name}={v!r} is not an integer")
+        if not 1 <= v <= hi:
+            raise ValueError(f"{name}={v} is out of range (1..{hi})")
+    for f in dataclasses.fields(args):  # the other plain numbers and flags, by their declared type
+        v, kind = getattr(args, f.name), str(f.type).replace(" | None", "")
+        if v is None or f.name in SIZE_LIMITS or kind not in ("int", "float", "bool"):
+            continue
+        if kind == "bool" and not isinstance(v, bool):
+            raise ValueError(f"{f.name}={v!r} is not true or false")
+        if kind == "int" and (isinstance(v, bool) or not isinstance(v, int) or abs(v) > 2**40):
+            raise ValueError(f"{f.name}={v!r} is not an integer in range")
+        if kind == "float":
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not abs(v) < 1e30:
+                raise ValueError(f"{f.name}={v!r} is not a finite number")
+            setattr(args, f.name, float(v))
+    if not 0 < args.rms_norm_eps <= 1:
+        raise ValueError(f"rms_norm_eps={args.rms_norm_eps!r} is not in (0, 1]")
+    if not 0 < args.rope_theta:
+        raise ValueError(f"rope_theta={args.rope_theta!r} is not a positive number")
+    for name in ("rope_scaling", "rope_parameters"):
+        v = getattr(args, name, None)
+        if v is not None and not isinstance(v, dict):
+            raise ValueError(f"{name} must be an object, found {type(v).__name__}")
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        v = getattr(args, name, None)
+        ids = v if isinstance(v, list) else [v]
+        if v is not None and not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise ValueError(f"{name}={v!r} is not a token id (or a list of them)")
 
 
 def rope_inv_freq(dim: int, base: float, scaling: dict | None, max_pos: int) -> tuple[torch.Tensor, float]:
@@ -103,6 +175,43 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+def signed_sin(rope: dict) -> torch.Tensor:
+    """``sin`` with its first half negated, made once per step and kept in the step's ``rope`` dict:
+    with it RoPE's rotation is one ``roll`` (see :func:`apply_rope_signed`)."""
+    s = rope.get("sin_signed")
+    if s is None:
+        sin = rope["sin"]
+        half = sin.shape[-1] // 2
+        s = rope["sin_signed"] = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+    return s
+
+
+def apply_rope_signed(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """:func:`apply_rope` in 4 ops instead of 7, bit for bit: ``cat(-x2, x1) * sin`` is
+    ``roll(x) * cat(-sin1, sin2)`` (negation is exact)."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin_signed
+
+
+def fuse_linears(w: dict, parts: tuple[str, ...], fused: tuple[str, str]) -> dict:
+    """``w`` with the weights ``{p}.weight`` for ``p`` in ``parts`` concatenated (rows) into ``fused[0]``,
+    and their biases, if all have one, into ``fused[1]``. Unchanged unless every part is a plain tensor
+    of one dtype with the same input width."""
+    ws = [w.get(f"{p}.weight") for p in parts]
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 2 for t in ws):
+        return w
+    if len({(t.dtype, t.shape[1], t.device) for t in ws}) != 1:
+        return w
+    bs = [w.get(f"{p}.bias") for p in parts]
+    if any(b is not None for b in bs) and not all(isinstance(b, torch.Tensor) for b in bs):
+        return w
+    drop = {f"{p}.{k}" for p in parts for k in ("weight", "bias")}
+    out = {k: v for k, v in w.items() if k not in drop}
+    out[fused[0]] = torch.cat(ws)
+    if bs[0] is not None:
+        out[fused[1]] = torch.cat(bs)
+    return out
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -60,6 +60,11 @@ def _resolve_model(model: str | None) -> tuple[str, str]:
         ensure_default(log=lambda s: print(s, file=sys.stderr))
         return DEFAULT_MODEL, DEFAULT_MODEL
     p = Path(model).expanduser()
+    if p.is_file() and p.suffix.lower() == ".gguf":  # converted into the store once; served by its store name
+        from layerrun.formats.store import ensure_gguf, stored
+
+        folder = ensure_gguf(p, log=lambda s: print(s, file=sys.stderr))
+        return str(folder), next((m.name for m in stored() if m.folder == folder), folder.name)
     return model, (p.resolve().name if p.exists() else model)
 
 
@@ -80,11 +85,12 @@ def cmd_serve(a) -> int:
     model, name = _resolve_model(a.model)
     names = a.served_model_name or [name]
     api_key = a.api_key or os.environ.get(API_KEY_ENV) or None
-    with layerrun.load(model, **engine_options(a)) as engine:
+    with layerrun.load(model, **engine_options(a), progress=True) as engine:
         print("\n".join(engine.plan.lines), file=sys.stderr)
         host = f"[{a.host}]" if ":" in a.host else a.host
         print(f"serving {names[0]} ({engine.mode}, batch size {engine.batch_size}, up to {a.max_waiting} waiting) "
-              f"at http://{host}:{a.port}/v1{' (API key required)' if api_key else ''}", file=sys.stderr)
+              f"at http://{host}:{a.port}/v1{' (API key required)' if api_key else ''}; Ollama's API at /api, "
+              f"a page with a chat and the engine's live view at http://{host}:{a.port}/", file=sys.stderr)
         try:
             serve(engine, host=a.host, port=a.port, log_level=a.log_level, model_name=names,
                   batch_size=engine.batch_size, max_waiting=a.max_waiting, api_key=api_key, max_body=max_body,
@@ -99,7 +105,7 @@ def add_serve_parser(subparsers) -> None:
     """Register ``layerrun serve`` on the CLI's subparsers."""
     from layerrun.options import add_engine_flags
 
-    c = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
+    c = subparsers.add_parser("serve", help="serve a model over OpenAI's and Ollama's HTTP APIs, with a page at /")
     c.add_argument("model", nargs="?", default=None, metavar="MODEL",
                    help="model folder or local model name (default: the default model)")
     c.add_argument("--host", default=DEFAULT_HOST,

@@ -6,6 +6,10 @@ live sequence through each layer load. Responses are JSON or Server-Sent
 Events. Every refusal is an OpenAI-style error body
 ``{"error": {"message", "type", "param", "code"}}`` naming the field.
 
+This module builds the app (middleware, errors, health, metrics, models); the
+generation routes are in ``openai_api.py``, on the shared
+:class:`~layerrun.server.common.Backend` (``app.state.backend``).
+
 Middleware, outermost first: CORS (only with ``cors_origins``, so that
 preflights need no API key and refusals carry the CORS headers), the API key
 check, then the request-body limit (413).
@@ -16,28 +20,25 @@ from __future__ import annotations
 import asyncio
 import hmac
 import inspect
-import json
 import time
-import uuid
-from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from starlette.background import BackgroundTask
+from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from layerrun import __version__
-from layerrun.errors import LayerRunError
+from layerrun.errors import FileChangedError, FormatError, LayerRunError
 from layerrun.io.throttle import parse_size
+from layerrun.server.common import APIError, Backend
+from layerrun.server.extras import register_extras
 from layerrun.server.metrics import CONTENT_TYPE, ServerMetrics
+from layerrun.server.openai_api import add_openai_routes
 from layerrun.server.run import DEFAULT_MAX_BODY, check_cors_origins
-from layerrun.server.schemas import DEFAULT_COMPLETION_MAX_TOKENS, ChatCompletionRequest, CompletionRequest
-from layerrun.server.worker import DEFAULT_MAX_WAITING, Output, Ticket, Worker
+from layerrun.server.worker import DEFAULT_MAX_WAITING, Worker
 
-GREEDY_BELOW = 1e-5
 _TYPE_TAGS = ("str", "int", "float", "bool", "list", "dict", "none")
 # What a field takes, for fields whose type is a union (pydantic would only name the member it tried first).
 _EXPECTED = {
@@ -46,29 +47,6 @@ _EXPECTED = {
     "content": "a string or a list of text parts ({\"type\": \"text\", \"text\": ...})",
     "tool_choice": "a string or an object",
 }
-
-
-class APIError(Exception):
-    """A refusal, sent as an OpenAI-style error body."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        return _AsciiJSON(self.body(), status_code=self.status, headers=self.headers)
-
-
-class _AsciiJSON(JSONResponse):
-    """Error bodies may quote the request (a model name, a template's message), which may hold lone surrogates."""
-
-    def render(self, content) -> bytes:
-        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode()
 
 
 def create_app(
@@ -109,7 +87,7 @@ def create_app(
     cors_origins = check_cors_origins(cors_origins)
     if engine.has_tokenizer:
         engine.tokenizer  # noqa: B018 - load it now, not concurrently from two request threads
-    metrics = ServerMetrics(engine, batch_size, max_waiting)
+    metrics = ServerMetrics(engine, batch_size, max_waiting, names[0])
     worker = Worker(engine, batch_size, max_waiting, metrics)
     context = min(engine.context, engine.args.max_position_embeddings)
     created = int(time.time())
@@ -124,7 +102,8 @@ def create_app(
 
     app = FastAPI(title="LayerRun", version=__version__, lifespan=lifespan,
                   description="OpenAI-compatible API of a LayerRun engine (continuous batching).")
-    app.state.engine, app.state.worker, app.state.metrics = engine, worker, metrics
+    backend = Backend(engine, worker, metrics, batch_size, max_waiting, context, names)
+    app.state.engine, app.state.worker, app.state.metrics, app.state.backend = engine, worker, metrics, backend
     app.state.model_names = names
     # add_middleware puts each one outside those added before it
     if max_body is not None:
@@ -162,22 +141,21 @@ def create_app(
         msg = f"{request.method} {request.url.path}: {e.detail}"
         return APIError(e.status_code, msg, type=kind, headers=getattr(e, "headers", None)).response()
 
+    @app.exception_handler(FormatError)
+    async def _file_error(request: Request, e: FormatError):  # a model file damaged or changed on disk (it names it)
+        code = "model_file_changed" if isinstance(e, FileChangedError) else "model_file_error"
+        return APIError(500, str(e), type="server_error", code=code).response()
+
     @app.exception_handler(Exception)
     async def _internal(request: Request, e: Exception):
         return APIError(500, f"internal error: {type(e).__name__}: {e}", type="internal_error").response()
 
     # ---- plain endpoints ------------------------------------------------------
-    async def file_problems() -> dict[str, str]:
-        """Model files found changed on disk, checked again now (off the loop: it may hash a file)."""
-        if not engine.file_problems():
-            return {}
-        return await run_in_threadpool(engine.recheck_files)
-
     @app.get("/health", summary="200 while the engine worker runs and the model files are intact")
     async def health():
         if not worker.alive:
             raise APIError(503, "the engine worker is not running", type="service_unavailable")
-        problems = await file_problems()
+        problems = await backend.file_problems()
         if problems:
             return JSONResponse({"status": "model_file_changed", "files": problems,
                                  "message": " ".join(problems.values())}, status_code=503)
@@ -197,126 +175,13 @@ def create_app(
 
     @app.get("/v1/models/{model}", summary="One served model")
     async def get_model(model: str):
-        _check_model(model, names)
+        backend.check_model(model)
         return model_card(model)
 
-    # ---- generation ---------------------------------------------------------------
-    def sampling_options(body, j: int) -> dict:
-        seed = body.seed
-        if seed is not None and j:  # n > 1 with a seed: distinct, reproducible choices
-            seed = (seed + j) % 2**63
-        top_k = body.top_k if body.top_k and body.top_k > 0 else 0
-        temperature = 1.0 if body.temperature is None else body.temperature
-        return dict(
-            # as vLLM: below 1e-5 is greedy (logits / 1e-300 overflow to inf, and sampling would fail)
-            temperature=0.0 if temperature < GREEDY_BELOW else temperature,
-            # a top_p that rounds to 0 in float32 would drop every token (the sampler keeps none)
-            top_p=1.0 if body.top_p is None else max(body.top_p, GREEDY_BELOW),
-            top_k=top_k, seed=seed, ignore_eos=body.ignore_eos,
-            stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
-        )
+    # ---- generation -----------------------------------------------------------------
+    add_openai_routes(app, backend)
 
-    def check(body) -> None:
-        _check_model(body.model, names)
-        field = body.unsupported()
-        if field:
-            raise APIError(400, f"{field}: not supported by this server (LayerRun)", param=field, code="unsupported_parameter")
-        if not worker.alive:
-            raise APIError(503, "the engine worker is not running", type="service_unavailable")
-
-    async def check_files() -> None:
-        problems = await file_problems()
-        if problems:
-            raise APIError(503, " ".join(problems.values()) + " (checked again on every request)",
-                           type="service_unavailable", code="model_file_changed", headers={"Retry-After": "5"})
-
-    async def start(body, prompts: list[list[int]], max_tokens: int | None, param: str) -> tuple[list[Ticket], asyncio.Queue]:
-        await check_files()
-        for ids in prompts:
-            if not ids:
-                raise APIError(400, f"{param}: the prompt is empty", param=param)
-            if len(ids) >= context:
-                raise APIError(400, f"{param}: the prompt has {len(ids)} tokens; this model's context is {context} "
-                                    "(and at least one token must be generated)", param=param,
-                               code="context_length_exceeded")
-        k = len(prompts) * body.n
-        if k > batch_size + max_waiting:
-            raise APIError(400, f"{len(prompts)} prompt(s) x n={body.n} is {k} sequences; this server takes at most "
-                                f"{batch_size + max_waiting} at once (--batch-size + --max-waiting)", param="n")
-        if worker.room() < k:
-            metrics.rejected.inc(reason="queue_full")
-            waiting = max(worker.active - batch_size, 0)
-            raise APIError(429, f"the server is at capacity: {min(worker.active, batch_size)} sequences running and "
-                                f"{waiting} waiting (--batch-size {batch_size}, --max-waiting {max_waiting}); "
-                                "retry later", type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
-        q: asyncio.Queue = asyncio.Queue()
-        tickets = []
-        for i, ids in enumerate(prompts):
-            for j in range(body.n):
-                opts = sampling_options(body, j)
-                opts["max_new_tokens"] = min(max_tokens or context, context - len(ids))
-                try:  # its KV cache could never fit the memory budget, even with every layer streamed
-                    engine.check_memory(len(ids), opts["max_new_tokens"])
-                except LayerRunError as e:
-                    raise APIError(400, str(e), param="max_tokens", code="insufficient_memory") from None
-                tickets.append(Ticket(ids, opts, q, index=i * body.n + j))
-        worker.submit(tickets)
-        return tickets, q
-
-    @app.post("/v1/completions", summary="Text completion (no chat template)")
-    async def completions(body: CompletionRequest, request: Request):
-        check(body)
-        prompts = await run_in_threadpool(_encode_completion_prompts, engine, body.prompt)
-        tickets, q = await start(body, prompts, body.max_tokens or DEFAULT_COMPLETION_MAX_TOKENS, "prompt")
-        rid, model = f"cmpl-{uuid.uuid4().hex}", body.model or names[0]
-
-        def choice(index: int, text: str, finish: str | None, ids: list[int] | None) -> dict:
-            c = {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
-            if ids is not None:
-                c["token_ids"] = ids
-            return c
-
-        head = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model}
-        prompt_tokens = sum(len(p) for p in prompts)
-        if body.stream:
-            return _sse(worker, tickets, q, head, lambda i, o: choice(i, o.text, o.finish_reason, _ids(body, o)),
-                        None, body, prompt_tokens)
-        outs = await _collect(request, worker, tickets, q)
-        if outs is None:
-            return Response(status_code=499)
-        choices = [choice(i, text, fin, ids if body.return_token_ids else None) for i, (text, ids, fin, _) in outs.items()]
-        return {**head, "choices": choices, "usage": _usage(prompt_tokens, outs)}
-
-    @app.post("/v1/chat/completions", summary="Chat completion (the model's chat template is applied)")
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
-        check(body)
-        messages = [m.as_dict() for m in body.messages]
-        ids = await run_in_threadpool(_encode_chat, engine, messages)
-        tickets, q = await start(body, [ids], body.max_completion_tokens or body.max_tokens, "messages")
-        rid, model = f"chatcmpl-{uuid.uuid4().hex}", body.model or names[0]
-        head = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model}
-        if body.stream:
-            def chunk_choice(i: int, o: Output) -> dict:
-                delta = {"content": o.text} if o.text or not o.finish_reason else {}
-                c = {"index": i, "delta": delta, "logprobs": None, "finish_reason": o.finish_reason}
-                if body.return_token_ids:
-                    c["token_ids"] = _ids(body, o)
-                return c
-
-            first = [{"index": t.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                      "finish_reason": None} for t in tickets]
-            return _sse(worker, tickets, q, {**head, "object": "chat.completion.chunk"}, chunk_choice, first, body, len(ids))
-        outs = await _collect(request, worker, tickets, q)
-        if outs is None:
-            return Response(status_code=499)
-        choices = []
-        for i, (text, tids, fin, _) in outs.items():
-            c = {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": fin}
-            if body.return_token_ids:
-                c["token_ids"] = tids
-            choices.append(c)
-        return {**head, "choices": choices, "usage": _usage(len(ids), outs)}
-
+    register_extras(app, api_key=api_key)  # Ollama API, embeddings, tokenize, the page at / (server/extras.py)
     return app
 
 
@@ -451,13 +316,6 @@ def _add_cors(app: FastAPI, origins: list[str]) -> None:
     app.add_middleware(CORSMiddleware, **options)
 
 
-def _check_model(model: str | None, names: list[str]) -> None:
-    # As vLLM: a name other than a served one is 404 model_not_found; leaving it out means the served model.
-    if model is not None and model not in names:
-        raise APIError(404, f"the model `{model}` does not exist; this server serves: {', '.join(names)}",
-                       param="model", code="model_not_found")
-
-
 def _validation_error(errors) -> APIError:
     """One 400 naming the first offending field (pydantic's error list, cleaned up)."""
     errors = list(errors)
@@ -487,121 +345,3 @@ def _validation_error(errors) -> APIError:
     if more > 0:
         msg += f" (and {more} more problem{'s' if more > 1 else ''})"
     return APIError(400, msg, param=param, code="invalid_value" if path else "invalid_request")
-
-
-def _encode_completion_prompts(engine, prompt) -> list[list[int]]:
-    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) or prompt == []:
-        prompt = [prompt]
-    out = []
-    for p in prompt:
-        try:
-            out.append(engine.encode_prompt(p, chat=False) if isinstance(p, str) else engine.encode_prompt(list(p)))
-        except LayerRunError as e:
-            raise APIError(400, f"prompt: {e}", param="prompt") from None
-    return out
-
-
-def _encode_chat(engine, messages: list[dict]) -> list[int]:
-    from jinja2.exceptions import TemplateError
-
-    if not engine.has_chat_template:
-        raise APIError(400, "messages: this model has no chat template; use /v1/completions with a plain prompt",
-                       param="messages")
-    try:
-        return engine.encode_prompt(messages)
-    except (LayerRunError, TemplateError) as e:
-        raise APIError(400, f"messages: the chat template refused them: {e}", param="messages") from None
-
-
-def _ids(body, o: Output) -> list[int] | None:
-    if not body.return_token_ids:
-        return None
-    return [] if o.token_id is None else [o.token_id]
-
-
-def _usage(prompt_tokens: int, outs: dict) -> dict:
-    completion = sum(n for *_, n in outs.values())
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
-
-
-async def _next(q: asyncio.Queue) -> tuple[int, Output]:
-    i, o = await q.get()
-    if o.error:
-        kind = "invalid_request_error" if o.error_status < 500 else "server_error" if o.error_code else "internal_error"
-        raise APIError(o.error_status, o.error, type=kind, code=o.error_code)
-    return i, o
-
-
-async def _collect(request: Request, worker: Worker, tickets: list[Ticket], q: asyncio.Queue):
-    """Every choice's (text, token ids, finish reason, completion tokens), or None if the client left."""
-
-    async def gather() -> dict:
-        acc = {t.index: ([], [], None, 0) for t in tickets}
-        left = len(tickets)
-        while left:
-            i, o = await _next(q)
-            text, ids, _, _ = acc[i]
-            text.append(o.text)
-            if o.token_id is not None:
-                ids.append(o.token_id)
-            if o.finish_reason:
-                acc[i] = (text, ids, o.finish_reason, o.completion_tokens)
-                left -= 1
-        return {i: ("".join(t), ids, fin, n) for i, (t, ids, fin, n) in sorted(acc.items())}
-
-    async def disconnected() -> None:
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    work, gone = asyncio.ensure_future(gather()), asyncio.ensure_future(disconnected())
-    try:
-        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
-        if work.done():
-            return work.result()
-        return None
-    finally:
-        for task in (work, gone):
-            task.cancel()
-        for t in tickets:
-            worker.cancel(t)  # a no-op for finished ones
-
-
-def _sse(worker: Worker, tickets: list[Ticket], q: asyncio.Queue, head: dict, make_choice, first: list | None,
-         body, prompt_tokens: int) -> StreamingResponse:
-    def event(obj) -> str:
-        return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
-
-    async def stream() -> AsyncIterator[str]:
-        left, completion = len(tickets), 0
-        try:
-            if first:
-                yield event({**head, "choices": first})
-            while left:
-                try:
-                    i, o = await _next(q)
-                except APIError as e:
-                    yield event(e.body())
-                    break
-                if o.finish_reason:
-                    left -= 1
-                    completion += o.completion_tokens
-                elif not o.text and not body.return_token_ids:
-                    continue  # nothing to show yet (incomplete UTF-8, or text held back for a stop string)
-                yield event({**head, "choices": [make_choice(i, o)]})
-            if body.stream_options and body.stream_options.include_usage and not left:
-                usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-                         "total_tokens": prompt_tokens + completion}
-                yield event({**head, "choices": [], "usage": usage})
-            yield "data: [DONE]\n\n"
-        finally:  # the client went away (the task is cancelled) or the stream ended
-            cancel_all()
-
-    def cancel_all() -> None:
-        for t in tickets:
-            worker.cancel(t)
-
-    async def after() -> None:  # on the event loop (a sync task would run in a thread), also when the client
-        cancel_all()  # left before the stream began, so that the generator's finally never ran
-
-    return StreamingResponse(stream(), media_type="text/event-stream", background=BackgroundTask(after),
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
