@@ -225,3 +225,39 @@ def test_mapped_embeddings_truncated_under_the_engine(tiny_layered, tmp_path):
             f.write(original)
         assert eng.recheck_files() == {}
         assert eng.generate(PROMPT, max_new_tokens=4, ignore_eos=True).token_ids == want
+
+
+def test_file_found_corrupt_in_a_step_is_named_and_reported(tiny_layered, tmp_path):
+    """A layer file corrupt from the start (same size, other bytes) is found by the integrity check when
+    the server first stages it, inside a step: the request gets an OpenAI-shaped error naming the file
+    (not "internal error"), /health reports it, requests get 503 while it stays so, and a good copy put
+    in its place is picked up."""
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_layered("qwen2"), folder)
+    path = folder / LAYER
+    original = path.read_bytes()
+    raw = bytearray(original)
+    for i in range(64):
+        raw[-100 - i] ^= 0x5A
+    path.write_bytes(bytes(raw))
+    s = Server(folder, "pread")
+    try:
+        assert wait_for(lambda: s.up() or not s.alive(), timeout=300), "the server did not come up"
+        assert s.alive(), s.output()
+        r = s.complete()
+        assert r.status_code in (500, 503), r.text
+        err = r.json()["error"]
+        assert err["code"] in ("model_file_error", "model_file_changed"), err
+        assert str(path) in err["message"] and "corrupt" in err["message"], err["message"]
+        assert "internal error" not in err["message"]
+        status, body = _health(s)
+        assert status == 503 and LAYER in body["files"] and "corrupt" in body["files"][LAYER]
+        r = s.complete()
+        assert r.status_code == 503 and r.json()["error"]["code"] == "model_file_changed"
+        (folder / "good").write_bytes(original)
+        os.replace(folder / "good", path)  # a good copy: another inode, hashed against the manifest
+        assert _health(s) == (200, {"status": "ok"})
+        assert len(s.tokens()) == 12
+        assert s.alive()
+    finally:
+        s.stop()

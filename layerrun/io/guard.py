@@ -223,6 +223,16 @@ class ModelFiles:
             self._bad[entry.name] = (st, message)
         return FileChangedError(message)
 
+    def damaged(self, entry: FileEntry, st: os.stat_result, error: FormatError) -> FormatError:
+        """A check of the file's contents (integrity: sha256, NaN/Inf) failed on first use: recorded like a
+        change, so :meth:`problems` (/health) names it and it stays refused until another file (by
+        identity) is at the path and matches the manifest. Returns ``error`` to raise."""
+        with self._lock:
+            self._known.pop(entry.name, None)
+            self._ever.add(entry.name)  # what comes next at the path is hashed against the manifest
+            self._bad[entry.name] = (stamp_of(st), str(error))
+        return error
+
     def _file_lock(self, name: str) -> threading.Lock:
         with self._lock:
             return self._file_locks.setdefault(name, threading.Lock())
@@ -386,6 +396,10 @@ class ModelFiles:
                     try:  # under the lease, the pages cannot go away
                         verify_buffer(self.verifier, self.folder, entry, st, memoryview(m.mm)[entry.data_start:],
                                       entry.data_start, views(entry, m.tensor, 0))
+                    except FormatError as e:
+                        m.revoked = True
+                        m._leased = False
+                        raise self.damaged(entry, st, e) from None
                     except BaseException:
                         m.revoked = True
                         m._leased = False

@@ -329,8 +329,12 @@ class LayerStream:
         n = self.reader.read(entry, self.slots[slot], ranges)
         if verify:  # here, in the staging thread: compute never sees bytes that were not checked
             data = self.slots[slot][: entry.bytes - entry.data_start]
-            verify_buffer(self.verifier, self.reader.folder, entry, self.reader.stat(entry),
-                          memoryview(data.numpy()), entry.data_start, views(entry, self.slots[slot], entry.data_start))
+            st = self.reader.stat(entry)
+            try:
+                verify_buffer(self.verifier, self.reader.folder, entry, st, memoryview(data.numpy()), entry.data_start,
+                              views(entry, self.slots[slot], entry.data_start))
+            except FormatError as e:  # recorded: /health names the file, requests get 503 until it is replaced
+                raise self.files.damaged(entry, st, e) from None
         rec = ReadRecord(layer, n, t0, time.perf_counter())
         if not self.cuda:
             w = views(staged_entry, self.slots[slot], entry.data_start)
