@@ -210,7 +210,8 @@ class ModelFiles:
         self._known: dict[str, Stamp] = {}  # name -> identity at which the file matched the manifest
         self._bad: dict[str, tuple[Stamp | None, str]] = {}  # name -> (identity when found bad, message)
         self._maps: dict[str, MappedFile] = {}
-        self._ever: set[str] = set()  # names accepted at least once (a later difference is a change on disk)
+        self._ever: set[str] = set()
+        self._paths: dict[str, str] = {}  # names accepted at least once (a later difference is a change on disk)
 
     # ---- problems -----------------------------------------------------------------
     def problems(self) -> dict[str, str]:
@@ -232,6 +233,13 @@ class ModelFiles:
             self._ever.add(entry.name)  # what comes next at the path is hashed against the manifest
             self._bad[entry.name] = (stamp_of(st), str(error))
         return error
+
+    def _path(self, name: str) -> str:
+        """The file's path as a string, made once (a per-layer check should not pay pathlib's joins)."""
+        p = self._paths.get(name)
+        if p is None:
+            p = self._paths[name] = os.fspath(self.folder / name)
+        return p
 
     def _file_lock(self, name: str) -> threading.Lock:
         with self._lock:
@@ -293,7 +301,7 @@ class ModelFiles:
         path now (reopen it and accept that one)."""
         path = self.folder / entry.name
         try:
-            now = os.stat(path)
+            now = os.stat(self._path(entry.name))
         except FileNotFoundError:
             raise self._fail(entry, None, f"{path}: the model file was removed from disk; "
                                           "restore it or re-run `layerrun convert`") from None
@@ -364,7 +372,7 @@ class ModelFiles:
                 m = self._maps.get(entry.name)
             if m is not None and not m.revoked:
                 try:
-                    now = os.stat(self.folder / entry.name)
+                    now = os.stat(self._path(entry.name))
                     same = (now.st_dev, now.st_ino) == m.stamp[:2]
                 except OSError:
                     same = False
