@@ -72,11 +72,14 @@ def main() -> None:
     ap.add_argument("--sequential", type=int, default=500)
     ap.add_argument("--mode", default="stream")
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--compute-dtype", default=None, help="passed to `layerrun serve` (float32: batch-invariant sums)")
     a = ap.parse_args()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "layerrun", "serve", a.model, "--port", str(port), "--mode", a.mode,
            "--batch-size", str(a.batch_size), "--max-waiting", str(max(64, a.clients)), "--log-level", "warning"]
+    if a.compute_dtype:
+        cmd += ["--compute-dtype", a.compute_dtype]
     server = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "LAYERRUN_API_KEY": ""})
     try:
         for _ in range(600):
