@@ -183,7 +183,9 @@ class GenerationAPI:
                 )
             raise LayerRunError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {ctx_len}")
         stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
-        return prompt_ids, min(max_new_tokens, ctx_len - len(prompt_ids)), params, sampler, stops
+        max_new = min(max_new_tokens, ctx_len - len(prompt_ids))
+        self.check_memory(len(prompt_ids), max_new)
+        return prompt_ids, max_new, params, sampler, stops
 
     def generate(self, prompt, **kwargs) -> Generation:
         """Generate to completion; returns text, token ids, finish reason and stats (and per-token

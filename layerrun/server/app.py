@@ -25,12 +25,12 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from layerrun import __version__
-from layerrun.errors import LayerRunError
+from layerrun.errors import FileChangedError, FormatError, LayerRunError
 from layerrun.io.throttle import parse_size
 from layerrun.server.common import APIError, Backend
 from layerrun.server.extras import register_extras
@@ -141,15 +141,24 @@ def create_app(
         msg = f"{request.method} {request.url.path}: {e.detail}"
         return APIError(e.status_code, msg, type=kind, headers=getattr(e, "headers", None)).response()
 
+    @app.exception_handler(FormatError)
+    async def _file_error(request: Request, e: FormatError):  # a model file damaged or changed on disk (it names it)
+        code = "model_file_changed" if isinstance(e, FileChangedError) else "model_file_error"
+        return APIError(500, str(e), type="server_error", code=code).response()
+
     @app.exception_handler(Exception)
     async def _internal(request: Request, e: Exception):
         return APIError(500, f"internal error: {type(e).__name__}: {e}", type="internal_error").response()
 
     # ---- plain endpoints ------------------------------------------------------
-    @app.get("/health", summary="200 while the engine worker runs")
+    @app.get("/health", summary="200 while the engine worker runs and the model files are intact")
     async def health():
         if not worker.alive:
             raise APIError(503, "the engine worker is not running", type="service_unavailable")
+        problems = await backend.file_problems()
+        if problems:
+            return JSONResponse({"status": "model_file_changed", "files": problems,
+                                 "message": " ".join(problems.values())}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
