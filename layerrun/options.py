@@ -31,6 +31,7 @@ def engine_options(a) -> dict:
         experts=getattr(a, "experts", "routed"), kv_cache=getattr(a, "kv_cache", "auto"),
         verify=not getattr(a, "no_verify", False),
         threads=getattr(a, "threads", None),
+        stage=getattr(a, "stage", None),
     )
 
 
@@ -62,6 +63,30 @@ def add_engine_flags(c) -> None:
     c.add_argument("--experts", default="routed", choices=["routed", "all"],
                    help="mixture-of-experts models (Mixtral): routed reads only the experts each step routes to "
                         "in streamed layers; all reads whole layers ahead, like a dense model")
+
+
+def add_stage_flags(c) -> None:
+    """Flags for running as one rank of several under torchrun (``layerrun.engine.distributed``)."""
+    c.add_argument("--stages", default=None, metavar="RANGES",
+                   help="under torchrun: the layers of each rank, in rank order, e.g. 0-9,10-29 (default: split "
+                        "in proportion to each rank's free memory or read rate)")
+    c.add_argument("--stage-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="under torchrun: a rank silent this long (a step, or idle pings) counts as gone and the "
+                        "others stop")
+
+
+def print_stage_stats(stages, file=sys.stderr) -> None:
+    """--stats under torchrun: one row per stage."""
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="layerrun --stats per stage", title_justify="left")
+    for col in ("stage", "layers", "steps", "read", "read busy", "stall", "compute", "send", "recv wait"):
+        t.add_column(col, justify="right")
+    for s in stages:
+        t.add_row(str(s.rank), f"{s.first}-{s.last}", str(s.steps), f"{s.bytes_read / 1e9:.3f} GB", f"{s.read_s:.3f} s",
+                  f"{s.stall_s:.3f} s", f"{s.compute_s:.3f} s", f"{s.send_s:.3f} s", f"{s.wait_s:.3f} s")
+    Console(file=file).print(t)
 
 
 def add_sampling_flags(c) -> None:

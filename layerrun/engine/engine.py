@@ -125,6 +125,8 @@ class Engine:
     ``threads`` (torch's compute threads for the process: a number, or "auto" / None for
     :func:`layerrun.engine.threads.default_threads`), ``fast`` (CPU: oneDNN's linear kernel with
     resident weights packed for it, :mod:`layerrun.models.fast`; False keeps plain ``F.linear``).
+    ``stage`` (a :class:`~layerrun.engine.stages.Stage`, under ``torchrun``): this process runs only the
+    stage's layers, :mod:`layerrun.engine.distributed`.
     """
 
     def __init__(
@@ -146,6 +148,7 @@ class Engine:
         threads: int | str | None = None,
         fast: bool = True,
         progress: bool = False,
+        stage=None,
     ):
         from layerrun.engine.governor import plan_memory
         from layerrun.io.throttle import Throttle, parse_size
@@ -158,7 +161,8 @@ class Engine:
             raise FormatError(
                 f"{self.path}: manifest has {self.manifest.num_layers} layers, config.json says {self.args.num_hidden_layers}"
             )
-        check_model_files(self.path, self.manifest, self.model)  # before anything is sized by them
+        self.stage = stage
+        (stage or _Whole).check_model_files(self.path, self.manifest, self.model)  # before anything is sized by them
         # Every file's bytes are checked (sha256, NaN/Inf) before their first use, unless a stamp vouches for them.
         self.verifier = Verifier(self.path) if verify else None
         self.device = _pick_device(device)
@@ -190,7 +194,7 @@ class Engine:
             raise LayerRunError(f"--batch-size must be >= 1, got {batch_size}")
         self.batch_size = int(batch_size)
         cast_factor = self.dtype.itemsize / stored.itemsize if self.dtype != stored else 1.0
-        self.plan = plan_memory(
+        self.plan = (stage.plan_memory if stage is not None else plan_memory)(
             self.manifest, self.args, mode=mode, max_memory=budget, prefetch=prefetch, batch=batch_size,
             context=self.context, device=self.device.type, elem_bytes=self.dtype.itemsize, cast_factor=cast_factor,
             kv=kv_cache, moe_dense=getattr(self.model, "moe", False) and experts == "routed",
@@ -213,7 +217,7 @@ class Engine:
         # Embeddings and final norm/head are used every step and stay resident.
         self._loading = _LoadProgress(self, progress)
         try:
-            self.embeddings, self.final = self._load_ends(stored)
+            self.embeddings, self.final = self._load_ends(stored) if stage is None or stage.rank == 0 else ({}, {})
             self._resident: dict[int, dict[str, torch.Tensor]] = {}
             for i in self.plan.resident:
                 self._resident[i] = self._load_resident(self.manifest.layer(i))
@@ -227,6 +231,8 @@ class Engine:
         self._open_stream()
         if self.fast:
             _trim_heap()  # fusing and packing freed a copy of each resident weight
+        if stage is not None:
+            stage.attach(self)  # every rank has loaded its layers (or the start fails on all of them)
 
     def _pick_reader(self, reader: str) -> str:
         """``auto``: mmap when the streamed layers fit in the page cache next to everything else
@@ -277,6 +283,8 @@ class Engine:
 
     def new_cache(self) -> KVCache:
         """An empty KV cache, placed where the governor decided (``plan.kv_location``)."""
+        if self.stage is not None:
+            return self.stage.new_cache(self)
         return KVCache(self.args.num_hidden_layers, host_device=self.device if self.kv_host else None)
 
     def _expect_all_experts(self, tokens: int) -> bool:
@@ -385,6 +393,8 @@ class Engine:
         last_only: bool,
         collect: list | None = None,
     ) -> torch.Tensor:
+        if self.stage is not None:  # torchrun: this rank's layers, then the other stages'
+            return self.stage.forward(self, ids, cache, positions, key_valid, stats, last_only, collect)
         past = cache.length if cache is not None else 0
         ids, positions = ids.to(self.device), positions.to(self.device)
         if key_valid is not None:
@@ -806,6 +816,12 @@ class Engine:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class _Whole:
+    """No stage: every file of the model is this process's."""
+
+    check_model_files = staticmethod(check_model_files)
 
 
 class _LoadProgress:
