@@ -104,6 +104,7 @@ class Stage:
         self._cache_ids = itertools.count(1)
         self._freed: deque[int] = deque()
         self._last_traffic = time.monotonic()
+        self._last_ping = 0.0  # the first ping goes out at once: every stage's figures exist from the start
         self._pinger: threading.Thread | None = None
         self._closed = threading.Event()
         self._attached = False
@@ -400,7 +401,7 @@ class Stage:
         while not self._closed.wait(self.ping_s / 2):
             if self.failure:
                 return
-            if time.monotonic() - self._last_traffic < self.ping_s or not self._lock.acquire(blocking=False):
+            if time.monotonic() - self._last_ping < self.ping_s or not self._lock.acquire(blocking=False):
                 continue
             try:
                 self._ping()
@@ -410,6 +411,7 @@ class Stage:
                 self._lock.release()
 
     def _ping(self) -> None:
+        self._last_ping = time.monotonic()
         hdr = torch.zeros(HEADER, dtype=torch.long)
         hdr[0] = PING
         try:
@@ -432,6 +434,23 @@ class Stage:
                 except StageLost:
                     pass
         return self.stage_stats or [self.stats]
+
+    def prometheus(self) -> str:
+        """Rank 0: every stage's figures (at the last ping) in Prometheus' text format."""
+        out = []
+        names = [("bytes_read", "bytes of layers read from disk"), ("read_s", "seconds reads were busy"),
+                 ("stall_s", "seconds compute waited for reads"), ("compute_s", "seconds computing layers"),
+                 ("send_s", "seconds sending to the next stage"), ("wait_s", "seconds waiting for the stage before"),
+                 ("steps", "forward steps")]
+        stages = self.stage_stats or [self.stats]
+        for name, help in names:
+            metric = f"layerrun_stage_{name}_total"
+            out += [f"# HELP {metric} Per pipeline stage (torchrun): {help}.", f"# TYPE {metric} counter"]
+            out += [f'{metric}{{stage="{s.rank}",layers="{s.first}-{s.last}"}} {float(getattr(s, name))}' for s in stages]
+        up = "layerrun_stages_up"
+        out += [f"# HELP {up} 1 while every pipeline stage answers, 0 once one is gone.", f"# TYPE {up} gauge",
+                f"{up} {0 if self.failure else 1}"]
+        return "\n".join(out) + "\n"
 
     def close(self) -> None:
         """Rank 0: tell every rank to stop (they exit), then leave the group."""
