@@ -444,13 +444,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_INVALID
     try:
-        if a.command in ("generate", "serve"):
-            from layerrun.engine.distributed import launched
+        from layerrun.engine.distributed import launched
 
-            if launched():  # torchrun: this process is one stage of a pipeline
-                from layerrun.distributed_cli import run
+        if launched():  # torchrun: this process is one stage of a pipeline
+            from layerrun.distributed_cli import run
 
-                return run(a)
+            return run(a)
         return a.fn(a)
     except LayerRunError as e:
         if a.debug:

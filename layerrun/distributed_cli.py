@@ -17,6 +17,9 @@ def run(a) -> int:
     from layerrun.engine.distributed import connect
     from layerrun.options import engine_options
 
+    if a.command not in ("generate", "serve"):
+        raise LayerRunError(f"under torchrun only `generate` and `serve` run as a pipeline of stages; run "
+                            f"`layerrun {a.command}` without torchrun")
     model = _model_arg(a)
     stage = connect(model, stages=a.stages, timeout=a.stage_timeout, max_memory=a.max_memory, throttle=a.throttle)
     a.stage = stage
