@@ -185,3 +185,37 @@ def test_server_three_ranks_then_a_rank_dies(tiny_layered):
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.communicate()
+
+
+def test_a_rank_needs_only_its_stage_files(tiny_layered, tmp_path, capsys):
+    """Rank 1 runs from a folder holding only what `layerrun stage-files` lists for it; the tokens are the same."""
+    import shutil
+
+    import layerrun
+    from layerrun.cli import main
+
+    model = tiny_layered("llama_gqa")
+    assert main(["stage-files", str(model), "--stages", "0-0,1-2", "--rank", "1"]) == 0
+    names = capsys.readouterr().out.split()
+    assert names == ["config.json", "layerrun.json", "layer_001.safetensors", "layer_002.safetensors"]
+    part = tmp_path / "rank1"
+    part.mkdir()
+    for n in names:
+        shutil.copy(model / n, part / n)
+    with layerrun.load(model, dtype="float32") as eng:
+        want = eng.generate("hello world", max_new_tokens=8, chat=False, ignore_eos=True).token_ids
+    port = _free_port()
+    common = ["hello world", "--max-new-tokens", "8", "--raw", "--ignore-eos", "--json", "--compute-dtype", "float32",
+              "--stages", "0-0,1-2", "--stage-timeout", STAGE_TIMEOUT]
+    procs = [_rank(0, 2, port, "generate", str(model), *common), _rank(1, 2, port, "generate", str(part), *common)]
+    outs = [p.communicate(timeout=HANG) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    assert json.loads(outs[0][0])["token_ids"] == want
+    # A rank whose folder lacks a layer of its range: every rank stops, naming it.
+    (part / "layer_001.safetensors").unlink()
+    port = _free_port()
+    procs = [_rank(0, 2, port, "generate", str(model), *common), _rank(1, 2, port, "generate", str(part), *common)]
+    for p in procs:
+        _, err = p.communicate(timeout=HANG)
+        assert p.returncode == 1
+        assert f"rank 1 on {socket.gethostname()}: {part} lacks the files of its layers 1 (stage 1 is layers 1-2)" in err, err[-2000:]

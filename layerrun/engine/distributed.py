@@ -206,10 +206,13 @@ def connect(model: str, stages: str | None = None, timeout: float = DEFAULT_STAG
     if error:
         raise LayerRunError(error)
     missing = [i for i in ranges[rank] if i not in have]
-    if missing:
-        raise LayerRunError(f"rank {rank} on {me.host}: {folder} lacks the files of its layers "
-                            f"{_span(missing)} (stage {rank} is layers {_span(list(ranges[rank]))}); copy them "
-                            f"(`layerrun stage-files` lists a stage's files) or pass --stages")
+    mine = (f"rank {rank} on {me.host}: {folder} lacks the files of its layers {_span(missing)} (stage {rank} is "
+            f"layers {_span(list(ranges[rank]))}); copy them (`layerrun stage-files MODEL --stages ... --rank {rank}` "
+            f"lists them) or pass --stages") if missing else None
+    said: list = [None] * world
+    dist.all_gather_object(said, mine)  # every rank stops, with the same line, if one lacks its files
+    if any(said):
+        raise LayerRunError("; ".join(m for m in said if m))
     lines = explain(ranges, infos, layer_bytes, why)
     return Stage(rank, world, ranges, timeout, lines)
 
