@@ -114,6 +114,25 @@ def test_batch_three_ranks_moe_matches_one_process(tiny_layered, tmp_path):
     assert got == want
 
 
+def test_batch_in_micro_batches_matches_one_process(tiny_layered, tmp_path):
+    """Every stage resident: the live rows go through the stages in groups (micro-batches), each stage
+    writing its group's rows of its KV cache; rows still join and leave between steps."""
+    import layerrun
+
+    model = tiny_layered("llama_gqa")
+    prompts = [{"prompt": "hello world", "max_new_tokens": 10}, {"prompt": "a much longer prompt about cats", "max_new_tokens": 4},
+               {"prompt": "x", "max_new_tokens": 14}, {"prompt": "the quick brown fox", "max_new_tokens": 7},
+               {"prompt": "one more", "max_new_tokens": 9}]
+    f = tmp_path / "p.jsonl"
+    f.write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    with layerrun.load(model, dtype="float32", mode="full") as eng:
+        want = [g.token_ids for g in eng.generate_batch(prompts, batch_size=3, chat=False, ignore_eos=True)]
+    p = _torchrun(2, "generate", str(model), "--prompts-file", str(f), "--batch-size", "3", "--raw", "--ignore-eos",
+                  "--quiet", "--compute-dtype", "float32", "--mode", "full")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert [json.loads(line)["token_ids"] for line in p.stdout.splitlines()] == want
+
+
 def test_mismatched_models_are_refused(tiny_layered):
     port = _free_port()
     procs = [_rank(0, 2, port, "generate", str(tiny_layered("llama_gqa")), "hi", "--stage-timeout", STAGE_TIMEOUT),

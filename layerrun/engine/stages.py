@@ -38,7 +38,7 @@ from layerrun.engine.telemetry import GenerationStats
 from layerrun.errors import LayerRunError
 
 STEP, PING, STOP = 1, 2, 3
-HEADER = 16
+HEADER = 20
 WIRE_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 MAX_PAYLOAD = 16 * 2**30
 BYE_KEY = "layerrun/bye/{}"
@@ -76,6 +76,37 @@ class StageStats:
 N_STATS = len(fields(StageStats))
 
 
+def _groups(B: int, m: int) -> list[tuple[int, int]]:
+    """``m`` contiguous row groups of a batch of ``B`` (sizes differ by at most one)."""
+    cuts = [B * k // m for k in range(m + 1)]
+    return [(cuts[k], cuts[k + 1]) for k in range(m) if cuts[k + 1] > cuts[k]]
+
+
+class _RowsCache:
+    """A micro-batch's view of a cache: rows [a, a+b) of each of ``layers``' caches, appending its new
+    entries in place at column ``base``; the layers' lengths advance once every group of the step ran."""
+
+    def __init__(self, cache: KVCache, layers: range, a: int, rows: int, base: int):
+        self.cache, self.layers, self.a, self.rows, self.base = cache, layers, a, rows, base
+
+    def __getitem__(self, i: int):
+        return _RowsKV(self.cache.layers[i], self.a, self.rows, self.base)
+
+
+class _RowsKV:
+    def __init__(self, layer: LayerKV, a: int, rows: int, base: int):
+        self.layer, self.a, self.rows, self.base = layer, a, rows, base
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lay, a, L = self.layer, self.a, self.base
+        b, need = a + k.shape[0], L + k.shape[2]
+        if lay.k is None or need > lay.k.shape[2] or lay.k.dtype != k.dtype:
+            lay._grow(k.new_empty((self.rows, *k.shape[1:])), need)  # keeps the first ``length`` (= L) columns
+        lay.k[a:b, :, L:need] = k
+        lay.v[a:b, :, L:need] = v
+        return lay.k[a:b, :, :need], lay.v[a:b, :, :need]
+
+
 class _Shadow(LayerKV):
     """Rank 0's stand-in for a layer another rank computes (see the module's docstring)."""
 
@@ -103,6 +134,8 @@ class Stage:
         self._col_serial = 1
         self._cache_ids = itertools.count(1)
         self._freed: deque[int] = deque()
+        self._pending: deque = deque()  # micro-batch sends still in flight (the tensors must live until done)
+        self.micro = 0  # rank 0: micro-batches per step (0: none), decided at attach
         self._last_traffic = time.monotonic()
         self._last_ping = 0.0  # the first ping goes out at once: every stage's figures exist from the start
         self._pinger: threading.Thread | None = None
@@ -155,8 +188,10 @@ class Stage:
     def attach(self, engine) -> None:
         """Every rank, once its engine is loaded: share the plans (rank 0's --explain shows them all) and
         learn whether every rank loaded. Rank 0 then starts pinging the ring."""
-        self._exchange(("ok", engine.plan.lines))
+        self._exchange(("ok", engine.plan.lines, bool(engine.plan.streamed) or engine.kv_host))
         if self.rank == 0:
+            # Micro-batches pay when no stage streams: a streamed stage would read its layers once per group.
+            self.micro = 0 if any(self._streams) else self.world
             engine.plan.lines = self.lines + [ln for lines in self._plans for ln in lines]
             self._pinger = threading.Thread(target=self._ping_loop, name="layerrun-stage-ping", daemon=True)
             self._pinger.start()
@@ -165,7 +200,7 @@ class Stage:
         """This rank failed before :meth:`attach`: tell the others (they are waiting in it)."""
         if not self._attached:
             try:
-                self._exchange(("error", message))
+                self._exchange(("error", message, False))
             except LayerRunError:
                 pass
 
@@ -178,10 +213,11 @@ class Stage:
         except RuntimeError as e:
             raise LayerRunError(f"{self.describe(self.rank)}: another rank went away while loading ({_why(e, self.timeout)})") from None
         self._attached = True
-        for r, (status, payload) in enumerate(got):
+        for r, (status, payload, _) in enumerate(got):
             if status != "ok" and r != self.rank:
                 raise LayerRunError(f"rank {r} failed to start: {payload}")
-        self._plans = [payload for _, payload in got]
+        self._plans = [payload for _, payload, _ in got]
+        self._streams = [streams for _, _, streams in got]
 
     def new_cache(self, engine) -> KVCache:
         """Rank 0: real caches for its layers, shadows for the others'; the other ranks learn of a new
@@ -209,6 +245,9 @@ class Stage:
             step_t0 = time.perf_counter()
             past = cache.length if cache is not None else 0
             B, T = ids.shape
+            if self.micro and cache is not None and collect is None and B > 1:
+                x = self._forward_micro(engine, ids, cache, positions, key_valid, stats, last_only, past)
+                return self._head(engine, x, stats, step_t0)
             x = engine.model.embed(engine.embeddings, ids.to(engine.device))
             if len(self.layers):
                 kv = key_valid.to(engine.device) if key_valid is not None else None
@@ -232,16 +271,62 @@ class Stage:
                 collect.append(x.float().cpu())
             if last_only:
                 x = x[:, -1:]
+            return self._head(engine, x, stats, step_t0)
+
+    def _head(self, engine, x, stats: GenerationStats, step_t0: float) -> torch.Tensor:
+        t0 = time.perf_counter()
+        out = engine.model.head(engine.final, x, engine.embeddings).float()
+        if not torch.isfinite(out).all():
+            raise LayerRunError("the model's output became NaN/Inf; check each host's files with `layerrun validate` "
+                                "(or compute in float32: --compute-dtype float32)")
+        stats.compute_s += time.perf_counter() - t0
+        stats.steps += 1
+        stats.step_s += time.perf_counter() - step_t0
+        self.stats.steps += 1
+        return out
+
+    def _forward_micro(self, engine, ids, cache, positions, key_valid, stats, last_only: bool, past: int):
+        """The batch's rows in ``micro`` groups that follow each other through the stages: rank 0 computes
+        group 2 while rank 1 computes group 1, and so on. Only when every stage holds its layers resident
+        (a streamed stage would read its layers once per group)."""
+        import torch.distributed as dist
+
+        B, T = ids.shape
+        groups = _groups(B, min(B, self.micro))
+        meta = self._cache_meta(cache, B, T)
+        freed = [self._freed.popleft() for _ in range(len(self._freed))]
+        dev = engine.device
+        sent = []
+        for i, (a, b) in enumerate(groups):
+            x = engine.model.embed(engine.embeddings, ids[a:b].to(dev))
+            kv = key_valid[a:b] if key_valid is not None else None
+            if len(self.layers):
+                ctx = engine.model.prepare(positions[a:b].to(dev), kv.to(dev) if kv is not None else None, past + T,
+                                           engine.dtype)
+                x = run_layers(engine, self.layers, x, _RowsCache(cache, self.layers, a, B, past), ctx, stats, self.stats)
+            hdr, payload = _encode(STEP, x, meta, positions[a:b], kv, last_only, freed if i == 0 else [],
+                                   micro=(i, len(groups), a))
             t0 = time.perf_counter()
-            out = engine.model.head(engine.final, x, engine.embeddings).float()
-            if not torch.isfinite(out).all():
-                raise LayerRunError("the model's output became NaN/Inf; check each host's files with `layerrun validate` "
-                                    "(or compute in float32: --compute-dtype float32)")
-            stats.compute_s += time.perf_counter() - t0
-            stats.steps += 1
-            stats.step_s += time.perf_counter() - step_t0
-            self.stats.steps += 1
-            return out
+            try:
+                sent.append((dist.isend(hdr, self.next), dist.isend(payload, self.next), hdr, payload))
+            except RuntimeError as e:
+                raise self._lost(self.next, e) from None
+            self.stats.send_s += time.perf_counter() - t0
+        for i in self.layers:
+            cache.layers[i].length = past + T
+        xs = []
+        try:
+            for _ in groups:
+                hdr, payload = self._recv(self.prev)
+                xs.append(_decode_hidden(hdr, payload, engine).to(dev))
+            for w1, w2, _, _ in sent:
+                w1.wait(datetime.timedelta(seconds=self.timeout))
+                w2.wait(datetime.timedelta(seconds=self.timeout))
+        except RuntimeError as e:
+            raise self._lost(self.prev, e) from None
+        self._advance_shadows(cache, meta, T)
+        x = torch.cat(xs)
+        return x[:, -1:] if last_only else x
 
     def _cache_meta(self, cache, B: int, T: int) -> dict:
         """Which rows (ids; 0 = not cached anywhere yet: given a new id) and columns the step's cache holds."""
@@ -301,7 +386,11 @@ class Stage:
                 self._bye(self.rank, msg)
                 raise LayerRunError(f"{self.describe(self.rank)} failed: {msg}") from e
             try:
-                self._send(hdr, payload, self.next)
+                if int(hdr[16]) > 1:  # a micro-batch: on to the next stage without waiting, to take the next group
+                    self._send_async(hdr, payload)
+                else:
+                    self._flush_sends()
+                    self._send(hdr, payload, self.next)
             except RuntimeError as e:
                 raise self._worker_lost(self.next, e) from None
             if kind == STOP:
@@ -309,6 +398,7 @@ class Stage:
 
     def _step(self, engine, hdr, payload, caches):
         T = int(hdr[2])
+        mi, m, a = int(hdr[15]), max(int(hdr[16]), 1), int(hdr[17])
         rows, positions, key_valid, freed, x = _decode_step(hdr, payload, engine)
         for cid in freed:
             caches.pop(cid, None)
@@ -318,23 +408,31 @@ class Stage:
             rc = caches.get(cid)
             if rc is None:
                 rc = caches[cid] = _RemoteCache(engine.new_cache())
-            self._reconcile(rc, rows.tolist(), L0, int(hdr[6]), int(hdr[7]))
+            if mi == 0:  # a micro-batch's rows: the cache is rearranged once per step, at its first group
+                self._reconcile(rc, rows.tolist(), L0, int(hdr[6]), int(hdr[7]))
         dev = engine.device
+        cache = None
+        if rc is not None:
+            cache = rc.cache if m == 1 else _RowsCache(rc.cache, self.layers, a, len(rows), L0)
         with torch.inference_mode():
             kv = key_valid.to(dev) if key_valid is not None else None
             ctx = engine.model.prepare(positions.to(dev), kv, L0 + T, engine.dtype)
-            x = run_layers(engine, self.layers, x.to(dev), rc.cache if rc else None, ctx, GenerationStats(), self.stats)
-        self.stats.steps += 1
-        if rc is not None:
-            base = int(hdr[8])
-            rc.cols.extend(range(base, base + T))
+            x = run_layers(engine, self.layers, x.to(dev), cache, ctx, GenerationStats(), self.stats)
+        if mi == m - 1:
+            self.stats.steps += 1
+            if rc is not None:
+                for i in self.layers:
+                    rc.cache.layers[i].length = L0 + T
+                base = int(hdr[8])
+                rc.cols.extend(range(base, base + T))
         last = self.next == 0
         if last and int(hdr[10]):
             x = x[:, -1:]
         meta = dict(cid=cid, rows=rows, L0=L0, known_idx=int(hdr[6]), known_serial=int(hdr[7]), col_base=int(hdr[8]))
+        micro = (mi, m, a) if m > 1 else None
         if last:  # back to rank 0: the hidden states only
-            return _encode(STEP, x, None, None, None, False, [])
-        return _encode(STEP, x, meta, positions, key_valid, bool(hdr[10]), freed)
+            return _encode(STEP, x, None, None, None, False, [], micro)
+        return _encode(STEP, x, meta, positions, key_valid, bool(hdr[10]), freed, micro)
 
     def _reconcile(self, rc: _RemoteCache, rows: list[int], L0: int, known_idx: int, known_serial: int) -> None:
         """Rearrange this rank's cache to hold the rows and columns rank 0's shadow says (see the module)."""
@@ -378,6 +476,24 @@ class Stage:
             dist.send(payload, dst)
         self.stats.send_s += time.perf_counter() - t0
         self._last_traffic = time.monotonic()
+
+    def _send_async(self, hdr: torch.Tensor, payload: torch.Tensor) -> None:
+        import torch.distributed as dist
+
+        t0 = time.perf_counter()
+        works = [dist.isend(hdr, self.next)] + ([dist.isend(payload, self.next)] if payload.numel() else [])
+        self._pending.append((works, hdr, payload))
+        self.stats.send_s += time.perf_counter() - t0
+        self._last_traffic = time.monotonic()
+        if len(self._pending) > 64:
+            self._flush_sends()
+
+    def _flush_sends(self) -> None:
+        wait = datetime.timedelta(seconds=self.timeout)
+        while self._pending:
+            works, _, _ = self._pending.popleft()
+            for w in works:
+                w.wait(wait)
 
     def _recv(self, src: int) -> tuple[torch.Tensor, torch.Tensor]:
         import torch.distributed as dist
@@ -555,9 +671,10 @@ def _why(e: Exception, timeout: float) -> str:
 
 
 # ---- the wire format ------------------------------------------------------------------------------
-# header (int64 x 16): kind, B, T, H, cache id, cached columns L0, first known column index, its serial,
-# first new column's serial, key-mask width S, last_only, mask is bool, freed caches, payload bytes, dtype, -
-# payload (bytes): row ids (B int64), positions (B*T int64), freed cache ids, hidden states, key positions or
+# header (int64 x 20): kind, B, T, H, cache id, cached columns L0, first known column index, its serial,
+# first new column's serial, key-mask width S, last_only, mask is bool, freed caches, payload bytes, dtype,
+# micro-batch index, micro-batches, its first row, the whole batch's rows R
+# payload (bytes): row ids (R int64), positions (B*T int64), freed cache ids, hidden states, key positions or
 # mask (B*S int64)
 
 
@@ -565,14 +682,18 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().reshape(-1).view(torch.uint8)
 
 
-def _encode(kind: int, x: torch.Tensor, meta: dict | None, positions, key_valid, last_only: bool, freed: list[int]):
+def _encode(kind: int, x: torch.Tensor, meta: dict | None, positions, key_valid, last_only: bool, freed: list[int],
+            micro: tuple[int, int, int] | None = None):
     hdr = torch.zeros(HEADER, dtype=torch.long)
     B, T, H = x.shape
     parts, tail = [], []
     hdr[0], hdr[1], hdr[2], hdr[3] = kind, B, T, H
+    if micro is not None:
+        hdr[15], hdr[16], hdr[17] = micro
     if meta is not None:  # 8-byte fields around the hidden states: every view stays aligned
         hdr[4], hdr[5], hdr[6], hdr[7], hdr[8] = (meta["cid"], meta["L0"], meta["known_idx"], meta["known_serial"],
                                                   meta["col_base"])
+        hdr[18] = len(meta["rows"])  # the whole batch's rows (a micro-batch's x holds B of them, from hdr[17])
         parts += [_bytes(meta["rows"].to(torch.long)), _bytes(positions.cpu().to(torch.long))]
         hdr[12] = len(freed)
         if freed:
@@ -603,8 +724,8 @@ def _decode_hidden(hdr, payload, engine) -> torch.Tensor:
 
 
 def _decode_step(hdr, payload, engine):
-    B, T, S, nfreed = int(hdr[1]), int(hdr[2]), int(hdr[9]), int(hdr[12])
-    if min(B, T, S, nfreed) < 0:
+    B, T, S, nfreed, R = int(hdr[1]), int(hdr[2]), int(hdr[9]), int(hdr[12]), int(hdr[18])
+    if min(B, T, S, nfreed, R) < 0:
         raise RuntimeError("a step message with negative sizes")
     o = 0
 
@@ -616,7 +737,7 @@ def _decode_step(hdr, payload, engine):
         o += n
         return out
 
-    rows = take(8 * B).view(torch.long).clone()
+    rows = take(8 * R).view(torch.long).clone()
     positions = take(8 * B * T).view(torch.long).view(B, T).clone()
     freed = take(8 * nfreed).view(torch.long).tolist() if nfreed else []
     x = _hidden(payload[o : payload.numel() - 8 * B * S], hdr, engine, B, T)
