@@ -75,6 +75,9 @@ def test_placement_follows_read_rate_or_memory():
     ranges, why = place(sizes, [_info(0, 10_000, 1e9), _info(1, 10_000, 9e9), _info(2, 20_000, 1e9)])
     assert [len(r) for r in ranges] == [3, 3, 6] and "free memory" in why
     assert ranges[0].start == 0 and ranges[-1].stop == 12
+    # Rank 0 also holds the embeddings and head: less room for its layers.
+    ranges, _ = place(sizes, [_info(0, 2000, 1e9), _info(1, 1400, 1e9)], ends=600)
+    assert [len(r) for r in ranges] == [6, 6]
     # Every rank gets at least one layer, however lopsided.
     ranges, _ = place([100] * 3, [_info(0, 1, 1e12), _info(1, 1, 1), _info(2, 1, 1)])
     assert [len(r) for r in ranges] == [1, 1, 1]

@@ -74,19 +74,20 @@ def parse_stages(text: str, num_layers: int, world: int) -> list[range]:
     return ranges
 
 
-def place(layer_bytes: list[int], infos: list[RankInfo]) -> tuple[list[range], str]:
+def place(layer_bytes: list[int], infos: list[RankInfo], ends: int = 0) -> tuple[list[range], str]:
     """Contiguous layer ranges in proportion to what each rank brings, and why.
 
     When every layer fits in the ranks' memory together, each rank holds its share resident and
     the split follows free memory; otherwise the ranks stream, a stage's time per token is its
-    bytes over its read rate, and the split follows the read rates (equal stage times).
+    bytes over its read rate, and the split follows the read rates (equal stage times). ``ends``: the
+    bytes of the embeddings and head, which rank 0 holds besides its layers.
     """
     n, total = len(infos), sum(layer_bytes)
     if len(layer_bytes) < n:
         raise LayerRunError(f"{n} ranks for a model of {len(layer_bytes)} layers: launch at most {len(layer_bytes)}")
-    free = [max(i.free_bytes, 1) for i in infos]
+    free = [max(i.free_bytes - (ends if r == 0 else 0), 1) for r, i in enumerate(infos)]
     rates = [i.read_bytes_per_s for i in infos]
-    if sum(free) >= 1.2 * total:
+    if sum(free) >= 1.2 * total + ends:
         weights, why = free, "by free memory (the layers fit in the ranks' memory together)"
     elif all(r > 0 for r in rates):
         weights, why = rates, "by read rate (the ranks stream: equal bytes / rate per stage)"
@@ -123,8 +124,10 @@ def _probe_read(folder: Path, manifest, throttle: str | None) -> tuple[float, li
         return 0.0, have
     entry = max((manifest.layer(i) for i in have), key=lambda f: f.bytes)
     n = min(PROBE_BYTES, entry.bytes)
+    from layerrun.io.reader import open_layer_file
+
     t0 = time.perf_counter()
-    fd = os.open(folder / entry.name, os.O_RDONLY)
+    fd, _ = open_layer_file(folder, entry)  # confined to the folder, as every read of a layer file
     try:
         got = 0
         while got < n:
@@ -197,7 +200,7 @@ def connect(model: str, stages: str | None = None, timeout: float = DEFAULT_STAG
             if stages:
                 decision[0] = (parse_stages(stages, len(layer_bytes), world), "as given by --stages", None)
             else:
-                ranges, why = place(layer_bytes, infos)
+                ranges, why = place(layer_bytes, infos, manifest.embeddings.bytes + manifest.final.bytes)
                 decision[0] = (ranges, why, None)
         except LayerRunError as e:
             decision[0] = (None, None, str(e))
