@@ -180,8 +180,13 @@ class Stage:
         return cache
 
     # ---- rank 0: one step around the ring ---------------------------------------------------------
-    def forward(self, engine, ids, cache, positions, key_valid, stats: GenerationStats, last_only: bool, collect):
+    def forward(self, engine, ids, cache, positions, key_valid, stats: GenerationStats, last_only: bool, collect,
+                tree=None):
         from layerrun.engine.engine import _LastOnly
+
+        if tree is not None:  # the tree mask and the per-row column gather after it are not sent to the stages yet
+            raise LayerRunError("speculative decoding (token trees) does not run across torchrun stages yet; "
+                                "leave out --draft")
 
         if collect is not None and not isinstance(collect, _LastOnly):
             raise LayerRunError("the hidden states of every layer are not gathered across stages; run this in one "
