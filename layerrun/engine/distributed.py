@@ -167,10 +167,6 @@ def connect(model: str, stages: str | None = None, timeout: float = DEFAULT_STAG
     """
     import torch.distributed as dist
 
-    from layerrun.engine.engine import resolve_model_path
-    from layerrun.engine.stages import Stage
-    from layerrun.formats.manifest import Manifest
-
     if timeout <= 0:
         raise LayerRunError(f"--stage-timeout must be > 0 seconds, got {timeout}")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -179,6 +175,20 @@ def connect(model: str, stages: str | None = None, timeout: float = DEFAULT_STAG
     except (RuntimeError, ValueError) as e:
         raise LayerRunError(f"rank {rank} of {world}: could not join the other ranks ({e}); launch with torchrun "
                             f"(MASTER_ADDR / MASTER_PORT or --rdzv-endpoint must reach rank 0)") from None
+    try:
+        return _place_ranks(dist, rank, world, model, stages, timeout, max_memory, throttle)
+    except BaseException:
+        # Leave the group before exiting: a gloo group still alive at interpreter exit can abort the
+        # process ("terminate called without an active exception") while its peers disconnect.
+        dist.destroy_process_group()
+        raise
+
+
+def _place_ranks(dist, rank: int, world: int, model: str, stages, timeout: float, max_memory, throttle):
+    from layerrun.engine.engine import resolve_model_path
+    from layerrun.engine.stages import Stage
+    from layerrun.formats.manifest import Manifest
+
     folder = resolve_model_path(model)
     manifest = Manifest.read(folder)
     rate, have = _probe_read(folder, manifest, throttle)
