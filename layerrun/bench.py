@@ -237,6 +237,7 @@ def _stream_once(folder: Path, entries, depth: int, backend: str, rate: int | No
     throttle = Throttle(rate) if rate else None
     t_begin = time.perf_counter()
     stream = LayerStream(folder, entries, depth=depth, backend=backend, throttle=throttle, device=torch.device(device))
+    stream.stats.reads = []  # every read of the run (a pipeline keeps only the latest by default)
     copy_s = 0.0
     marks = [t_begin]
     nbytes = 0

@@ -17,3 +17,7 @@ class FormatError(LayerRunError):
 
 class UnsupportedModelError(LayerRunError):
     """The model's architecture or file type is not supported."""
+
+
+class FileChangedError(FormatError):
+    """A model file changed on disk while the process was using it (truncated, rewritten, replaced)."""

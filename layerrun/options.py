@@ -24,10 +24,17 @@ def human_count(n: int) -> str:
     return str(n)
 
 
-def engine_options(a) -> dict:
+DEFAULT_BATCH_SIZE = 8  # sequences at once for a server or a prompts file (a single prompt is one)
+
+
+def engine_options(a, sequences: int | None = None) -> dict:
+    """Engine keyword arguments from the shared flags. ``sequences``: how many sequences the command runs
+    at once when ``--batch-size`` is not given (default :data:`DEFAULT_BATCH_SIZE`): the governor plans the
+    KV cache for that many."""
     return dict(
         mode=a.mode, max_memory=a.max_memory, prefetch=a.prefetch, throttle=a.throttle, device=a.device,
-        reader=a.reader, dtype=a.compute_dtype, context=a.context, batch_size=a.batch_size,
+        reader=a.reader, dtype=a.compute_dtype, context=a.context,
+        batch_size=a.batch_size or sequences or DEFAULT_BATCH_SIZE,
         experts=getattr(a, "experts", "routed"), kv_cache=getattr(a, "kv_cache", "auto"),
         verify=not getattr(a, "no_verify", False),
         threads=getattr(a, "threads", None),
@@ -45,12 +52,14 @@ def add_engine_flags(c) -> None:
     c.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="compute device")
     c.add_argument("--reader", default="auto", choices=["auto", "pread", "direct", "mmap"],
                    help="how layer files are read: auto (mmap when the streamed layers fit in the page cache, "
-                        "else pread), pread, direct (O_DIRECT), mmap")
+                        "else O_DIRECT), pread, direct (O_DIRECT), mmap")
     c.add_argument("--compute-dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="compute dtype (default: the stored dtype; float16 is computed as float32 on CPU)")
     c.add_argument("--context", type=int, default=None,
                    help="context length the KV cache is planned for (default: the model's, at most 4096)")
-    c.add_argument("--batch-size", type=int, default=8, help="most sequences generated at once (batch mode, server)")
+    c.add_argument("--batch-size", type=int, default=None,
+                   help=f"most sequences generated at once (batch mode, server; default {DEFAULT_BATCH_SIZE}); "
+                        "the KV cache is planned for this many (a single prompt: one)")
     c.add_argument("--kv-cache", default="auto", choices=["auto", "device", "host"],
                    help="where the KV cache lives: auto (the governor decides), device (with the computing layers), "
                         "host (host memory, each layer's part copied to the GPU for its compute: frees VRAM)")

@@ -119,6 +119,7 @@ def test_inline_mmap_stream_order_and_cache_probe(tiny_layered):
     man = Manifest.read(path)
     entries = [man.layer(i) for i in range(man.num_layers)]
     before = threading.active_count()
+    names_before = {t.name for t in threading.enumerate()}
     s = LayerStream(path, entries, depth=2, backend="mmap")
     try:
         assert threading.active_count() == before  # nothing started
@@ -127,7 +128,9 @@ def test_inline_mmap_stream_order_and_cache_probe(tiny_layered):
             assert st.layer == seq % len(entries)
             assert set(st.weights) == set(entries[st.layer].tensors)
             s.release(st)
-        assert s._cached(entries[0])  # just read through the mapping: in the page cache
+        # no stage thread either (the one thread a mapping may start is the process's lease watcher)
+        assert {t.name for t in threading.enumerate()} - names_before <= {"layerrun-lease-watch"}
+        assert s._cached(s.files.mapped(entries[0]))  # just read through the mapping: in the page cache
     finally:
         s.close()
 

@@ -9,6 +9,8 @@ rows joining and leaving, the cache's recompute for Phi-3) is what runs and is c
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -48,7 +50,10 @@ def test_kv_moves_to_host_when_that_keeps_more_layers_resident(eng):
     need_host = _plan(eng, big, context=256, kv="host").need
     kv = kv_bytes(eng.args, 1, 256, 4)
     layers = sum(f.bytes - f.data_start for f in eng.manifest.layers)
-    assert need_dev - need_host == kv - kv // eng.args.num_hidden_layers and layers > kv
+    L = eng.args.num_hidden_layers
+    # on the device: the cache, plus one layer's old buffer while it grows; in host memory: one layer's share
+    # on the device, plus a share of that while it grows
+    assert need_dev - need_host == (kv + kv // L) - (kv // L + kv // L // L) and layers > kv
     free = (need_dev + need_host) // 2
     p = _plan(eng, free, context=256)
     assert (p.mode, p.kv_location) == ("full", "host")
@@ -129,3 +134,124 @@ def test_throttle_makes_auto_read_explicitly(tiny_layered):
     assert g.stats.read_s >= 0.9 * g.stats.bytes_read / 200e6 and g.stats.bytes_read == 2 * layer_bytes
     m = layerrun.load(tiny_layered("llama_gqa"), mode="stream", throttle="200MB/s", reader="mmap")
     assert any("--throttle does not apply" in n for n in m.notes)
+
+
+# ---- the arithmetic: a measured baseline, the KV cache reserved for what runs, figures a person can check ----
+@pytest.fixture(scope="module")
+def medium(tmp_path_factory):
+    """~80 MB of fp32 layers (6 x 12.6 MB): big enough that memory figures are not noise."""
+    import synthetic_model
+
+    synthetic_model.PRESETS.setdefault("governor", dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=6,
+                                                        num_attention_heads=8, num_key_value_heads=2, vocab_size=4096))
+    return synthetic_model.build(tmp_path_factory.mktemp("governor") / "m", "governor")
+
+
+def _layer_bytes(eng) -> int:
+    return max(f.bytes - f.data_start for f in eng.manifest.layers)
+
+
+def test_budget_below_what_the_process_uses_says_so_in_plain_figures(medium):
+    from layerrun.engine.governor import process_rss
+
+    with pytest.raises(LayerRunError) as e:
+        layerrun.load(medium, max_memory="40MiB")
+    msg = str(e.value)
+    assert msg.startswith("the model cannot run within --max-memory 40.0 MiB: the process itself uses ")
+    assert "nothing left" in msg and "Would fit: --max-memory of at least " in msg
+    assert not re.search(r"(?<![-\w])-\d", msg), msg  # never a negative figure
+    # the figure it asks for is enough: loading with it succeeds
+    # (in MiB to 0.1, or in GiB to 0.01 when the process holds more, as in a long test session)
+    figure, unit = re.search(r"--max-memory of at least ([\d.]+) (MiB|GiB)", msg).groups()
+    at_least = float(figure) * (MiB if unit == "MiB" else 1024 * MiB)
+    eng = layerrun.load(medium, max_memory=int(at_least + (MiB if unit == "MiB" else 10 * MiB)))
+    assert eng.mode == "stream" and process_rss() > 0
+
+
+def test_a_single_prompt_plans_one_sequence_and_a_batch_its_size(medium, tiny_layered):
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "layerrun", "generate", str(tiny_layered("qwen2")), "Hi", "--explain",
+                        "--max-new-tokens", "2"], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert re.search(r"KV cache .* \(1 sequence x \d+ tokens to begin with; it grows on demand\)", p.stderr), p.stderr
+    eng = layerrun.load(medium, batch_size=8)
+    assert eng.plan.reserve == (8, 512)
+
+
+def test_kv_cache_grows_on_demand_by_streaming_resident_layers(medium):
+    """Planned for 512 tokens, a 900-token prompt needs more KV cache and workspace than the resident
+    layers leave: the engine streams some of them from then on, and the tokens stay full mode's."""
+    from layerrun.engine.governor import DEFAULT_RESERVE, process_rss
+
+    full = layerrun.load(medium, mode="full")
+    stream_need = plan_memory(full.manifest, full.args, mode="stream", baseline=0, budget=64 * 2**30,
+                              context=DEFAULT_RESERVE, elem_bytes=4).need
+    layer = _layer_bytes(full)
+    eng = layerrun.load(medium, mode="auto", max_memory=process_rss() + stream_need + 2 * layer + layer // 2)
+    k0 = len(eng.plan.resident)
+    assert eng.mode == "partial" and 1 <= k0 < 6, eng.plan.lines
+    short = _ids(10, seed=5, vocab=4096)
+    assert eng.generate(short, max_new_tokens=6, ignore_eos=True).token_ids == \
+        full.generate(short, max_new_tokens=6, ignore_eos=True).token_ids
+    assert len(eng.plan.resident) == k0  # it fit the reservation: nothing changed
+    long = _ids(900, seed=6, vocab=4096)
+    g = eng.generate(long, max_new_tokens=6, ignore_eos=True)
+    assert g.token_ids == full.generate(long, max_new_tokens=6, ignore_eos=True).token_ids
+    assert len(eng.plan.resident) < k0, eng.plan.lines
+    assert any("the KV cache grew to 1 x 905 tokens" in n for n in eng.notes), eng.notes
+
+
+def test_a_sequence_that_cannot_fit_even_streamed_is_refused_with_what_would(medium):
+    from layerrun.engine.governor import DEFAULT_RESERVE, process_rss
+
+    probe = layerrun.load(medium, mode="stream")
+    need = plan_memory(probe.manifest, probe.args, mode="stream", baseline=0, budget=64 * 2**30,
+                       context=DEFAULT_RESERVE, elem_bytes=4).need
+    eng = layerrun.load(medium, mode="auto", max_memory=process_rss() + need + 8 * MiB)
+    prompt = _ids(1200, seed=7, vocab=4096)
+    with pytest.raises(LayerRunError, match=r"this request needs .* \(1200 prompt tokens \+ up to 800 new\); the "
+                                            r"memory budget leaves .* with every layer streamed\. Would fit: "):
+        eng.generate(prompt, max_new_tokens=800)
+    assert eng.generate(_ids(8, seed=1, vocab=4096), max_new_tokens=4).token_ids  # the engine goes on
+    # the server says the same before queueing it: 400, naming max_tokens
+    pytest.importorskip("fastapi")
+    import httpx
+
+    from layerrun.server import running_server
+
+    with running_server(eng) as s:
+        r = httpx.post(s.base_url + "/completions", json={"prompt": prompt, "max_tokens": 800}, timeout=300)
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["code"] == "insufficient_memory" and err["param"] == "max_tokens"
+        assert "1200 prompt tokens + up to 800 new" in err["message"] and "Would fit: " in err["message"]
+        ok = httpx.post(s.base_url + "/completions", json={"prompt": prompt[:8], "max_tokens": 4}, timeout=300)
+        assert ok.status_code == 200, ok.text
+
+
+def test_sequences_wait_for_memory_and_all_complete_with_their_tokens(medium):
+    """The engine planned for one sequence (of 256 tokens); a batch of up to 8 sequences of 100-token
+    prompts runs in what that leaves: the batch admits only as many as fit (the others wait for a
+    place), never more than the budget holds, and each gives the tokens of its prompt alone."""
+    from layerrun.engine.governor import process_rss, sequences_need
+
+    alone = layerrun.load(medium, mode="full", context=256)
+    prompts = [_ids(100, seed=10 + i, vocab=4096) for i in range(4)]
+    want = [alone.generate(p, max_new_tokens=16, ignore_eos=True).token_ids for p in prompts]
+    need = plan_memory(alone.manifest, alone.args, mode="stream", baseline=0, budget=64 * 2**30, batch=1,
+                       context=256, elem_bytes=4).need
+    eng = layerrun.load(medium, mode="stream", context=256, max_memory=process_rss() + need + 2 * MiB)
+    room = eng.plan.room
+    assert sequences_need(eng.args, 4, 100, 116, 4) > room  # all four at once would not fit
+    bg = eng.batch_generator(8)
+    reqs = [bg.request(p, max_new_tokens=16, ignore_eos=True) for p in prompts]
+    widest = 0
+    while bg.busy:
+        bg.step()
+        widest = max(widest, len(bg.rows))
+        cols = bg.key_pos.shape[1] if bg.key_pos is not None else 0
+        assert sequences_need(eng.args, len(bg.rows), 1, cols, 4) <= room or len(bg.rows) <= 1
+    assert [r.token_ids for r in reqs] == want
+    assert 1 < widest < 4

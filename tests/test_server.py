@@ -59,7 +59,8 @@ def metric(server, name: str) -> float:
     return 0.0
 
 
-def wait_for(cond, timeout: float = 10.0) -> bool:
+def wait_for(cond, timeout: float = 120.0) -> bool:
+    """Poll ``cond`` until it holds; the timeout only bounds a hang (it returns as soon as it holds)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if cond():
@@ -124,9 +125,10 @@ def test_models_health_and_plain_requests(server, engine):
     assert seeded[0] == seeded[1] == engine.generate("Hi", max_new_tokens=8, chat=False, temperature=0.9, seed=3).text
 
 
-def test_32_concurrent_streams_each_match_running_alone(server, engine):
-    """Continuous batching: 32 greedy streams (8 at a time) give exactly the tokens of each prompt alone."""
-    n = 32
+def test_64_concurrent_streams_each_match_running_alone(server, engine):
+    """Continuous batching: 64 greedy streams (8 at a time, the rest waiting) give exactly the tokens of
+    each prompt alone (bench/server_soak.py does the same with a real model)."""
+    n = 64
     jobs = []
     for i in range(n):
         max_tokens = 4 + (i * 7) % 17
@@ -167,13 +169,22 @@ def test_32_concurrent_streams_each_match_running_alone(server, engine):
     assert server.app.state.worker.bg.rows == [] or wait_for(lambda: metric(server, "layerrun_requests_running") == 0)
 
 
-def test_health_answers_fast_while_8_streams_generate(server):
+def test_health_answers_while_8_streams_generate(server, engine):
+    """/health answers while the batch computes, because no model code runs on the server's event loop
+    thread: asserted on the thread of every layer computed meanwhile (load cannot change that), not on
+    a latency bound (which a busy machine breaks)."""
     stop = threading.Event()
     started = threading.Barrier(9)
+    computed: list[str] = []
+    real_layer = engine.model.layer
+
+    def layer(*args, **kwargs):
+        computed.append(threading.current_thread().name)
+        return real_layer(*args, **kwargs)
 
     def stream_one(i: int):
         body = {"model": MODEL, "prompt": f"Tell me {i}", "max_tokens": 240, "stream": True, "ignore_eos": True}
-        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as r:
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=300) as r:
             lines = sse_lines(r)
             next(lines)
             started.wait()
@@ -184,21 +195,26 @@ def test_health_answers_fast_while_8_streams_generate(server):
     threads = [threading.Thread(target=stream_one, args=(i,), daemon=True) for i in range(8)]
     for t in threads:
         t.start()
-    started.wait(timeout=20)
+    started.wait(timeout=300)
     latencies, running = [], []
-    with httpx.Client() as h:
-        for _ in range(25):
-            t0 = time.perf_counter()
-            assert h.get(server.url + "/health").status_code == 200
-            latencies.append(time.perf_counter() - t0)
-            running.append(metric(server, "layerrun_requests_running"))
-            time.sleep(0.01)
+    engine.model.layer = layer  # observes the real computation while the probes run
+    try:
+        with httpx.Client(timeout=60) as h:
+            for _ in range(25):
+                t0 = time.perf_counter()
+                assert h.get(server.url + "/health").status_code == 200
+                latencies.append(time.perf_counter() - t0)
+                running.append(metric(server, "layerrun_requests_running"))
+                time.sleep(0.01)
+    finally:
+        engine.model.layer = real_layer
     stop.set()
     for t in threads:
-        t.join(timeout=20)
+        t.join(timeout=300)
     assert max(running) == 8, running  # the probes did run while all 8 were in the batch
     print(f"health latency under 8 streams: median {sorted(latencies)[12]*1e3:.1f} ms, max {max(latencies)*1e3:.1f} ms")
-    assert max(latencies) < 0.1, sorted(latencies)[-5:]
+    assert computed, "no layer computed while /health was probed"
+    assert set(computed) == {"layerrun-scheduler"}, set(computed)  # the worker, never the loop's thread ("layerrun-server")
     # the clients left mid-stream: their sequences were cancelled and left the batch
     assert wait_for(lambda: metric(server, "layerrun_requests_running") == 0)
 
@@ -207,7 +223,7 @@ def test_client_disconnect_frees_the_sequence(server):
     cancelled = 'layerrun_requests_finished_total{finish_reason="cancelled"}'
     before = metric(server, cancelled)
     body = {"model": MODEL, "prompt": "Go on", "max_tokens": 200, "stream": True, "ignore_eos": True}
-    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as r:
+    with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=300) as r:
         lines = sse_lines(r)
         got = [json.loads(next(lines)) for _ in range(3)]
         assert all(g["choices"][0]["finish_reason"] is None for g in got)
@@ -237,11 +253,11 @@ def test_metrics(server):
 
 def test_queue_full_is_429(engine):
     with running_server(engine, model_name=MODEL, batch_size=1, max_waiting=1) as s:
-        body = {"model": MODEL, "prompt": "x", "max_tokens": 200, "stream": True, "ignore_eos": True}
-        with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=30) as a:
+        body = {"model": MODEL, "prompt": "x", "max_tokens": 250, "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=300) as a:
             lines = sse_lines(a)  # keep a reference: closing the iterator would close the connection
             next(lines)  # running
-            with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=30) as b:
+            with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=300) as b:
                 assert b.status_code == 200  # waiting
                 with pytest.raises(openai.RateLimitError) as e:
                     client(s).completions.create(model=MODEL, prompt="y", max_tokens=2)
@@ -349,7 +365,7 @@ def test_body_over_the_default_limit_is_413_and_the_server_keeps_serving(server)
     rejected = 'layerrun_requests_rejected_total{reason="body_too_large"}'
     before = metric(server, rejected)
     headers = {"content-type": "application/json"}
-    with httpx.Client(base_url=server.url, timeout=30) as h:  # one keep-alive connection throughout
+    with httpx.Client(base_url=server.url, timeout=300) as h:  # one keep-alive connection throughout
         assert h.post("/v1/completions", content=padded(DEFAULT_MAX_BODY), headers=headers).status_code == 200
         assert_413(h.post("/v1/completions", content=padded(DEFAULT_MAX_BODY + 1), headers=headers), DEFAULT_MAX_BODY)
         assert_413(h.post("/v1/chat/completions", content=b"x" * (8 * DEFAULT_MAX_BODY), headers=headers),
@@ -375,7 +391,7 @@ def test_chunked_body_over_the_limit_is_cut_off(engine):
                 sent += size
             yield b"}"
 
-        with httpx.Client(base_url=s.url, timeout=30) as h:
+        with httpx.Client(base_url=s.url, timeout=300) as h:
             headers = {"content-type": "application/json"}
             r = h.post("/v1/completions", content=chunks(limit * 4), headers=headers)  # a generator: chunked
             assert "content-length" not in r.request.headers and r.request.headers["transfer-encoding"] == "chunked"
@@ -385,7 +401,7 @@ def test_chunked_body_over_the_limit_is_cut_off(engine):
             assert r.json()["usage"]["completion_tokens"] == 1
 
         # A raw upload that never ends: the 413 comes once the limit is passed, while the client is still sending.
-        with socket.create_connection(("127.0.0.1", s.port), timeout=10) as sock:
+        with socket.create_connection(("127.0.0.1", s.port), timeout=60) as sock:
             sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                          b"Transfer-Encoding: chunked\r\n\r\n")
             chunk = b"%x\r\n%s\r\n" % (1024, b" " * 1024)
@@ -508,7 +524,7 @@ def test_fuzz_from_openapi_schema_finds_no_server_error(tiny_layered, tmp_path):
                           suppress_health_check=list(HealthCheck))
                 @given(case=op.as_strategy(generation_mode=mode))
                 def check(case):
-                    r = case.call(base_url=s.url, timeout=30)
+                    r = case.call(base_url=s.url, timeout=300)
                     assert r.status_code < 500, (case.body, r.text)
                     seen.add(r.status_code)
                     if r.status_code >= 400:  # OpenAI's error object, or Ollama's {"error": "..."} on /api/*
@@ -542,11 +558,11 @@ def test_serve_command(tiny_layered):
 
         def up():
             try:
-                return httpx.get(url + "/health", timeout=1).status_code == 200
+                return httpx.get(url + "/health", timeout=10).status_code == 200
             except httpx.TransportError:
                 return False
 
-        assert wait_for(up, timeout=60), p.stderr.read() if p.poll() is not None else "not up"
+        assert wait_for(up, timeout=300), p.stderr.read() if p.poll() is not None else "not up"
         assert httpx.get(url + "/v1/models").json()["data"][0]["id"] == "tiny"
         c = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         assert c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=3).choices
@@ -555,7 +571,7 @@ def test_serve_command(tiny_layered):
         assert r.headers["access-control-allow-origin"] == "http://localhost:3000"
     finally:
         p.send_signal(signal.SIGINT)
-        out, err = p.communicate(timeout=30)
+        out, err = p.communicate(timeout=120)
     assert p.returncode == 0, err
     assert "serving tiny" in err and "batch size 4" in err
 
@@ -569,13 +585,13 @@ def test_loopback_server_refuses_other_host_names(engine):
     assert allowed_hosts_for("127.0.0.1", ["*"]) is None
     with running_server(engine, model_name=MODEL) as s:
         body = {"model": MODEL, "prompt": "Hi", "max_tokens": 2}
-        bad = httpx.post(s.url + "/v1/completions", json=body, headers={"Host": f"evil.example:{s.port}"}, timeout=30)
+        bad = httpx.post(s.url + "/v1/completions", json=body, headers={"Host": f"evil.example:{s.port}"}, timeout=300)
         assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_host"
-        assert httpx.get(s.url + "/health", headers={"Host": "evil.example"}, timeout=30).status_code == 400
+        assert httpx.get(s.url + "/health", headers={"Host": "evil.example"}, timeout=300).status_code == 400
         for host in (f"localhost:{s.port}", f"127.0.0.1:{s.port}", f"[::1]:{s.port}", "LOCALHOST"):
-            assert httpx.get(s.url + "/health", headers={"Host": host}, timeout=30).status_code == 200, host
-        assert httpx.post(s.url + "/v1/completions", json=body, timeout=60).status_code == 200
+            assert httpx.get(s.url + "/health", headers={"Host": host}, timeout=300).status_code == 200, host
+        assert httpx.post(s.url + "/v1/completions", json=body, timeout=300).status_code == 200
         assert metric(s, 'layerrun_requests_rejected_total{reason="host"}') == 2
     with running_server(engine, model_name=MODEL, allowed_hosts=allowed_hosts_for("127.0.0.1", ["box.lan"])) as s:
-        assert httpx.get(s.url + "/health", headers={"Host": f"box.lan:{s.port}"}, timeout=30).status_code == 200
-        assert httpx.get(s.url + "/health", headers={"Host": "other.lan"}, timeout=30).status_code == 400
+        assert httpx.get(s.url + "/health", headers={"Host": f"box.lan:{s.port}"}, timeout=300).status_code == 200
+        assert httpx.get(s.url + "/health", headers={"Host": "other.lan"}, timeout=300).status_code == 400

@@ -4,7 +4,7 @@ For testing "a model bigger than memory" and for I/O benchmarks: the weights
 are deterministic pseudo-random tensors generated one at a time (the converter
 streams them), so a multi-GB model is built without ever holding it.
 
-    python tools/synthetic_model.py OUT [--preset 3gb|1gb|moe|qwen3moe|tiny] [--dtype float32|bfloat16]
+    python tools/synthetic_model.py OUT [--preset 3gb|3gb-bf16|1gb|moe|qwen3moe|tiny] [--dtype float32|bfloat16]
 """
 
 from __future__ import annotations
@@ -21,6 +21,9 @@ PRESETS = {
     # ~3.4 GB in fp32: 16 layers of ~180 MB
     "3gb": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=16,
                 num_key_value_heads=4, vocab_size=16000),
+    # ~3.1 GB in bf16 (6.3 GB in fp32): 32 layers of ~90 MB, the shape of a 1.5B Llama
+    "3gb-bf16": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=32, num_attention_heads=16,
+                     num_key_value_heads=4, vocab_size=32000),
     # ~0.9 GB in fp32: 12 layers of ~61 MB
     "1gb": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=12, num_attention_heads=8,
                 num_key_value_heads=2, vocab_size=16000),

@@ -167,6 +167,17 @@ class BatchGenerator:
                 layer_drop_prefix(layer, first)
             self.key_pos = self.key_pos[:, first:]
 
+    def _need(self, joining: list[Request]) -> tuple[int, int, int]:
+        """(rows, tokens this step, positions the cache reaches before any other joins) if ``joining``
+        join the live rows now: what the KV cache and workspace must hold at most."""
+        cols = self.key_pos.shape[1] if self.key_pos is not None else 0
+        step = max((len(r.prompt_ids) + len(r.token_ids) for r in joining), default=1)
+        live = self.rows + joining
+        left = max((r.max_new_tokens - len(r.token_ids) - 1 for r in live), default=0)
+        return len(live), step, cols + step + max(left, 0)
+
+    def _fits(self, joining: list[Request]) -> bool:
+        return self.engine.room_for(*self._need(joining))
     def _keepable(self, rows: list[Request]):
         """A lone sequence's cache, if it can seed the next one: its entries are exactly its positions
         0.._pos-1 in every layer (not so after a step that stopped midway, e.g. on Ctrl-C)."""
@@ -220,6 +231,10 @@ class BatchGenerator:
                 resumed = r.id
         self._kept = None
         while self.waiting and len(self.rows) + len(joined) < self.max_batch:
+            if not self._fits(joined + [self.waiting[0]]):  # the KV cache would outgrow the memory left: wait
+                if self.rows or joined:
+                    break
+                self.engine.make_room(*self._need(joined + [self.waiting[0]]))  # alone: stream layers for it
             r = self.waiting.popleft()
             r._joined_at = time.perf_counter()
             joined.append(r)

@@ -22,12 +22,13 @@ from layerrun.engine.telemetry import GenerationStats, peak_rss_bytes
 from layerrun.engine.threads import apply_threads
 from layerrun.engine.tokenizer import Tokenizer
 from layerrun.engine.trace import TraceRecorder
-from layerrun.errors import FormatError, LayerRunError
+from layerrun.errors import FileChangedError, FormatError, LayerRunError
 from layerrun.formats.convert import DTYPES
 from layerrun.formats.integrity import Verifier
 from layerrun.formats.manifest import Manifest
+from layerrun.io.guard import ModelFiles
 from layerrun.io.pipeline import LayerStream
-from layerrun.io.reader import FileReader
+from layerrun.io.reader import FileReader, views
 from layerrun.models.base import expert_index
 from layerrun.models.fast import FastLinear, available, fast_weights, owned
 
@@ -150,9 +151,10 @@ class Engine:
         progress: bool = False,
         stage=None,
     ):
-        from layerrun.engine.governor import plan_memory
+        from layerrun.engine.governor import DEFAULT_RESERVE, plan_memory, tame_allocator
         from layerrun.io.throttle import Throttle, parse_size
 
+        tame_allocator()  # freed activations and caches go back to the system (the governor counts on it)
         self.path = resolve_model_path(path)
         self.manifest = Manifest.read(self.path)
         self.config, self.model = load_config(self.path)
@@ -194,22 +196,35 @@ class Engine:
             raise LayerRunError(f"--batch-size must be >= 1, got {batch_size}")
         self.batch_size = int(batch_size)
         cast_factor = self.dtype.itemsize / stored.itemsize if self.dtype != stored else 1.0
-        self.plan = (stage.plan_memory if stage is not None else plan_memory)(
-            self.manifest, self.args, mode=mode, max_memory=budget, prefetch=prefetch, batch=batch_size,
-            context=self.context, device=self.device.type, elem_bytes=self.dtype.itemsize, cast_factor=cast_factor,
+        self._tokenizer: Tokenizer | None = None
+        if self.has_tokenizer:  # loaded now, so that the governor's measured baseline includes it
+            try:
+                self.tokenizer  # noqa: B018
+            except LayerRunError:
+                pass  # said again, where it is used
+        # The KV cache is planned for each sequence's first DEFAULT_RESERVE tokens and grows on demand.
+        self._mode_asked = mode
+        self._plan_kw = dict(
+            prefetch=prefetch, device=self.device.type, elem_bytes=self.dtype.itemsize, cast_factor=cast_factor,
             kv=kv_cache, moe_dense=getattr(self.model, "moe", False) and experts == "routed",
         )
+        self.plan = (stage.plan_memory if stage is not None else plan_memory)(
+            self.manifest, self.args, mode=mode, max_memory=budget, batch=batch_size,
+            context=min(self.context, DEFAULT_RESERVE), **self._plan_kw)
         self.mode = self.plan.mode
         self.kv_host = self.plan.kv_location == "host"
         self.reader_backend = self._pick_reader(reader)
-        self.reader = FileReader(self.path, "mmap" if self.reader_backend == "mmap" else "pread", self.verifier)
+        # Resident weights are private copies (pread; O_DIRECT where the streamed layers are read so): a
+        # mapped page of a file that later shrinks would kill the process. Streamed layers (and a bfloat16
+        # tied head's embeddings) may be mapped, under the guard of ``self.files``.
+        self.reader = FileReader(self.path, "direct" if self.reader_backend == "direct" else "pread", self.verifier)
+        self.files = ModelFiles(self.path, verifier=self.verifier)
         # Streamed MoE layers: expert -> its tensor names, and the names of everything else (staged ahead).
         self.expert_groups, self._dense_names = self._split_experts() if experts == "routed" else ({}, {})
         self._expert_bytes = {  # per streamed MoE layer: the bytes of all its experts
             i: sum(self.manifest.layer(i).tensors[n].nbytes for names in per.values() for n in names)
             for i, per in self.expert_groups.items()
         }
-        self._tokenizer: Tokenizer | None = None
         self.trace = TraceRecorder(enabled=trace)
         self._lock = threading.RLock()
         self._scheduler = None
@@ -236,9 +251,11 @@ class Engine:
 
     def _pick_reader(self, reader: str) -> str:
         """``auto``: mmap when the streamed layers fit in the page cache next to everything else
-        (no copy: 2.6-2.7x pread's tokens/s warm, bench/RESULTS.md), pread otherwise (a model
-        bigger than memory is read cold, where pread/O_DIRECT run at the disk's speed), and pread
-        under ``--throttle``, which only explicit reads can honour."""
+        (no copy: 2.6-2.7x pread's tokens/s warm, bench/RESULTS.md); O_DIRECT otherwise: the
+        streamed layers do not stay cached, so every token reads them from disk, and through the
+        page cache that is a copy more and, under a memory limit, a fight for the little cache left
+        (bench/RESULTS.md: partial mode in a cgroup); pread under ``--throttle``, which only
+        explicit reads can honour."""
         if reader != "auto":
             if reader not in ("pread", "direct", "mmap"):
                 raise LayerRunError(f"--reader {reader!r} is not one of: auto, pread, direct, mmap")
@@ -260,7 +277,7 @@ class Engine:
             room = min(room, limit - psutil.Process().memory_info().rss)
         if self.plan.budget and self.plan.mode != "full":
             room = min(room, self.plan.budget)  # a budget below the model means: do not map it all
-        return "mmap" if streamed + self.plan.need < 0.8 * room else "pread"
+        return "mmap" if streamed + self.plan.need < 0.8 * room else "direct"
 
     def _split_experts(self) -> tuple[dict[int, dict[int, list[str]]], dict[int, list[str]]]:
         """For each streamed mixture-of-experts layer: (expert -> its tensor names, the other names)."""
@@ -303,13 +320,113 @@ class Engine:
             self._stream = LayerStream(
                 self.path, [self.manifest.layer(i) for i in self.plan.streamed], depth=self.plan.prefetch,
                 backend=self.reader_backend, throttle=self.throttle, device=self.device,
-                prepare=self._prepare_streamed, clock_origin=self.trace.origin,
+                prepare=self._prepare_streamed, clock_origin=self.trace.origin, files=self.files,
                 subsets={  # staged ahead: what is neither an expert nor resident already
                     self.manifest.layer(i).name: [] if i in self._dense else names
                     for i, names in self._dense_names.items()
                 },
                 verifier=self.verifier,
             )
+
+    # ---- files that change on disk ---------------------------------------------
+    def file_problems(self) -> dict[str, str]:
+        """Model files found changed on disk (truncated, rewritten, replaced) and not restored since:
+        file name -> what is wrong. Requests that need them fail until they are restored."""
+        return self.files.problems()
+
+    def recheck_files(self) -> dict[str, str]:
+        """Check again the files with a recorded problem (a restored file is picked up again: the
+        pipeline restarts, dropping reads made while it was damaged); returns the problems left."""
+        before = self.files.problems()
+        if not before:
+            return before
+        left = self.files.recheck(self.manifest.files)
+        if len(left) < len(before):
+            with self._lock:
+                self._open_stream()
+        return left
+
+    # ---- memory for sequences ---------------------------------------------------
+    def _sequences_need(self, rows: int, step_tokens: int, keys: int) -> int:
+        from layerrun.engine.governor import sequences_need
+
+        return sequences_need(self.args, rows, step_tokens, keys, self.dtype.itemsize)
+
+    def room_for(self, rows: int, step_tokens: int, keys: int) -> bool:
+        """Whether ``rows`` sequences whose cache reaches ``keys`` positions, in a step of ``step_tokens``
+        tokens, fit in the memory the weights leave (the governor's ``plan.room``). A mode the caller
+        forced to ``full`` is not held to the budget (it was warned about at load)."""
+        if self._mode_asked == "full":
+            return True
+        return self._sequences_need(rows, step_tokens, keys) <= self.plan.room
+
+    def make_room(self, rows: int, step_tokens: int, keys: int) -> None:
+        """Grow the KV cache's reservation for a sequence that does not fit as the engine stands: plan
+        again with it (the budget measured at load) and stream the resident layers the new plan no
+        longer keeps. Only where the mode was left to the governor (auto, partial)."""
+        from layerrun.engine.governor import fmt, plan_memory
+
+        if self._mode_asked not in ("auto", "partial") or not self.plan.resident or self._dense:
+            return
+        if self.stage is not None:  # torchrun: each rank keeps the plan of its layers made at load
+            return
+        try:
+            new = plan_memory(self.manifest, self.args, mode=self._mode_asked, batch=rows, context=keys,
+                              budget=self.plan.budget, baseline=self.plan.baseline, **self._plan_kw)
+        except LayerRunError:
+            new = None
+        k_old = len(self.plan.resident)
+        k = min(len(new.resident), k_old) if new is not None else 0
+        if k == k_old:
+            return
+        L = self.args.num_hidden_layers
+        for i in range(k, k_old):
+            self._resident.pop(i, None)
+        need = self._sequences_need(rows, step_tokens, keys)
+        line = (f"the KV cache grew to {rows} x {keys} tokens ({fmt(need)} with workspace): layers {k}..{k_old - 1} "
+                f"are streamed from now on, {k} of {L} stay resident")
+        base = new if new is not None else self.plan
+        self.plan = type(base)(
+            "partial" if k else "stream", list(range(k)), list(range(k, L)), base.prefetch, base.kv_location,
+            base.budget, base.need, base.lines + [line], baseline=base.baseline, reserve=(rows, keys),
+            reserved=base.reserved)
+        self.mode = self.plan.mode
+        self.notes.append(line)
+        self._open_stream()
+
+    def check_memory(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        """Refuse a sequence that could not run alone even with every layer streamed, naming the figures."""
+        from layerrun.engine.governor import fmt, plan_memory
+
+        keys = prompt_tokens + max_new_tokens
+        if self._mode_asked == "full" or self.room_for(1, prompt_tokens, keys):
+            return
+        mode = "stream" if self._mode_asked == "stream" else "auto"
+        try:
+            bare = plan_memory(self.manifest, self.args, mode="stream", batch=1, context=1, budget=self.plan.budget,
+                               baseline=self.plan.baseline, **{**self._plan_kw, "prefetch": self.plan.prefetch})
+        except LayerRunError:
+            return  # not even one token: loading would have refused; nothing better to say here
+        # auto/partial: every resident layer could be streamed for it (make_room); else the plan stands
+        room = bare.room if mode == "auto" and not self._dense else self.plan.room
+        need = self._sequences_need(1, prompt_tokens, keys)
+        if need <= room:
+            return
+        fit = 0
+        lo, hi = prompt_tokens + 1, keys
+        while lo <= hi:  # the longest sequence that fits (needs grow with its length)
+            mid = (lo + hi) // 2
+            if self._sequences_need(1, prompt_tokens, mid) <= room:
+                fit, lo = mid, mid + 1
+            else:
+                hi = mid - 1
+        what = (f"at most {fit - prompt_tokens} new tokens (max_tokens / --max-new-tokens)" if fit > prompt_tokens
+                else "a shorter prompt")
+        raise LayerRunError(
+            f"this request needs {fmt(need)} of KV cache and workspace ({prompt_tokens} prompt tokens + up to "
+            f"{max_new_tokens} new); the memory budget leaves {fmt(room)} for them with "
+            f"{'every layer streamed' if mode == 'auto' else 'the layers as planned'}. Would fit: {what}, "
+            "or more memory for the process")
 
     # ---- weights ---------------------------------------------------------
     def _prepare_weights(self, w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -336,25 +453,56 @@ class Engine:
         A tied head (the embedding matrix) in bfloat16 runs 2.2x faster packed for oneDNN, but the
         packed copy cannot serve embedding lookups. When the file is stored in the compute dtype, the
         embeddings are then a memory map of it (a lookup touches a few rows; nothing is copied) and
-        the packed head the one copy in memory, as many bytes as the embeddings took before.
+        the packed head the one copy in memory, as many bytes as the embeddings took before. The map is
+        lease-guarded (``self.files``): a lookup touches its pages only while acquired (:meth:`_embed`), so
+        a file truncated under the process is an error naming it, never SIGBUS; where no lease can be
+        had, the embeddings are a private copy.
         """
         final = self._load_resident(self.manifest.final)
         tied = "lm_head.weight" not in final
+        self._emb_map = None
         if self.fast and tied and self.dtype == stored == torch.bfloat16 and available(self.dtype):
-            self._emb_reader = FileReader(self.path, "mmap", self.verifier)  # owns the mapping the embeddings view
-            w, _ = self._emb_reader.read(self.manifest.embeddings)
-            emb = self.model.sanitize(w)
-            final["lm_head.weight"] = FastLinear(emb["embed_tokens.weight"], pack=True)
-            self._emb_reader.drop(self.manifest.embeddings)  # packing read every row; lookups need a few
             e = self.manifest.embeddings
-            self._loading.advance(e.bytes - e.data_start, e.name)
-            return emb, final
+            m = self.files.mapped(e)
+            if m is not None and m.acquire():
+                try:
+                    emb = self.model.sanitize(views(e, m.tensor, 0))
+                    final["lm_head.weight"] = FastLinear(emb["embed_tokens.weight"], pack=True)
+                finally:
+                    m.release()
+                m.drop()  # packing read every row; lookups need a few
+                self._emb_map = m
+                self._loading.advance(e.bytes - e.data_start, e.name)
+                return emb, final
         emb = self._load_resident(self.manifest.embeddings, pack=False)
         if self.fast and tied and "embed_tokens.weight" in emb:
             head = fast_weights({"lm_head.weight": emb["embed_tokens.weight"]}, pack=False)["lm_head.weight"]
             if isinstance(head, FastLinear):  # float32: oneDNN on the same tensor, no copy
                 final["lm_head.weight"] = head
         return emb, final
+
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """The input embeddings of ``ids`` (a new tensor). Mapped embeddings are touched only under their
+        lease; a file that changed since is checked and mapped again (FileChangedError if it is not the
+        manifest's any more)."""
+        m = self._emb_map
+        if m is None:
+            return self.model.embed(self.embeddings, ids)
+        for _ in range(3):
+            if m.acquire():
+                try:
+                    return self.model.embed(self.embeddings, ids)
+                finally:
+                    m.release()
+            e = self.manifest.embeddings
+            m = self.files.mapped(e)
+            if m is None:  # no lease any more: a private copy
+                w, _ = self.reader.read(e)
+                self.embeddings, self._emb_map = self.model.sanitize(w), None
+                return self.model.embed(self.embeddings, ids)
+            self.embeddings, self._emb_map = self.model.sanitize(views(e, m.tensor, 0)), m
+        raise FileChangedError(f"{self.path / self.manifest.embeddings.name}: the model file keeps changing on "
+                               "disk; requests that need it fail until it is left alone")
 
     def _cast(self, w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: (v.to(self.dtype) if v.is_floating_point() and v.dtype != self.dtype else v) for k, v in w.items()}
@@ -400,7 +548,7 @@ class Engine:
         if key_valid is not None:
             key_valid = key_valid.to(self.device)
         step_t0 = time.perf_counter()
-        x = self.model.embed(self.embeddings, ids)
+        x = self._embed(ids)
         if collect is not None:
             collect.append(x.float().cpu())
         ctx = self.model.prepare(positions, key_valid, past + ids.shape[1], self.dtype)
@@ -661,7 +809,9 @@ class Engine:
                 )
             raise LayerRunError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {ctx_len}")
         stops = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
-        return prompt_ids, min(max_new_tokens, ctx_len - len(prompt_ids)), params, sampler, stops
+        max_new = min(max_new_tokens, ctx_len - len(prompt_ids))
+        self.check_memory(len(prompt_ids), max_new)
+        return prompt_ids, max_new, params, sampler, stops
 
     def generate(self, prompt, **kwargs) -> Generation:
         """Generate to completion; returns text, token ids, finish reason and stats (and per-token
@@ -685,9 +835,9 @@ class Engine:
         stats.peak_rss_bytes = peak_rss_bytes()
         if self.device.type == "cuda":
             stats.peak_vram_bytes = torch.cuda.max_memory_allocated(self.device)
-        note = self._stream.reader.note if self._stream is not None else None
-        if note and note not in stats.notes:
-            stats.notes.append(note)
+        for note in (self._stream.reader.note if self._stream is not None else None, self.files.note):
+            if note and note not in stats.notes:
+                stats.notes.append(note)
         stats.direct_io = bool(self._stream is not None and self._stream.reader.backend == "direct")
 
     async def astream(self, prompt, **kwargs):
@@ -807,8 +957,7 @@ class Engine:
             self._stream.close()
             self._stream = None
         self.reader.close()
-        if getattr(self, "_emb_reader", None) is not None:
-            self._emb_reader.close()
+        self.files.close()  # leases released: writers no longer wait on this process
         self._resident.clear()
 
     def __enter__(self):

@@ -21,9 +21,23 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from layerrun.errors import LayerRunError
+from layerrun.errors import FileChangedError, FormatError, LayerRunError
 
 log = logging.getLogger("layerrun.engine")
+
+
+class Failure(str):
+    """Why a sequence failed (what ``deliver`` gets instead of an event), with the OpenAI-style ``code``
+    and the HTTP status a server answers it with."""
+
+    code: str | None = None
+    status: int = 500
+
+    @classmethod
+    def of(cls, message: str, code: str | None = None, status: int = 500) -> Failure:
+        f = cls(message)
+        f.code, f.status = code, status
+        return f
 
 
 @dataclass(eq=False)
@@ -106,6 +120,12 @@ class Scheduler:
                 if self.bg.busy:
                     self._step()
                 self._idle()
+            except FileChangedError as e:  # a model file changed on disk mid-step: these sequences cannot go on
+                log.error("layerrun: %s", e)
+                self._fail_all(Failure.of(str(e), "model_file_changed"))
+            except FormatError as e:  # a damaged model file found mid-step (first use): it names the file
+                log.error("layerrun: %s", e)
+                self._fail_all(Failure.of(str(e), "model_file_error"))
             except Exception:  # a bug: keep serving, and say what happened
                 log.exception("layerrun scheduler: unexpected error")
                 self._fail_all("internal error in the engine's scheduler (see the log)")
@@ -118,7 +138,7 @@ class Scheduler:
             j.req = self.bg.request(j.prompt, **j.options)
         except (LayerRunError, ValueError, RuntimeError) as e:  # bad input: only this job fails
             j.finished = True
-            self._emit([(j, str(e))])
+            self._emit([(j, Failure.of(str(e), status=400))])
             return
         self._jobs[j.req.id] = j
 

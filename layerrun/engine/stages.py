@@ -199,7 +199,7 @@ class Stage:
             if self.micro and cache is not None and collect is None and B > 1:
                 x = self._forward_micro(engine, ids, cache, positions, key_valid, stats, last_only, past)
                 return self._head(engine, x, stats, step_t0)
-            x = engine.model.embed(engine.embeddings, ids.to(engine.device))
+            x = engine._embed(ids.to(engine.device))
             if len(self.layers):
                 kv = key_valid.to(engine.device) if key_valid is not None else None
                 ctx = engine.model.prepare(positions.to(engine.device), kv, past + T, engine.dtype)
@@ -249,7 +249,7 @@ class Stage:
         dev = engine.device
         sent = []
         for i, (a, b) in enumerate(groups):
-            x = engine.model.embed(engine.embeddings, ids[a:b].to(dev))
+            x = engine._embed(ids[a:b].to(dev))
             kv = key_valid[a:b] if key_valid is not None else None
             if len(self.layers):
                 ctx = engine.model.prepare(positions[a:b].to(dev), kv.to(dev) if kv is not None else None, past + T,

@@ -30,16 +30,18 @@ import os
 import threading
 import time
 import weakref
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from layerrun.errors import FormatError
+from layerrun.errors import FileChangedError, FormatError
 from layerrun.formats.aligned import ALIGN
 from layerrun.formats.integrity import Verifier
 from layerrun.formats.manifest import FileEntry
-from layerrun.io.reader import FileReader, aligned_empty, check_size, open_layer_file, verify_buffer, views
+from layerrun.io.guard import MappedFile, ModelFiles, Stamp
+from layerrun.io.reader import aligned_empty, verify_buffer, views
 from layerrun.io.throttle import Throttle
 
 IO_CHUNK = 16 * 1024 * 1024  # bytes per preadv; a layer is split into several concurrent reads
@@ -67,63 +69,80 @@ class StagedLayer:
     entry: FileEntry | None = None
     partial: bool = False  # only the staging subset was read; the rest comes through LayerStream.fetch
     copy_start: object | None = None  # CUDA timing event recorded before the copy
+    guard: MappedFile | None = None  # weights view this lease-guarded mapping: touched only while acquired
+
+
+READS_KEPT = 4096  # the latest read records a pipeline keeps (a server's pipeline reads forever)
 
 
 @dataclass
 class PipelineStats:
-    reads: list[ReadRecord] = field(default_factory=list)
+    reads: deque[ReadRecord] | list[ReadRecord] = field(default_factory=lambda: deque(maxlen=READS_KEPT))
     stall_s: float = 0.0
     direct: bool = False
     notes: list[str] = field(default_factory=list)
 
 
 class ChunkedReader:
-    """Reads one layer file's data region into a slot with several concurrent preadv calls."""
+    """Reads one layer file's data region into a slot with several concurrent preadv calls.
 
-    def __init__(self, folder, backend: str, throttle: Throttle | None, pool: cf.ThreadPoolExecutor):
+    Descriptors stay open between reads; before each read the file at the path is checked to be
+    the one open and unchanged (``files``: see :mod:`layerrun.io.guard`), and after it, that it did
+    not change while it was read."""
+
+    def __init__(self, folder, backend: str, throttle: Throttle | None, pool: cf.ThreadPoolExecutor,
+                 files: ModelFiles | None = None):
         self.folder = Path(folder)
         self.backend = backend
         self.throttle = throttle
         self.pool = pool
+        self.files = files or ModelFiles(folder)
         self.note: str | None = None
         self._fds: dict[str, int] = {}
         self._stats: dict[str, os.stat_result] = {}
         self._lock = threading.Lock()
 
-    def _fd(self, entry: FileEntry) -> int:
+    def _fd(self, entry: FileEntry) -> tuple[int, Stamp]:
         with self._lock:
             fd = self._fds.get(entry.name)
             if fd is not None:
-                return fd
+                st = self.files.same_file(entry, fd)
+                if st is not None:
+                    return fd, st
+                os.close(self._fds.pop(entry.name))  # another file is at the path now: open and check it
+            fd = None
             if self.backend == "direct" and hasattr(os, "O_DIRECT"):
                 try:
-                    fd, st = open_layer_file(self.folder, entry, direct=True)
+                    fd = self.files.open(entry, direct=True)
+                except FileChangedError:
+                    raise
                 except OSError as e:
                     self.note = f"O_DIRECT unavailable on this filesystem ({e.strerror}); fell back to pread"
                     self.backend = "pread"
             if fd is None:
-                fd, st = open_layer_file(self.folder, entry)
+                fd = self.files.open(entry)
             try:
-                check_size(self.folder, entry, st.st_size)
-            except FormatError:
+                st = self.files.accept(entry, fd)
+                self._stats[entry.name] = os.fstat(fd)
+            except BaseException:
                 os.close(fd)
                 raise
             self._fds[entry.name] = fd
-            self._stats[entry.name] = st
-            return fd
+            return fd, st
 
     def stat(self, entry: FileEntry) -> os.stat_result:
-        """The fstat of the open file (taken when it was opened): its identity for verification."""
+        """The fstat of the open file (taken when it was last checked): its identity for verification."""
         self._fd(entry)
         return self._stats[entry.name]
 
-    def _read_range(self, fd: int, arr: memoryview, file_off: int, length: int, limit: int) -> int:
+    def _read_range(self, fd: int, arr: memoryview, file_off: int, length: int, limit: int, entry: FileEntry) -> int:
         t0 = time.perf_counter()
         pos = 0
         while pos < limit:
             got = os.preadv(fd, [arr[pos:length]], file_off + pos)
             if got <= 0:
-                raise FormatError(f"unexpected end of file at byte {file_off + pos}")
+                raise self.files.changed_during_read(entry, f"it ends at byte {file_off + pos} (the manifest says "
+                                                            f"{entry.bytes})")
             pos += got
         if self.throttle:
             self.throttle.wait(limit, t0)
@@ -135,7 +154,7 @@ class ChunkedReader:
         ``buf`` mirrors the file from its data start on; ``ranges`` (absolute ``(start, end)`` file
         offsets) reads only those parts, each to its own place in ``buf``. Returns bytes read.
         """
-        fd = self._fd(entry)
+        fd, before = self._fd(entry)
         base = entry.data_start
         direct = self.backend == "direct"
         arr = memoryview(buf.numpy())
@@ -151,17 +170,18 @@ class ChunkedReader:
                 length = ((want + ALIGN - 1) // ALIGN) * ALIGN if direct else want  # O_DIRECT: whole blocks
                 rel = off - base
                 length = min(length, buf.numel() - rel)
-                jobs.append((fd, arr[rel : rel + length], off, length, want))
+                jobs.append((fd, arr[rel : rel + length], off, length, want, entry))
         if len(jobs) == 1:  # one chunk: read it here rather than wake a pool thread and wait for it
             self._read_range(*jobs[0])
-            return total
-        for f in [pool.submit(self._read_range, *job) for job in jobs]:
-            f.result()
+        else:
+            for f in [pool.submit(self._read_range, *job) for job in jobs]:
+                f.result()
+        self.files.still(entry, fd, before)  # not changed while it was read (else the bytes may be torn)
         return total
 
     def drop_cache(self, entry: FileEntry) -> None:
         """Evict the file from the page cache (for cold-read benchmarks)."""
-        fd = self._fd(entry)
+        fd, _ = self._fd(entry)
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
@@ -188,11 +208,14 @@ class LayerStream:
         clock_origin: float | None = None,
         subsets: dict[str, list[str]] | None = None,
         verifier: Verifier | None = None,
+        files: ModelFiles | None = None,
     ):
         """``subsets`` maps a file name to the tensors staged ahead of compute; the rest of that file
         is read on demand by :meth:`fetch` (a mixture-of-experts layer's routed experts).
         ``verifier``: files not yet verified are hashed and checked in the staging thread, before the
-        layer is handed to compute (and staged whole the first time, so the hash covers every byte)."""
+        layer is handed to compute (and staged whole the first time, so the hash covers every byte).
+        ``files``: the folder's files as the process uses them (identity checks, lease-guarded
+        mappings), shared with the pipelines opened before and after this one."""
         self.verifier = verifier
         self.entries = entries
         self.subsets = {k: set(v) for k, v in (subsets or {}).items()}
@@ -216,7 +239,8 @@ class LayerStream:
         # threads, or a small pool deadlocks with every thread waiting on reads queued behind it.
         self.pool = cf.ThreadPoolExecutor(max_workers=n_slots, thread_name_prefix="layerrun-stage")
         self.io_pool = cf.ThreadPoolExecutor(max_workers=io_threads or max(4, 2 * n_slots), thread_name_prefix="layerrun-io")
-        self.reader = ChunkedReader(folder, backend, throttle, self.io_pool)
+        self.files = files or ModelFiles(folder, verifier=verifier)
+        self.reader = ChunkedReader(folder, backend, throttle, self.io_pool, self.files)
         # On-demand reads sit on the critical path: their own threads, never queued behind prefetch chunks.
         self.fetch_pool = cf.ThreadPoolExecutor(max_workers=4, thread_name_prefix="layerrun-fetch")
         self.stats.direct = backend == "direct"
@@ -226,14 +250,15 @@ class LayerStream:
         self._results: dict[int, cf.Future] = {}
         self._flock = threading.Lock()
         self.backend = backend
-        self._mmap_reader = FileReader(folder, "mmap", verifier) if backend == "mmap" else None
+        self._mapped = backend == "mmap" and not self.cuda  # views of lease-guarded mappings, no slots
+        self._held: dict[int, MappedFile] = {}  # seq -> mapping acquired for compute, released by release()
         self._next_consume = 0
         self._closed = False
         # mmap on CPU: staging is making views and a read-ahead hint, microseconds of work, so it runs
         # inline in the compute thread; the kernel reads ahead on the hints (MADV_WILLNEED) given
         # ``depth`` layers early. No thread wakes up per layer to compete with compute for the cores
         # (bench/RESULTS.md, "Compute speed").
-        self.inline = self._mmap_reader is not None and not self.cuda
+        self.inline = self._mapped
         self._hinted = -1  # the last sequence number whose layer was given a read-ahead hint
         self._probe = bytearray(mmap.PAGESIZE)
         # Reads ahead (pread / O_DIRECT, or CUDA): each free slot is submitted straight to the stage
@@ -281,19 +306,35 @@ class LayerStream:
         # Views only of what is staged: a MoE layer holds hundreds of expert tensors, and making
         # views of them all per step is Python work that competes with compute for the GIL.
         staged_entry = entry if subset is None else self._subset_entries[entry.name]
-        if self._mmap_reader is not None and not self.cuda:
-            # mmap: no slot, tensors view the mapping; touching the pages now faults them in ahead of compute.
-            w = views(staged_entry, self._mmap_reader.mapping(entry), 0)
-            if not (self.inline and seq <= self._hinted):  # inline: hinted already, depth layers ago
-                self._mmap_reader.advise(entry, ranges)
-            n = entry.bytes - entry.data_start if subset is None else sum(b - a for a, b in ranges)
-            rec = ReadRecord(layer, n, t0, time.perf_counter())
-            return StagedLayer(rec.layer, self.prepare(w), slot, rec, seq, None, entry, subset is not None)
+        if self._mapped:
+            # mmap: no slot, tensors view the mapping (verified when it was made); the read-ahead hint
+            # faults them in ahead of compute.
+            m = self.files.mapped(entry)
+            if m is not None and m.acquire():
+                try:
+                    if not (self.inline and seq <= self._hinted):  # inline: hinted already, depth layers ago
+                        m.advise(ranges)
+                    n = entry.bytes - entry.data_start if subset is None else sum(b - a for a, b in ranges)
+                    rec = ReadRecord(layer, n, t0, time.perf_counter())
+                    w = self.prepare(views(staged_entry, m.tensor, 0))  # may touch pages (casts, sanitize)
+                finally:
+                    m.release()
+                return StagedLayer(rec.layer, w, slot, rec, seq, None, entry, subset is not None, guard=m)
+            # No lease on this file: a private copy read with pread, which a shrinking file cannot fault.
+            if self.slots[slot].numel() < self.slot_bytes:
+                self.slots[slot] = aligned_empty(self.slot_bytes)
+            verify = self.verifier is not None and self.verifier.needed(entry, self.reader.stat(entry))
+            if verify:
+                subset, ranges, staged_entry = None, None, entry
         n = self.reader.read(entry, self.slots[slot], ranges)
         if verify:  # here, in the staging thread: compute never sees bytes that were not checked
             data = self.slots[slot][: entry.bytes - entry.data_start]
-            verify_buffer(self.verifier, self.reader.folder, entry, self.reader.stat(entry),
-                          memoryview(data.numpy()), entry.data_start, views(entry, self.slots[slot], entry.data_start))
+            st = self.reader.stat(entry)
+            try:
+                verify_buffer(self.verifier, self.reader.folder, entry, st, memoryview(data.numpy()), entry.data_start,
+                              views(entry, self.slots[slot], entry.data_start))
+            except FormatError as e:  # recorded: /health names the file, requests get 503 until it is replaced
+                raise self.files.damaged(entry, st, e) from None
         rec = ReadRecord(layer, n, t0, time.perf_counter())
         if not self.cuda:
             w = views(staged_entry, self.slots[slot], entry.data_start)
@@ -304,8 +345,8 @@ class LayerStream:
     def _needs_verify(self, entry: FileEntry) -> bool:
         if self.verifier is None:
             return False
-        if self._mmap_reader is not None and not self.cuda:
-            return False  # the mapping verifies itself when it is made
+        if self._mapped:
+            return False  # the mapping verifies itself when it is made (a pread fallback checks in _stage)
         return self.verifier.needed(entry, self.reader.stat(entry))
 
     def _to_device(self, entry: FileEntry, slot: int, ranges, view_entry: FileEntry):
@@ -338,11 +379,11 @@ class LayerStream:
         sub = _subset_entry(entry, set(names))
         ranges = tensor_ranges(sub, sub.tensors)
         t0 = time.perf_counter()
-        mapped = self._mmap_reader is not None and not self.cuda
+        mapped = staged.guard is not None  # acquired by next() until release(): its pages may be touched
         if mapped:
             # No copy: compute touches the mapped pages. The read-ahead hint runs beside compute, which
             # faults in whatever the kernel has not yet read; on a warm cache the hint costs nothing.
-            self.fetch_pool.submit(self._mmap_reader.advise, entry, ranges)
+            self.fetch_pool.submit(staged.guard.advise, ranges)
         else:
             self.reader.read(entry, self.slots[staged.slot], ranges, pool=self.fetch_pool)
         rec = ReadRecord(staged.layer, sum(b - a for a, b in ranges), t0, time.perf_counter())
@@ -351,7 +392,7 @@ class LayerStream:
             torch.cuda.current_stream(self.device).wait_event(event)
             staged.event = event  # release() waits for this copy before the host slot is reused
             return w, rec
-        buf, base = (self._mmap_reader.mapping(entry), 0) if mapped else (self.slots[staged.slot], entry.data_start)
+        buf, base = (staged.guard.tensor, 0) if mapped else (self.slots[staged.slot], entry.data_start)
         return self.prepare(views(sub, buf, base)), rec
 
     # ---- the compute side ---------------------------------------------------
@@ -363,11 +404,16 @@ class LayerStream:
         if not self.threaded:  # depth 0 or inline mmap: stage here (depth 0: read into the single slot)
             if self.inline:
                 self._hint_ahead(seq)
-            staged = self._stage(seq, self.entries[seq % len(self.entries)], 0)
+            # (inline, a file read with pread for want of a lease uses the slots in turn)
+            staged = self._stage(seq, self.entries[seq % len(self.entries)], seq % len(self.slots))
         else:
             staged = self._future(seq).result()
             with self._flock:
                 self._results.pop(seq, None)
+        if staged.guard is not None and not staged.guard.acquire():
+            staged = self._restage(staged)  # the file changed after it was staged: check it and map it again
+        if staged.guard is not None:
+            self._held[staged.seq] = staged.guard
         if staged.event is not None:
             torch.cuda.current_stream(self.device).wait_event(staged.event)  # compute runs after the copy
         self.stats.stall_s += time.perf_counter() - t0  # at depth 0 (no overlap) every read is a stall
@@ -382,26 +428,42 @@ class LayerStream:
         for k in range(max(seq + 1, self._hinted + 1), seq + self.depth + 1):
             e = self.entries[k % n]
             self._hinted = k
-            if self._cached(e):
+            try:
+                m = self.files.mapped(e)
+            except FormatError:
+                continue  # a hint only: staging the layer raises it, naming the file
+            if m is None or self._cached(m):
                 continue
             subset = None if self.whole else self.subsets.get(e.name)
-            self._mmap_reader.mapping(e)
-            self._mmap_reader.advise(e, None if subset is None else self._subset_ranges[e.name])
+            m.advise(None if subset is None else self._subset_ranges[e.name])
 
-    def _cached(self, entry: FileEntry) -> bool:
-        """Whether a file's data looks resident in the page cache: a non-blocking read
+    def _cached(self, m: MappedFile) -> bool:
+        """Whether a mapped file's data looks resident in the page cache: a non-blocking read
         (``RWF_NOWAIT``) of one page at its start, middle and end succeeds. False where unsupported."""
-        if not hasattr(os, "RWF_NOWAIT"):
+        if not hasattr(os, "RWF_NOWAIT") or not m.acquire():  # acquired: its descriptor stays open
             return False
-        fd = self.reader._fd(entry)
-        page = mmap.PAGESIZE
-        for off in (entry.data_start, (entry.data_start + entry.bytes) // 2, entry.bytes - 1):
-            try:
-                if os.preadv(fd, [self._probe], off - off % page, os.RWF_NOWAIT) <= 0:
+        try:
+            entry, page = m.entry, mmap.PAGESIZE
+            for off in (entry.data_start, (entry.data_start + entry.bytes) // 2, entry.bytes - 1):
+                try:
+                    if os.preadv(m.fd, [self._probe], off - off % page, os.RWF_NOWAIT) <= 0:
+                        return False
+                except OSError:  # BlockingIOError (EAGAIN): not cached; EOPNOTSUPP: cannot tell
                     return False
-            except OSError:  # BlockingIOError (EAGAIN): not cached; EOPNOTSUPP: cannot tell
-                return False
-        return True
+            return True
+        finally:
+            m.release()
+
+    def _restage(self, staged: StagedLayer) -> StagedLayer:
+        """Stage ``staged``'s layer again, now (its mapping was revoked: the file was opened for writing or
+        truncated since). The file is checked against the manifest again; a file that no longer matches
+        raises FileChangedError naming it. Returns the new staged layer, its mapping acquired."""
+        for _ in range(3):
+            new = self._stage(staged.seq, staged.entry, staged.slot)
+            if new.guard is None or new.guard.acquire():
+                return new
+        raise FileChangedError(f"{self.files.folder / staged.entry.name}: the model file keeps changing on disk; "
+                               "requests that need it fail until it is left alone")
 
     def release(self, staged: StagedLayer) -> None:
         """Hand the slot back; the pipeline refills it with the next layer at once.
@@ -410,6 +472,9 @@ class LayerStream:
         only after the compute that reads it: the copy stream waits for the compute stream's work
         queued so far. The copy's duration (CUDA events) goes into ``staged.record.copy_s``.
         """
+        guard = self._held.pop(staged.seq, None)
+        if guard is not None:
+            guard.release()  # compute is done with its pages
         if staged.event is not None:
             staged.event.synchronize()
             if staged.copy_start is not None:
@@ -426,6 +491,9 @@ class LayerStream:
         self.pool.shutdown(wait=True, cancel_futures=True)
         self.io_pool.shutdown(wait=True, cancel_futures=True)
         self.fetch_pool.shutdown(wait=True, cancel_futures=True)
+        for guard in self._held.values():  # a pass that stopped midway (an error): its layer's mapping is let go
+            guard.release()
+        self._held.clear()
         self.reader.close()
 
     def __del__(self):

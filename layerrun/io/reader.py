@@ -5,14 +5,15 @@ Backends:
 - ``direct``: the same with ``O_DIRECT`` (no page cache; needs 4096-aligned
   offsets, lengths and buffers, which the layered format guarantees). Falls back
   to ``pread`` where the filesystem refuses it (tmpfs), and says so.
-- ``mmap``: the file is memory-mapped and tensors are views of the mapping (no
-  copy at all; pages are faulted in by compute).
+- ``mmap``: for whole-file reads here, the same as ``pread``: a mapped page that a
+  shrinking file no longer has kills the process (SIGBUS), so views of a mapping are
+  handed out only under a file lease (:mod:`layerrun.io.guard`: the pipeline's
+  streamed layers, the engine's mapped embeddings).
 """
 
 from __future__ import annotations
 
 import hashlib
-import mmap
 import os
 import time
 from dataclasses import dataclass
@@ -127,7 +128,6 @@ class FileReader:
         self.backend = backend
         self.verifier = verifier
         self.fallback_note: str | None = None
-        self._maps: dict[str, tuple[mmap.mmap, torch.Tensor]] = {}
 
     def _open(self, entry: FileEntry) -> tuple[int, str, os.stat_result]:
         if self.backend == "direct" and hasattr(os, "O_DIRECT"):
@@ -148,8 +148,6 @@ class FileReader:
         t0 = time.perf_counter()
         base = entry.data_start
         n = entry.bytes - base
-        if self.backend == "mmap":
-            return self._read_mmap(entry, t0)
         fd, used, st = self._open(entry)
         try:
             self._check_size(entry, st.st_size)
@@ -180,11 +178,6 @@ class FileReader:
         buffer or mapping that would keep the rest alive). Reads just their byte ranges."""
         t0 = time.perf_counter()
         names = set(names)
-        if self.backend == "mmap":
-            w, _ = self._read_mmap(entry, t0)
-            out = {k: v.clone() for k, v in w.items() if k in names}
-            n = sum(t.nbytes for k, t in entry.tensors.items() if k in names)
-            return out, ReadStat(entry.name, n, t0, time.perf_counter(), "mmap")
         path = self.folder / entry.name
         fd, st = open_layer_file(self.folder, entry)
         out, n = {}, 0
@@ -206,51 +199,5 @@ class FileReader:
             os.close(fd)
         return out, ReadStat(entry.name, n, t0, time.perf_counter(), "pread")
 
-    def _read_mmap(self, entry: FileEntry, t0: float):
-        t = self.mapping(entry)
-        n = entry.bytes - entry.data_start
-        return views(entry, t, 0), ReadStat(entry.name, n, t0, time.perf_counter(), "mmap")
-
-    def mapping(self, entry: FileEntry) -> torch.Tensor:
-        """The whole file, memory-mapped (once) as a uint8 tensor."""
-        if entry.name not in self._maps:
-            fd, st = open_layer_file(self.folder, entry)
-            try:
-                self._check_size(entry, st.st_size)
-                mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
-            finally:
-                os.close(fd)
-            import warnings
-
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # read-only buffer: we never write to it
-                t = torch.frombuffer(mm, dtype=torch.uint8)
-            if self.verifier is not None and self.verifier.needed(entry, st):
-                verify_buffer(self.verifier, self.folder, entry, st, memoryview(mm)[entry.data_start:],
-                              entry.data_start, views(entry, t, 0))
-            self._maps[entry.name] = (mm, t)
-        return self._maps[entry.name][1]
-
-    def advise(self, entry: FileEntry, ranges=None) -> None:
-        """Ask the kernel to read a mapped file (or only ``ranges`` of it) ahead of use."""
-        mm = self._maps[entry.name][0] if entry.name in self._maps else None
-        if mm is None or not hasattr(mm, "madvise"):
-            return
-        if ranges is None:
-            mm.madvise(mmap.MADV_WILLNEED)
-            return
-        page = mmap.PAGESIZE
-        for a, b in ranges:
-            a0 = a - a % page
-            mm.madvise(mmap.MADV_WILLNEED, a0, b - a0)
-
-    def drop(self, entry: FileEntry) -> None:
-        """Unmap a mapped file's pages from this process (``MADV_DONTNEED``; they stay in the page
-        cache, and a later access maps them again): after a pass over the whole file that is not
-        repeated, so they stop counting as this process's resident memory."""
-        mm = self._maps[entry.name][0] if entry.name in self._maps else None
-        if mm is not None and hasattr(mm, "madvise"):
-            mm.madvise(mmap.MADV_DONTNEED)
-
     def close(self) -> None:
-        self._maps.clear()
+        pass

@@ -25,12 +25,12 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from layerrun import __version__
-from layerrun.errors import LayerRunError
+from layerrun.errors import FileChangedError, FormatError, LayerRunError
 from layerrun.io.throttle import parse_size
 from layerrun.server.common import APIError, Backend
 from layerrun.server.extras import register_extras
@@ -141,14 +141,23 @@ def create_app(
         msg = f"{request.method} {request.url.path}: {e.detail}"
         return APIError(e.status_code, msg, type=kind, headers=getattr(e, "headers", None)).response()
 
+    @app.exception_handler(FormatError)
+    async def _file_error(request: Request, e: FormatError):  # a model file damaged or changed on disk (it names it)
+        code = "model_file_changed" if isinstance(e, FileChangedError) else "model_file_error"
+        return APIError(500, str(e), type="server_error", code=code).response()
+
     @app.exception_handler(Exception)
     async def _internal(request: Request, e: Exception):
         return APIError(500, f"internal error: {type(e).__name__}: {e}", type="internal_error").response()
 
     # ---- plain endpoints ------------------------------------------------------
-    @app.get("/health", summary="200 while the engine worker runs")
+    @app.get("/health", summary="200 while the engine worker runs and the model files are intact")
     async def health():
-        backend.check_alive()  # 503 naming the stage, under torchrun, when a rank is gone
+        backend.check_alive()  # 503: the worker stopped, or (torchrun) a stage is gone, naming it
+        problems = await backend.file_problems()
+        if problems:
+            return JSONResponse({"status": "model_file_changed", "files": problems,
+                                 "message": " ".join(problems.values())}, status_code=503)
         stage = getattr(engine, "stage", None)
         return {"status": "ok"} if stage is None else {"status": "ok", "stages": stage.world}
 

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
+from layerrun.errors import LayerRunError
 from layerrun.server.metrics import ServerMetrics
 from layerrun.server.worker import Output, Ticket, Worker
 
@@ -86,11 +89,40 @@ class Backend:
         if not self.worker.alive:
             raise APIError(503, "the engine worker is not running", type="service_unavailable")
 
+    # ---- model files that changed on disk ----------------------------------------------
+    async def file_problems(self) -> dict[str, str]:
+        """Model files found changed on disk and not restored, checked again now (off the loop: it may
+        hash a file): file name -> what is wrong."""
+        if not self.engine.file_problems():
+            return {}
+        return await run_in_threadpool(self.engine.recheck_files)
+
+    async def check_files(self) -> None:
+        """503 naming the model files that changed on disk (checked again first)."""
+        problems = await self.file_problems()
+        if problems:
+            raise files_error(problems)
+
+    def _recheck_soon(self) -> None:
+        """Check the changed files again in the background (for callers that cannot wait on it)."""
+        lock = self.__dict__.setdefault("_recheck_lock", threading.Lock())
+        if lock.acquire(blocking=False):
+            def run():
+                try:
+                    self.engine.recheck_files()
+                finally:
+                    lock.release()
+            threading.Thread(target=run, name="layerrun-recheck", daemon=True).start()
+
     def start(self, prompts: list[list[int]], n: int, options_for: Callable[[int], dict], max_tokens: int | None,
               param: str) -> tuple[list[Ticket], asyncio.Queue]:
         """Queue ``n`` sequences per prompt (429 when the queue is full); choice ``i * n + j`` is
         prompt ``i``'s ``j``-th. Call on the event loop."""
         context, batch_size, max_waiting, worker = self.context, self.batch_size, self.max_waiting, self.worker
+        problems = self.engine.file_problems()  # (the OpenAI routes check them again first: check_files)
+        if problems:
+            self._recheck_soon()
+            raise files_error(problems)
         for ids in prompts:
             if not ids:
                 raise APIError(400, f"{param}: the prompt is empty", param=param)
@@ -114,6 +146,10 @@ class Backend:
             for j in range(n):
                 opts = options_for(j)
                 opts["max_new_tokens"] = min(max_tokens or context, context - len(ids))
+                try:  # its KV cache could never fit the memory budget, even with every layer streamed
+                    self.engine.check_memory(len(ids), opts["max_new_tokens"])
+                except LayerRunError as e:
+                    raise APIError(400, str(e), param="max_tokens", code="insufficient_memory") from None
                 tickets.append(Ticket(ids, opts, queue=q, index=i * n + j))
         worker.submit(tickets)
         return tickets, q
@@ -122,7 +158,8 @@ class Backend:
     async def next(q: asyncio.Queue) -> tuple[int, Output]:
         i, o = await q.get()
         if o.error:
-            raise APIError(500, o.error, type="internal_error")
+            kind = "invalid_request_error" if o.error_status < 500 else "server_error" if o.error_code else "internal_error"
+            raise APIError(o.error_status, o.error, type=kind, code=o.error_code)
         return i, o
 
     def cancel(self, tickets: list[Ticket]) -> None:
@@ -162,6 +199,11 @@ class Backend:
             for task in (work, gone):
                 task.cancel()
             self.cancel(tickets)
+
+
+def files_error(problems: dict[str, str]) -> APIError:
+    return APIError(503, " ".join(problems.values()) + " (checked again on every request)",
+                    type="service_unavailable", code="model_file_changed", headers={"Retry-After": "5"})
 
 
 def sampling_options(body, j: int) -> dict:

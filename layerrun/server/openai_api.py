@@ -43,9 +43,13 @@ def add_openai_routes(app: FastAPI, backend: Backend) -> None:
             raise APIError(400, f"{field}: not supported by this server (LayerRun)", param=field, code="unsupported_parameter")
         backend.check_alive()
 
+    async def ready(body) -> None:
+        check(body)
+        await backend.check_files()
+
     @app.post("/v1/completions", summary="Text completion (no chat template)")
     async def completions(body: CompletionRequest, request: Request):
-        check(body)
+        await ready(body)
         prompts = await run_in_threadpool(_encode_completion_prompts, engine, body.prompt)
 
         def options(j: int) -> dict:
@@ -84,7 +88,7 @@ def add_openai_routes(app: FastAPI, backend: Backend) -> None:
 
     @app.post("/v1/chat/completions", summary="Chat completion (the model's chat template is applied)")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        check(body)
+        await ready(body)
         plan = _ChatPlan(engine, body)
         ids = await run_in_threadpool(plan.encode)
         tickets, q = backend.start([ids], body.n, plan.options, body.max_completion_tokens or body.max_tokens,

@@ -34,6 +34,8 @@ class Output:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: str | None = None  # the sequence failed (engine error, shutdown)
+    error_code: str | None = None  # OpenAI-style ``code`` of that error (e.g. model_file_changed)
+    error_status: int = 500  # the HTTP status it is answered with (400: the request itself)
     logprob: float | None = None  # when the request asked for logprobs
     top_logprobs: list[tuple[int, float]] | None = None
 
@@ -108,7 +110,8 @@ class Worker(Scheduler):
         outs = []
         for t, item in items:
             if isinstance(item, str):
-                outs.append((t, Output(error=item)))
+                outs.append((t, Output(error=item, error_code=getattr(item, "code", None),
+                                       error_status=getattr(item, "status", 500))))
                 continue
             ev = item
             out = Output(ev.text, ev.token_id, ev.finish_reason, logprob=ev.logprob, top_logprobs=ev.top_logprobs)
