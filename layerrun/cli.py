@@ -16,10 +16,12 @@ from layerrun.errors import LayerRunError
 from layerrun.options import (
     add_engine_flags,
     add_sampling_flags,
+    add_stage_flags,
     engine_options,
     human_bytes,
     human_count,
     looks_like_model,
+    print_stage_stats,
     print_stats,
     sampling_options,
 )
@@ -327,6 +329,8 @@ def _generate(engine, prompt, a) -> int:
         print(json.dumps(g.to_dict(), ensure_ascii=False))
         if a.stats:
             print_stats(g.stats)
+            if engine.stage is not None:
+                print_stage_stats(engine.stage.collect_stats())
         return 0
     stats = None
     for chunk in engine.stream(prompt, **kwargs):
@@ -342,6 +346,8 @@ def _generate(engine, prompt, a) -> int:
         print(f"[{finish}] {stats.summary()}", file=sys.stderr)
         if a.stats:
             print_stats(stats)
+            if engine.stage is not None:
+                print_stage_stats(engine.stage.collect_stats())
         for note in stats.notes:
             print(f"note: {note}", file=sys.stderr)
     return 0
@@ -408,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_flags(c)
     c.add_argument("--no-speculate", action="store_true",
                    help="decode one token per pass even with --draft (to compare; the draft is still loaded)")
+    add_stage_flags(c)
     c.add_argument("--prompts-file", default=None, metavar="JSONL",
                    help='batch mode: one JSON object per line, {"prompt": ...} with optional sampling fields')
     c.add_argument("--output", default=None, metavar="JSONL", help="batch mode: write results here (default: stdout)")
@@ -420,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from layerrun.bench import add_bench_parser
     from layerrun.chat import add_chat_parser
+    from layerrun.distributed_cli import add_stage_files_parser
     from layerrun.server import add_serve_parser
     from layerrun.store_cli import add_store_parsers
 
@@ -427,6 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_store_parsers(sub)
     add_serve_parser(sub)
     add_bench_parser(sub)
+    add_stage_files_parser(sub)
     return p
 
 
@@ -437,6 +446,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_INVALID
     try:
+        from layerrun.engine.distributed import launched
+
+        if launched():  # torchrun: this process is one stage of a pipeline
+            from layerrun.distributed_cli import run
+
+            return run(a)
         return a.fn(a)
     except LayerRunError as e:
         if a.debug:

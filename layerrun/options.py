@@ -40,6 +40,7 @@ def engine_options(a, sequences: int | None = None) -> dict:
         draft_fixed=getattr(a, "draft_fixed", False),
         verify=not getattr(a, "no_verify", False),
         threads=getattr(a, "threads", None),
+        stage=getattr(a, "stage", None),
     )
 
 
@@ -83,6 +84,30 @@ def add_engine_flags(c) -> None:
                         "measured costs")
     c.add_argument("--draft-fixed", action="store_true",
                    help="always grow trees to --draft-nodes instead of sizing them from measured costs")
+
+
+def add_stage_flags(c) -> None:
+    """Flags for running as one rank of several under torchrun (``layerrun.engine.distributed``)."""
+    c.add_argument("--stages", default=None, metavar="RANGES",
+                   help="under torchrun: the layers of each rank, in rank order, e.g. 0-9,10-29 (default: split "
+                        "in proportion to each rank's free memory or read rate)")
+    c.add_argument("--stage-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="under torchrun: a rank silent this long (a step, or idle pings) counts as gone and the "
+                        "others stop")
+
+
+def print_stage_stats(stages, file=sys.stderr) -> None:
+    """--stats under torchrun: one row per stage."""
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="layerrun --stats per stage", title_justify="left")
+    for col in ("stage", "layers", "steps", "read", "read busy", "stall", "compute", "send", "recv wait"):
+        t.add_column(col, justify="right")
+    for s in stages:
+        t.add_row(str(s.rank), f"{s.first}-{s.last}", str(s.steps), f"{s.bytes_read / 1e9:.3f} GB", f"{s.read_s:.3f} s",
+                  f"{s.stall_s:.3f} s", f"{s.compute_s:.3f} s", f"{s.send_s:.3f} s", f"{s.wait_s:.3f} s")
+    Console(file=file).print(t)
 
 
 def add_sampling_flags(c) -> None:

@@ -102,6 +102,9 @@ class Engine(GenerationAPI):
     (:mod:`layerrun.engine.speculative`); ``draft_nodes`` caps a tree's drafted tokens (the
     engine sizes each tree up to it from measured costs; ``draft_fixed=True`` always grows it to
     the cap). Generation calls take ``speculate=False`` to decode without it.
+
+    ``stage`` (a :class:`~layerrun.engine.stages.Stage`, under ``torchrun``): this process runs only the
+    stage's layers, :mod:`layerrun.engine.distributed`.
     """
 
     def __init__(
@@ -126,6 +129,7 @@ class Engine(GenerationAPI):
         threads: int | str | None = None,
         fast: bool = True,
         progress: bool = False,
+        stage=None,
     ):
         from layerrun.engine.governor import DEFAULT_RESERVE, plan_memory, tame_allocator
         from layerrun.io.throttle import Throttle, parse_size
@@ -139,7 +143,8 @@ class Engine(GenerationAPI):
             raise FormatError(
                 f"{self.path}: manifest has {self.manifest.num_layers} layers, config.json says {self.args.num_hidden_layers}"
             )
-        check_model_files(self.path, self.manifest, self.model)  # before anything is sized by them
+        self.stage = stage
+        (stage or _Whole).check_model_files(self.path, self.manifest, self.model)  # before anything is sized by them
         # Every file's bytes are checked (sha256, NaN/Inf) before their first use, unless a stamp vouches for them.
         self.verifier = Verifier(self.path) if verify else None
         self.device = _pick_device(device)
@@ -197,8 +202,9 @@ class Engine(GenerationAPI):
             prefetch=prefetch, device=self.device.type, elem_bytes=self.dtype.itemsize, cast_factor=cast_factor,
             kv=kv_cache, moe_dense=getattr(self.model, "moe", False) and experts == "routed",
         )
-        self.plan = plan_memory(self.manifest, self.args, mode=mode, max_memory=budget, batch=batch_size,
-                                context=min(self.context, DEFAULT_RESERVE), **self._plan_kw)
+        self.plan = (stage.plan_memory if stage is not None else plan_memory)(
+            self.manifest, self.args, mode=mode, max_memory=budget, batch=batch_size,
+            context=min(self.context, DEFAULT_RESERVE), **self._plan_kw)
         self.mode = self.plan.mode
         self.explain_lines = list(self.plan.lines) + draft_lines + (self.speculator.rule() if self.speculator else [])
         self.kv_host = self.plan.kv_location == "host"
@@ -221,7 +227,7 @@ class Engine(GenerationAPI):
         # Embeddings and final norm/head are used every step and stay resident.
         self._loading = _LoadProgress(self, progress)
         try:
-            self.embeddings, self.final = self._load_ends(stored)
+            self.embeddings, self.final = self._load_ends(stored) if stage is None or stage.rank == 0 else ({}, {})
             self._resident: dict[int, dict[str, torch.Tensor]] = {}
             for i in self.plan.resident:
                 self._resident[i] = self._load_resident(self.manifest.layer(i))
@@ -235,6 +241,8 @@ class Engine(GenerationAPI):
         self._open_stream()
         if self.fast:
             _trim_heap()  # fusing and packing freed a copy of each resident weight
+        if stage is not None:
+            stage.attach(self)  # every rank has loaded its layers (or the start fails on all of them)
 
     def _pick_reader(self, reader: str) -> str:
         """``auto``: mmap when the streamed layers fit in the page cache next to everything else
@@ -287,6 +295,8 @@ class Engine(GenerationAPI):
 
     def new_cache(self) -> KVCache:
         """An empty KV cache, placed where the governor decided (``plan.kv_location``)."""
+        if self.stage is not None:
+            return self.stage.new_cache(self)
         return KVCache(self.args.num_hidden_layers, host_device=self.device if self.kv_host else None)
 
     def _expect_all_experts(self, tokens: int) -> bool:
@@ -352,6 +362,8 @@ class Engine(GenerationAPI):
         from layerrun.engine.governor import fmt, plan_memory
 
         if self._mode_asked not in ("auto", "partial") or not self.plan.resident or self._dense:
+            return
+        if self.stage is not None:  # torchrun: each rank keeps the plan of its layers made at load
             return
         try:
             new = plan_memory(self.manifest, self.args, mode=self._mode_asked, batch=rows, context=keys,
@@ -531,6 +543,8 @@ class Engine(GenerationAPI):
         ``tree`` (bool (B, T, R)): the new tokens are a token tree (see ``models.base.build_mask``);
         ``select`` (long (N,), flat indices into B*T): return logits (N, V) of those tokens only.
         """
+        if self.stage is not None:  # torchrun: this rank's layers, then the other stages'
+            return self.stage.forward(self, ids, cache, positions, key_valid, stats, last_only, collect, tree=tree)
         past = cache.length if cache is not None else 0
         ids, positions = ids.to(self.device), positions.to(self.device)
         if key_valid is not None:
@@ -728,6 +742,12 @@ class Engine(GenerationAPI):
 
     def __exit__(self, *exc):
         self.close()
+
+
+class _Whole:
+    """No stage: every file of the model is this process's."""
+
+    check_model_files = staticmethod(check_model_files)
 
 
 class _LoadProgress:

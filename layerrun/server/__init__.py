@@ -103,7 +103,7 @@ def cmd_serve(a) -> int:
 
 def add_serve_parser(subparsers) -> None:
     """Register ``layerrun serve`` on the CLI's subparsers."""
-    from layerrun.options import add_engine_flags
+    from layerrun.options import add_engine_flags, add_stage_flags
 
     c = subparsers.add_parser("serve", help="serve a model over OpenAI's and Ollama's HTTP APIs, with a page at /")
     c.add_argument("model", nargs="?", default=None, metavar="MODEL",
@@ -128,4 +128,5 @@ def add_serve_parser(subparsers) -> None:
     c.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="server log level (info logs every request)")
     add_engine_flags(c)
+    add_stage_flags(c)
     c.set_defaults(fn=cmd_serve)

@@ -153,17 +153,19 @@ def create_app(
     # ---- plain endpoints ------------------------------------------------------
     @app.get("/health", summary="200 while the engine worker runs and the model files are intact")
     async def health():
-        if not worker.alive:
-            raise APIError(503, "the engine worker is not running", type="service_unavailable")
+        backend.check_alive()  # 503: the worker stopped, or (torchrun) a stage is gone, naming it
         problems = await backend.file_problems()
         if problems:
             return JSONResponse({"status": "model_file_changed", "files": problems,
                                  "message": " ".join(problems.values())}, status_code=503)
-        return {"status": "ok"}
+        stage = getattr(engine, "stage", None)
+        return {"status": "ok"} if stage is None else {"status": "ok", "stages": stage.world}
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse)
     async def prometheus():
-        return PlainTextResponse(metrics.render(), media_type=CONTENT_TYPE)
+        stage = getattr(engine, "stage", None)
+        extra = stage.prometheus() if stage is not None else ""
+        return PlainTextResponse(metrics.render() + extra, media_type=CONTENT_TYPE)
 
     def model_card(name: str) -> dict:
         return {"id": name, "object": "model", "created": created, "owned_by": "layerrun", "max_model_len": context,

@@ -83,6 +83,9 @@ class Backend:
                            param="model", code="model_not_found")
 
     def check_alive(self) -> None:
+        stage = getattr(self.engine, "stage", None)
+        if stage is not None and stage.failure:  # torchrun: a stage (rank) is gone
+            raise APIError(503, stage.failure, type="service_unavailable")
         if not self.worker.alive:
             raise APIError(503, "the engine worker is not running", type="service_unavailable")
 
