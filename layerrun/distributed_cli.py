@@ -20,9 +20,6 @@ def run(a) -> int:
     if a.command not in ("generate", "serve"):
         raise LayerRunError(f"under torchrun only `generate` and `serve` run as a pipeline of stages; run "
                             f"`layerrun {a.command}` without torchrun")
-    if getattr(a, "draft", None):
-        raise LayerRunError("--draft: speculative decoding does not run across torchrun stages yet (the stages do not "
-                            "carry token-tree masks); leave out --draft, or run without torchrun")
     model = _model_arg(a)
     stage = connect(model, stages=a.stages, timeout=a.stage_timeout, max_memory=a.max_memory, throttle=a.throttle)
     a.stage = stage
@@ -32,6 +29,7 @@ def run(a) -> int:
         from layerrun.engine.engine import Engine
 
         options = engine_options(a)
+        options["draft"] = None  # speculation (drafting, verifying) happens on rank 0; this rank only runs layers
         if a.command == "generate" and not a.prompts_file:
             options["batch_size"] = 1  # as rank 0 plans it
         with Engine(model, **options) as engine:

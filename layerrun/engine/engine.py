@@ -544,7 +544,8 @@ class Engine(GenerationAPI):
         ``select`` (long (N,), flat indices into B*T): return logits (N, V) of those tokens only.
         """
         if self.stage is not None:  # torchrun: this rank's layers, then the other stages'
-            return self.stage.forward(self, ids, cache, positions, key_valid, stats, last_only, collect, tree=tree)
+            return self.stage.forward(self, ids, cache, positions, key_valid, stats, last_only, collect, tree=tree,
+                                      select=select)
         past = cache.length if cache is not None else 0
         ids, positions = ids.to(self.device), positions.to(self.device)
         if key_valid is not None:

@@ -83,15 +83,15 @@ class _Shadow(LayerKV):
 class _RemoteCache:
     cache: KVCache
     rows: list[int] = field(default_factory=list)
-    cols: list[int] = field(default_factory=list)
+    width: int = 0  # columns held (as rank 0's shadow had them after the last step)
 
 
 # ---- the wire format ------------------------------------------------------------------------------
-# header (int64 x 20): kind, B, T, H, cache id, cached columns L0, first known column index, its serial,
-# first new column's serial, key-mask width S, last_only, mask is bool, freed caches, payload bytes, dtype,
-# micro-batch index, micro-batches, its first row, the whole batch's rows R
-# payload (bytes): row ids (R int64), positions (B*T int64), freed cache ids, hidden states, key positions or
-# mask (B*S int64)
+# header (int64 x 20): kind, B, T, H, cache id, cached columns L0, leading columns to drop, column gather start
+# (-1: none), first new column's serial, key-mask width S, last_only, mask is bool, freed caches, payload bytes,
+# dtype, micro-batch index, micro-batches, its first row, the whole batch's rows R, token-tree width (0: none)
+# payload (bytes): row ids (R int64), positions (B*T int64), freed cache ids, column gather (R*(L0-start) int64),
+# hidden states, key positions or mask (B*S int64), token-tree mask (B*T*W bool)
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
@@ -99,7 +99,7 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
 
 
 def _encode(kind: int, x: torch.Tensor, meta: dict | None, positions, key_valid, last_only: bool, freed: list[int],
-            micro: tuple[int, int, int] | None = None):
+            micro: tuple[int, int, int] | None = None, tree: torch.Tensor | None = None):
     hdr = torch.zeros(HEADER, dtype=torch.long)
     B, T, H = x.shape
     parts, tail = [], []
@@ -107,17 +107,22 @@ def _encode(kind: int, x: torch.Tensor, meta: dict | None, positions, key_valid,
     if micro is not None:
         hdr[15], hdr[16], hdr[17] = micro
     if meta is not None:  # 8-byte fields around the hidden states: every view stays aligned
-        hdr[4], hdr[5], hdr[6], hdr[7], hdr[8] = (meta["cid"], meta["L0"], meta["known_idx"], meta["known_serial"],
+        hdr[4], hdr[5], hdr[6], hdr[7], hdr[8] = (meta["cid"], meta["L0"], meta["drop"], meta["gather_at"],
                                                   meta["col_base"])
         hdr[18] = len(meta["rows"])  # the whole batch's rows (a micro-batch's x holds B of them, from hdr[17])
         parts += [_bytes(meta["rows"].to(torch.long)), _bytes(positions.cpu().to(torch.long))]
         hdr[12] = len(freed)
         if freed:
             parts.append(_bytes(torch.tensor(freed, dtype=torch.long)))
+        if meta["gather_at"] >= 0 and meta["gather"].numel():
+            parts.append(_bytes(meta["gather"].to(torch.long)))
         if key_valid is not None:
             hdr[9] = key_valid.shape[1]
             hdr[11] = int(key_valid.dtype == torch.bool)  # a mask, or key positions (-1 = padding)
             tail.append(_bytes(key_valid.cpu().to(torch.long)))
+        if tree is not None:  # a token tree (speculative verification): every stage builds the same mask
+            hdr[19] = tree.shape[2]
+            tail.append(_bytes(tree.cpu().to(torch.bool)))
     hdr[10] = int(last_only)
     hdr[14] = WIRE_DTYPES.index(x.dtype)
     parts.append(_bytes(x.detach().cpu()))
@@ -140,8 +145,10 @@ def _decode_hidden(hdr, payload, engine) -> torch.Tensor:
 
 
 def _decode_step(hdr, payload, engine):
-    B, T, S, nfreed, R = int(hdr[1]), int(hdr[2]), int(hdr[9]), int(hdr[12]), int(hdr[18])
-    if min(B, T, S, nfreed, R) < 0:
+    B, T, S, nfreed, R, W = int(hdr[1]), int(hdr[2]), int(hdr[9]), int(hdr[12]), int(hdr[18]), int(hdr[19])
+    L0, at = int(hdr[5]), int(hdr[7])
+    G = L0 - at if at >= 0 else 0
+    if min(B, T, S, nfreed, R, W, L0, G) < 0 or at > L0:
         raise RuntimeError("a step message with negative sizes")
     o = 0
 
@@ -156,12 +163,17 @@ def _decode_step(hdr, payload, engine):
     rows = take(8 * R).view(torch.long).clone()
     positions = take(8 * B * T).view(torch.long).view(B, T).clone()
     freed = take(8 * nfreed).view(torch.long).tolist() if nfreed else []
-    x = _hidden(payload[o : payload.numel() - 8 * B * S], hdr, engine, B, T)
-    o = payload.numel() - 8 * B * S
+    gather = take(8 * R * G).view(torch.long).view(R, G).clone() if at >= 0 else None
+    end = payload.numel() - 8 * B * S - B * T * W
+    if end < o:
+        raise RuntimeError("a step message shorter than its header says")
+    x = _hidden(payload[o:end], hdr, engine, B, T)
+    o = end
     key_valid = take(8 * B * S).view(torch.long).view(B, S).clone() if S else None
     if key_valid is not None and int(hdr[11]):
         key_valid = key_valid.bool()
-    return rows, positions, key_valid, freed, x
+    tree = take(B * T * W).view(torch.bool).view(B, T, W).clone() if W else None
+    return rows, positions, key_valid, freed, x, gather, tree
 
 
 # ---- this rank's layers -----------------------------------------------------------------------------

@@ -10,7 +10,11 @@ decided. Rows join, leave and get compacted on rank 0 by the same calls as in on
 keeps a tiny shadow in place of each remote layer's cache (one int64 per row and column: the row's
 id in ``k``, the column's serial number in ``v``) that those calls rearrange exactly like a real
 one. From a shadow, every step tells the other ranks which rows it holds (by id; new rows at the
-end) and which columns (the first known column's serial), and they rearrange their caches to match.
+end) and how to get from the columns they hold (the shadow's as the last step left it) to the
+shadow's now: leading columns to drop, and after a verified token tree (speculative decoding: only
+each row's accepted columns stay) a per-row gather from the first column that changed. A token
+tree's mask goes with the step to every stage; rank 0 picks the tokens whose logits it needs
+(``select``) before the head.
 
 The head runs on rank 0, next to the embeddings: most small and mid-sized models tie the head to the
 embedding matrix, which rank 0 holds anyway, and the last stage sends back ``hidden_size`` numbers
@@ -32,7 +36,13 @@ from collections import deque
 
 import torch
 
-from layerrun.engine.kv_cache import KVCache, layer_add_rows, layer_drop_prefix, layer_select_rows
+from layerrun.engine.kv_cache import (
+    KVCache,
+    layer_add_rows,
+    layer_drop_prefix,
+    layer_keep_columns,
+    layer_select_rows,
+)
 from layerrun.engine.stage_parts import (
     HEADER,
     MAX_PAYLOAD,
@@ -181,12 +191,10 @@ class Stage:
 
     # ---- rank 0: one step around the ring ---------------------------------------------------------
     def forward(self, engine, ids, cache, positions, key_valid, stats: GenerationStats, last_only: bool, collect,
-                tree=None):
+                tree=None, select=None):
+        """``Engine._forward`` under torchrun. ``tree`` (a token tree's mask) goes to every stage with the step;
+        ``select`` (flat indices of the tokens whose logits are wanted) applies here, before the head."""
         from layerrun.engine.engine import _LastOnly
-
-        if tree is not None:  # the tree mask and the per-row column gather after it are not sent to the stages yet
-            raise LayerRunError("speculative decoding (token trees) does not run across torchrun stages yet; "
-                                "leave out --draft")
 
         if collect is not None and not isinstance(collect, _LastOnly):
             raise LayerRunError("the hidden states of every layer are not gathered across stages; run this in one "
@@ -197,16 +205,15 @@ class Stage:
             past = cache.length if cache is not None else 0
             B, T = ids.shape
             if self.micro and cache is not None and collect is None and B > 1:
-                x = self._forward_micro(engine, ids, cache, positions, key_valid, stats, last_only, past)
-                return self._head(engine, x, stats, step_t0)
+                x = self._forward_micro(engine, ids, cache, positions, key_valid, stats, last_only, past, tree)
+                return self._head(engine, x, stats, step_t0, select)
             x = engine._embed(ids.to(engine.device))
             if len(self.layers):
-                kv = key_valid.to(engine.device) if key_valid is not None else None
-                ctx = engine.model.prepare(positions.to(engine.device), kv, past + T, engine.dtype)
+                ctx = _prepare(engine, positions, key_valid, past + T, tree)
                 x = run_layers(engine, self.layers, x, cache, ctx, stats, self.stats)
             meta = self._cache_meta(cache, B, T)
             hdr, payload = _encode(STEP, x, meta, positions, key_valid, last_only and collect is None,
-                                   [self._freed.popleft() for _ in range(len(self._freed))])
+                                   [self._freed.popleft() for _ in range(len(self._freed))], tree=tree)
             try:
                 self._send(hdr, payload, self.next)
             except RuntimeError as e:
@@ -220,12 +227,14 @@ class Stage:
                 self._advance_shadows(cache, meta, T)
             if collect is not None:
                 collect.append(x.float().cpu())
-            if last_only:
+            if last_only and select is None:
                 x = x[:, -1:]
-            return self._head(engine, x, stats, step_t0)
+            return self._head(engine, x, stats, step_t0, select)
 
-    def _head(self, engine, x, stats: GenerationStats, step_t0: float) -> torch.Tensor:
+    def _head(self, engine, x, stats: GenerationStats, step_t0: float, select=None) -> torch.Tensor:
         t0 = time.perf_counter()
+        if select is not None:  # as Engine._forward: the logits (N, V) of those tokens only
+            x = x.reshape(-1, x.shape[-1])[select.to(x.device)][None]
         out = engine.model.head(engine.final, x, engine.embeddings).float()
         if not torch.isfinite(out).all():
             raise LayerRunError("the model's output became NaN/Inf; check each host's files with `layerrun validate` "
@@ -234,9 +243,9 @@ class Stage:
         stats.steps += 1
         stats.step_s += time.perf_counter() - step_t0
         self.stats.steps += 1
-        return out
+        return out[0] if select is not None else out
 
-    def _forward_micro(self, engine, ids, cache, positions, key_valid, stats, last_only: bool, past: int):
+    def _forward_micro(self, engine, ids, cache, positions, key_valid, stats, last_only: bool, past: int, tree=None):
         """The batch's rows in ``micro`` groups that follow each other through the stages: rank 0 computes
         group 2 while rank 1 computes group 1, and so on. Only when every stage holds its layers resident
         (a streamed stage would read its layers once per group)."""
@@ -251,12 +260,12 @@ class Stage:
         for i, (a, b) in enumerate(groups):
             x = engine._embed(ids[a:b].to(dev))
             kv = key_valid[a:b] if key_valid is not None else None
+            tr = tree[a:b] if tree is not None else None
             if len(self.layers):
-                ctx = engine.model.prepare(positions[a:b].to(dev), kv.to(dev) if kv is not None else None, past + T,
-                                           engine.dtype)
+                ctx = _prepare(engine, positions[a:b], kv, past + T, tr)
                 x = run_layers(engine, self.layers, x, _RowsCache(cache, self.layers, a, B, past), ctx, stats, self.stats)
             hdr, payload = _encode(STEP, x, meta, positions[a:b], kv, last_only, freed if i == 0 else [],
-                                   micro=(i, len(groups), a))
+                                   micro=(i, len(groups), a), tree=tr)
             t0 = time.perf_counter()
             try:
                 sent.append((dist.isend(hdr, self.next), dist.isend(payload, self.next), hdr, payload))
@@ -280,24 +289,37 @@ class Stage:
         return x[:, -1:] if last_only else x
 
     def _cache_meta(self, cache, B: int, T: int) -> dict:
-        """Which rows (ids; 0 = not cached anywhere yet: given a new id) and columns the step's cache holds."""
-        meta = dict(cid=0, rows=torch.zeros(B, dtype=torch.long), L0=0, known_idx=-1, known_serial=0,
+        """Which rows (ids; 0 = not cached anywhere yet: given a new id) the step's cache holds, and how the
+        other ranks turn the columns they hold into the ones the shadow holds now (see :func:`_columns`)."""
+        meta = dict(cid=0, rows=torch.zeros(B, dtype=torch.long), L0=0, drop=0, gather_at=-1, gather=None,
                     col_base=self._col_serial)
         self._col_serial += T
         if cache is None:
             return meta
         s = cache.layers[self.ranges[1].start]
         meta["cid"], meta["L0"] = cache._stage_id, s.length
+        prev_rows, held = getattr(cache, "_stage_held", ([], torch.zeros((0, 0), dtype=torch.long)))
         if s.k is not None and s.length:
             if s.k.shape[0] != B:
                 raise RuntimeError(f"stage shadow cache has {s.k.shape[0]} rows, the step {B}")
             meta["rows"] = s.k[:, 0, : s.length, 0].amax(1).clone()
-            cols = s.v[:, 0, : s.length, 0].amax(0)
-            nz = (cols > 0).nonzero()
-            if len(nz):
-                c = int(nz[0])
-                meta["known_idx"], meta["known_serial"] = c, int(cols[c])
         rows = meta["rows"]
+        old = int((rows != 0).sum())
+        if bool((rows[:old] == 0).any()):
+            raise RuntimeError("stage shadow cache: joining rows are not at the end")
+        if s.length == 0 or old == 0:
+            meta["drop"] = held.shape[1] - s.length
+        else:
+            where = {r: i for i, r in enumerate(prev_rows)}
+            try:
+                sel = torch.tensor([where[r] for r in rows[:old].tolist()], dtype=torch.long)
+            except KeyError:
+                raise RuntimeError("stage shadow cache: a row the other ranks never saw") from None
+            meta["drop"], meta["gather_at"], gather = _columns(held.index_select(0, sel), s.v[:old, 0, : s.length, 0])
+            if gather is not None:
+                meta["gather"] = torch.cat([gather, gather.new_zeros((B - old, gather.shape[1]))])
+        if meta["drop"] < 0:
+            raise RuntimeError(f"stage shadow cache has {s.length} columns, the other ranks {held.shape[1]}")
         for b in range(B):
             if rows[b] == 0:
                 rows[b] = next(self._row_ids)
@@ -310,6 +332,9 @@ class Stage:
         for layer in cache.layers:
             if isinstance(layer, _Shadow):
                 layer.update(k, v)
+        s = cache.layers[self.ranges[1].start]
+        # what the other ranks hold now: the next step tells them how to get from this to the shadow then
+        cache._stage_held = (meta["rows"].tolist(), s.v[:, 0, : s.length, 0].clone())
 
     def check(self) -> None:
         if self.failure:
@@ -350,7 +375,7 @@ class Stage:
     def _step(self, engine, hdr, payload, caches):
         T = int(hdr[2])
         mi, m, a = int(hdr[15]), max(int(hdr[16]), 1), int(hdr[17])
-        rows, positions, key_valid, freed, x = _decode_step(hdr, payload, engine)
+        rows, positions, key_valid, freed, x, gather, tree = _decode_step(hdr, payload, engine)
         for cid in freed:
             caches.pop(cid, None)
         cid, L0 = int(hdr[4]), int(hdr[5])
@@ -360,33 +385,34 @@ class Stage:
             if rc is None:
                 rc = caches[cid] = _RemoteCache(engine.new_cache())
             if mi == 0:  # a micro-batch's rows: the cache is rearranged once per step, at its first group
-                self._reconcile(rc, rows.tolist(), L0, int(hdr[6]), int(hdr[7]))
+                self._reconcile(rc, rows.tolist(), L0, int(hdr[6]), int(hdr[7]), gather)
         dev = engine.device
         cache = None
         if rc is not None:
             cache = rc.cache if m == 1 else _RowsCache(rc.cache, self.layers, a, len(rows), L0)
         with torch.inference_mode():
-            kv = key_valid.to(dev) if key_valid is not None else None
-            ctx = engine.model.prepare(positions.to(dev), kv, L0 + T, engine.dtype)
+            ctx = _prepare(engine, positions, key_valid, L0 + T, tree)
             x = run_layers(engine, self.layers, x.to(dev), cache, ctx, GenerationStats(), self.stats)
         if mi == m - 1:
             self.stats.steps += 1
             if rc is not None:
                 for i in self.layers:
                     rc.cache.layers[i].length = L0 + T
-                base = int(hdr[8])
-                rc.cols.extend(range(base, base + T))
+                rc.width = L0 + T
         last = self.next == 0
         if last and int(hdr[10]):
             x = x[:, -1:]
-        meta = dict(cid=cid, rows=rows, L0=L0, known_idx=int(hdr[6]), known_serial=int(hdr[7]), col_base=int(hdr[8]))
+        meta = dict(cid=cid, rows=rows, L0=L0, drop=int(hdr[6]), gather_at=int(hdr[7]), gather=gather,
+                    col_base=int(hdr[8]))
         micro = (mi, m, a) if m > 1 else None
         if last:  # back to rank 0: the hidden states only
             return _encode(STEP, x, None, None, None, False, [], micro)
-        return _encode(STEP, x, meta, positions, key_valid, bool(hdr[10]), freed, micro)
+        return _encode(STEP, x, meta, positions, key_valid, bool(hdr[10]), freed, micro, tree)
 
-    def _reconcile(self, rc: _RemoteCache, rows: list[int], L0: int, known_idx: int, known_serial: int) -> None:
-        """Rearrange this rank's cache to hold the rows and columns rank 0's shadow says (see the module)."""
+    def _reconcile(self, rc: _RemoteCache, rows: list[int], L0: int, drop: int, gather_at: int, gather) -> None:
+        """Rearrange this rank's cache to hold the rows and columns rank 0's shadow says (see the module): keep
+        and add rows by id, drop ``drop`` leading columns, then gather each row's columns from ``gather_at`` on
+        (what the lane did after verifying a token tree); ``L0`` columns remain."""
         where = {r: i for i, r in enumerate(rc.rows)}
         keep = [where[r] for r in rows if r in where]
         new = [r for r in rows if r not in where]
@@ -400,22 +426,26 @@ class Stage:
         if new:
             for layer in own:
                 layer_add_rows(layer, len(new))
-        drop = len(rc.cols) if L0 == 0 else None
-        if drop is None:
-            try:
-                drop = rc.cols.index(known_serial) - known_idx
-            except ValueError:
-                drop = -1
-        if drop < 0 or len(rc.cols) - drop != L0:
-            raise RuntimeError(f"stage cache out of step: {len(rc.cols)} columns held, rank 0 expects {L0}")
+        rc.rows = list(rows)
+        left = rc.width - drop
+        if L0 == 0:
+            drop, left = rc.width, 0
+        if drop < 0 or left < L0 or (gather_at < 0 and left != L0):
+            raise RuntimeError(f"stage cache out of step: {rc.width} columns held, rank 0 expects {L0} after "
+                               f"dropping {drop}")
         if drop:
             for layer in own:
-                if L0 == 0:
+                if left == 0:
                     layer.k, layer.v, layer.length = None, None, 0
                 else:
                     layer_drop_prefix(layer, drop)
-            rc.cols = rc.cols[drop:]
-        rc.rows = list(rows)
+        if gather_at >= 0 and L0:
+            if gather is None or gather.shape != (len(rows), L0 - gather_at) or (
+                    gather.numel() and not 0 <= int(gather.min()) <= int(gather.max()) < left - gather_at):
+                raise RuntimeError("stage cache out of step: a column gather that does not fit the cache")
+            for layer in own:
+                layer_keep_columns(layer, gather_at, gather)
+        rc.width = L0
 
     # ---- messages ---------------------------------------------------------------------------------
     def _send(self, hdr: torch.Tensor, payload: torch.Tensor, dst: int) -> None:
@@ -619,3 +649,53 @@ def _why(e: Exception, timeout: float) -> str:
     if "closed" in s.lower() or "reset" in s.lower() or "broken pipe" in s.lower():
         return "connection closed (the process exited or its host went down)"
     return s.splitlines()[0][:200] if s else type(e).__name__
+
+
+def _prepare(engine, positions, key_valid, k_len: int, tree):
+    """The model's per-step context on this rank's device (with the token tree's mask, when there is one)."""
+    dev = engine.device
+    kv = key_valid.to(dev) if key_valid is not None else None
+    if tree is None:
+        return engine.model.prepare(positions.to(dev), kv, k_len, engine.dtype)
+    return engine.model.prepare(positions.to(dev), kv, k_len, engine.dtype, tree=tree.to(dev))
+
+
+def _columns(held: torch.Tensor, now: torch.Tensor) -> tuple[int, int, torch.Tensor | None]:
+    """How the other ranks get from the columns they hold to the shadow's now, row by row.
+
+    ``held`` (B, S) and ``now`` (B, L) are the column serials of each (old) row: what the shadow held after
+    the last step (= what every other rank holds) and what it holds now, after the lane dropped leading
+    columns and (after verifying a token tree) kept only each row's accepted columns. Serials never
+    decrease along a row; 0 is a column from before the row joined (padding) and a repeated serial is a
+    copy (the padding of a gathered block); either's contents never matter. Returns ``(drop, gather_at,
+    gather)``: drop ``drop`` leading columns, then (``gather_at`` >= 0) gather each row's columns from
+    ``gather_at`` on by ``gather`` (B, L - gather_at), indices relative to ``gather_at``.
+    """
+    B, S = held.shape
+    L = now.shape[1]
+    if L == 0:
+        return S, -1, None
+    held, now = held.contiguous(), now.contiguous()
+    lo = torch.searchsorted(held, now)
+    hi = torch.searchsorted(held, now, right=True)
+    nth = torch.arange(L) - torch.searchsorted(now, now)  # the k-th copy of a serial maps to its k-th copy
+    idx = torch.minimum(lo + nth, hi - 1).clamp(0, S - 1)
+    if bool(((now != 0) & (hi == lo)).any()):
+        raise RuntimeError("stage shadow cache holds a column the other ranks never computed")
+    # Of a run of copies only the last can be a token (a gathered block's padding is left of its tokens)
+    care = (now != 0) & torch.cat([now[:, 1:] != now[:, :-1], torch.ones((B, 1), dtype=torch.bool)], dim=1)
+    shift = idx - torch.arange(L)
+    cols = care.any(0).nonzero()
+    drop = int(shift[care[:, int(cols[0])], int(cols[0])].min()) if len(cols) else S - L
+    drop = max(0, min(drop, S - L))
+    same = (~care | (shift == drop)).all(0)
+    at = int((~same).nonzero()[0]) if bool((~same).any()) else L
+    if at < L:  # start where the first column the gather reads from is (the lane's own start)
+        at = max(0, min(at, int((idx[:, at:] - drop).masked_fill(~care[:, at:], L).min())))
+    if at == L and S - drop == L:
+        return drop, -1, None  # no gather: a plain prefix drop (or nothing)
+    gather = (idx[:, at:] - drop - at).masked_fill(~care[:, at:], 0)
+    if bool((gather < 0).any()):
+        drop, at = 0, 0  # columns moved left of where the gather starts: gather every column
+        gather = idx.masked_fill(~care, 0)
+    return drop, at, gather
