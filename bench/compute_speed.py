@@ -37,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import layerrun  # noqa: E402
-from layerrun.bench import _prompt_ids, machine_info  # noqa: E402
+from layerrun.bench import machine_info  # noqa: E402
+from layerrun.bench_generate import _prompt_ids  # noqa: E402
 from layerrun.engine.engine import resolve_model_path  # noqa: E402
 
 INSTALL = 'CMAKE_ARGS="-DGGML_NATIVE=ON" pip install llama-cpp-python'

@@ -23,7 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import layerrun  # noqa: E402
-from layerrun.bench import _prompt_ids, machine_info  # noqa: E402
+from layerrun.bench import machine_info  # noqa: E402
+from layerrun.bench_generate import _prompt_ids  # noqa: E402
 
 
 def one(eng, ids, n):

@@ -32,7 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import layerrun  # noqa: E402
-from layerrun.bench import _prompt_ids, cpu_seconds, machine_info  # noqa: E402
+from layerrun.bench import machine_info  # noqa: E402
+from layerrun.bench_generate import _prompt_ids, cpu_seconds  # noqa: E402
 from layerrun.engine.engine import resolve_model_path  # noqa: E402
 from layerrun.formats.manifest import Manifest  # noqa: E402
 

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from layerrun import bench
+from layerrun.bench_generate import bench_generate
 from layerrun.errors import LayerRunError
 from layerrun.formats.manifest import Manifest
 
@@ -46,7 +47,7 @@ def test_bench_io_rounds_throttle_and_dd(tiny_layered):
 
 def test_bench_generate_modes_depths_throttles(tiny_layered):
     path = tiny_layered("llama_gqa")
-    res = bench.bench_generate(path, modes=("stream", "full"), depths=[0, 2], throttles="none,500MB/s",
+    res = bench_generate(path, modes=("stream", "full"), depths=[0, 2], throttles="none,500MB/s",
                                max_new_tokens=3, prompt_tokens=5, repeat=2, warmup=0)
     rows = res["results"]
     # stream: 2 throttles x 2 depths; full: once.
@@ -96,6 +97,6 @@ def test_bench_rejects_bad_options(tiny_layered):
     with pytest.raises(LayerRunError, match="--reader"):
         bench.bench_io(path, reader="mmap")
     with pytest.raises(LayerRunError, match="--modes"):
-        bench.bench_generate(path, modes=("fast",))
+        bench_generate(path, modes=("fast",))
     with pytest.raises(LayerRunError, match="--max-new-tokens"):
-        bench.bench_generate(path, max_new_tokens=1)
+        bench_generate(path, max_new_tokens=1)

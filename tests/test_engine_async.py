@@ -71,3 +71,24 @@ def test_leaving_early_frees_the_place(engine):
     g = asyncio.run(main())
     assert g.token_ids == engine.generate("Hello", max_new_tokens=4, chat=False).token_ids
     assert engine.scheduler.steps - steps0 < 50  # the abandoned 500-token sequence stopped
+
+
+def test_default_load_batches_concurrent_callers(tiny_layered):
+    """load() without batch_size plans the KV cache for one sequence; concurrent async callers still share
+    steps (each joins when the governor finds room for its cache) and get the tokens they get alone."""
+    eng = layerrun.load(tiny_layered("llama_gqa"), mode="stream", prefetch=1)
+    try:
+        assert eng.batch_size == 1
+        prompts = ["Once upon a time", "The quick brown fox", "Numbers: 1 2 3"]
+        want = [eng.generate(p, max_new_tokens=10, chat=False, ignore_eos=True).token_ids for p in prompts]
+
+        async def main():
+            return await asyncio.gather(*(eng.agenerate(p, max_new_tokens=10, chat=False, ignore_eos=True)
+                                          for p in prompts))
+
+        steps0 = eng.scheduler.steps
+        got = [g.token_ids for g in asyncio.run(main())]
+        assert got == want
+        assert eng.scheduler.steps - steps0 < sum(len(w) for w in want) * 0.6, eng.scheduler.steps - steps0
+    finally:
+        eng.close()

@@ -372,3 +372,18 @@ def test_int4_layout_in_the_manifest(monkeypatch):
     assert parse_scheme("int4").to_json()["int4_layout"] == "tinygemm-cpu-n64"
     monkeypatch.setattr(quant, "_layout", ("op",))
     assert parse_scheme("int4-g64").layout == quant.STORED_LAYOUT
+
+
+def test_conversion_progress_ends_at_its_total_when_quantizing(tiny_hf, tmp_path, capsys):
+    """The bar's total counts quantized sizes; each file must advance it by the same measure (it
+    advanced by the float size, ending at '269.0/123.0 MB' for SmolLM2 in int4)."""
+    import re
+
+    from layerrun.formats.convert import convert
+
+    convert(tiny_hf("llama_gqa"), tmp_path / "q4", progress=True, quantize="int4")
+    err = capsys.readouterr().err
+    pairs = re.findall(r"(\d+(?:\.\d+)?)/(\d+(?:\.\d+)?) (bytes|kB|MB)", err)
+    assert pairs, err[-1000:]
+    done, total, _ = pairs[-1]
+    assert float(done) == float(total), pairs[-3:]

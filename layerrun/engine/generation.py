@@ -21,6 +21,9 @@ from layerrun.engine.text import config_eos
 from layerrun.errors import FormatError, LayerRunError
 
 DEFAULT_MAX_NEW_TOKENS = 256
+# Concurrent astream/agenerate callers batched together even when load() planned for one sequence:
+# an app embedding the engine should not see its second request wait for the first to finish.
+ASYNC_BATCH = 8
 BATCH_FIELDS = {"max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "chat", "system", "ignore_eos",
                 "min_p", "repetition_penalty", "frequency_penalty", "presence_penalty", "logprobs", "json_schema",
                 "response_format", "tools", "chat_template_kwargs", "speculate"}
@@ -195,7 +198,9 @@ class GenerationAPI:
     async def astream(self, prompt, **kwargs):
         """Async generator of chunks (the options of :meth:`stream`). Compute runs in the engine's
         scheduler thread, never on the caller's event loop, and concurrent callers share its
-        continuous batching: up to ``batch_size`` (of :func:`load`) sequences per step."""
+        continuous batching: up to ``batch_size`` (of :func:`load`) sequences per step, and at least
+        :data:`ASYNC_BATCH` (beyond what the KV cache was planned for, a caller joins only when the
+        governor finds room for its cache; else it waits for a running one to finish)."""
         import asyncio
 
         from layerrun.engine.scheduler import Job
@@ -236,7 +241,7 @@ class GenerationAPI:
 
             with self._lock:
                 if self._scheduler is None:
-                    self._scheduler = Scheduler(self, self.batch_size)
+                    self._scheduler = Scheduler(self, max(self.batch_size, ASYNC_BATCH))
         return self._scheduler
 
     @property

@@ -340,14 +340,12 @@ def _convert_locked(source, dst: Path, model, config: dict, groups, names, out_d
                     continue
                 del state["done"][fname]
             tensors = {}
-            converted = 0  # source bytes at the storage dtype, as the progress total counts them
             for short, full in groups.get(fname, {}).items():
                 if takes_dtype and (scheme is None or kind != KIND_LAYER):  # quantize_tensor wants source values
                     t = source.get(full, dtype=_out_dtype(source.tensor_dtype(full), out_dtype))
                 else:
                     t = source.get(full)
                 _check_finite(where, full, t, out_dtype)
-                converted += t.numel() * _out_dtype(t.dtype, out_dtype).itemsize
                 if scheme is not None and kind == KIND_LAYER and quantizable(short, t):
                     parts = quantize_tensor(t, scheme)  # from the source values, not a storage-dtype cast
                     if parts is not None:
@@ -371,7 +369,7 @@ def _convert_locked(source, dst: Path, model, config: dict, groups, names, out_d
                 save_state()
             except OSError as e:
                 raise write_error(e, dst, STATE_NAME, total - done_bytes - written_bytes) from None
-            bar.advance(converted, desc=f"converting {fname}")
+            bar.advance(out_bytes(fname), desc=f"converting {fname}")  # as the total counts it (quantized sizes)
             del tensors
     finally:
         bar.close()
