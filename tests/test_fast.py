@@ -13,6 +13,7 @@ import layerrun
 from layerrun.errors import LayerRunError
 from layerrun.formats.manifest import Manifest
 from layerrun.io.pipeline import LayerStream
+from layerrun.models import base as model_base
 from layerrun.models.base import apply_rope, apply_rope_signed, fuse_linears, signed_sin
 from layerrun.models.fast import FastLinear, available, fast_weights
 
@@ -70,6 +71,119 @@ def test_fuse_linears_is_the_same_product():
     assert torch.equal(F.linear(x, fused["abc.weight"], fused["abc.bias"]), ref)
     mixed = dict(w, **{"b.weight": w["b.weight"].bfloat16()})
     assert fuse_linears(mixed, parts, ("abc.weight", "abc.bias")) is mixed  # dtypes differ: left alone
+
+
+@needs_onednn
+def test_view_entry_names_adjacent_groups_as_fused_products(tiny_layered):
+    """A streamed layer's q/k/v (with biases) and gate/up, stored back to back, are staged as one view
+    each, equal to the concatenation; a group out of order, or with one bias missing, stays apart."""
+    import dataclasses
+
+    from layerrun.formats.manifest import FileEntry
+    from layerrun.io.reader import views
+
+    path = tiny_layered("qwen2")
+    with layerrun.load(path, mode="stream", reader="mmap", device="cpu") as eng:
+        e = eng.manifest.layer(0)
+        ve = eng._view_entry(e)
+        qkv, gu = ve.tensors["self_attn.qkv_fused.weight"], ve.tensors["mlp.gate_up_fused.weight"]
+        t = e.tensors
+        assert (qkv.start, qkv.end) == (t["self_attn.q_proj.weight"].start, t["self_attn.v_proj.weight"].end)
+        assert (gu.start, gu.end) == (t["mlp.gate_proj.weight"].start, t["mlp.up_proj.weight"].end)
+        assert qkv.shape == (sum(t[f"self_attn.{p}_proj.weight"].shape[0] for p in "qkv"), t["self_attn.q_proj.weight"].shape[1])
+        assert "self_attn.qkv_fused.bias" in ve.tensors and "mlp.gate_up_fused.bias" not in ve.tensors
+        assert not any(n.startswith(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"))
+                       for n in ve.tensors)
+        buf = eng.files.mapped(e).tensor
+        a, b = views(e, buf, 0), views(ve, buf, 0)
+        for kind in ("weight", "bias"):
+            want = torch.cat([a[f"self_attn.{p}_proj.{kind}"] for p in "qkv"])
+            assert torch.equal(b[f"self_attn.qkv_fused.{kind}"], want)
+        assert torch.equal(b["mlp.gate_up_fused.weight"], torch.cat([a["mlp.gate_proj.weight"], a["mlp.up_proj.weight"]]))
+        assert b["mlp.gate_up_fused.weight"].data_ptr() == a["mlp.gate_proj.weight"].data_ptr()  # a view, no copy
+
+        def entry(tensors):
+            return FileEntry(e.name, e.kind, e.bytes, e.sha256, tensors, e.layer)
+
+        # q and k swapped on disk (k first): q/k/v stays apart, gate/up is still fused
+        q, k = t["self_attn.q_proj.weight"], t["self_attn.k_proj.weight"]
+        swapped = dict(t)
+        swapped["self_attn.k_proj.weight"] = dataclasses.replace(k, start=q.start, end=q.start + k.nbytes)
+        swapped["self_attn.q_proj.weight"] = dataclasses.replace(q, start=q.start + k.nbytes, end=k.end)
+        got = eng._view_entry(entry(swapped)).tensors
+        assert "self_attn.qkv_fused.weight" not in got and "self_attn.q_proj.weight" in got
+        assert "mlp.gate_up_fused.weight" in got
+        # a bias missing from one part: fusing the weights would drop the other biases, so nothing fuses
+        nobias = {n: i for n, i in t.items() if n != "self_attn.k_proj.bias"}
+        got = eng._view_entry(entry(nobias)).tensors
+        assert "self_attn.qkv_fused.weight" not in got and "self_attn.q_proj.bias" in got
+        # a subset without the group (an expert-only read): unchanged
+        sub = entry({n: i for n, i in t.items() if n.startswith("post_attention")})
+        assert eng._view_entry(sub) is sub
+
+
+def test_converter_stores_fused_groups_back_to_back(tiny_layered):
+    """q, k, v (biases, then weights) and gate, up lie back to back in product order in a layer file."""
+    entry = Manifest.read(tiny_layered("qwen2")).layer(0)
+    t = entry.tensors
+    for group in model_base.FUSED_GROUPS:
+        for kind in ("weight", "bias"):
+            parts = [t.get(f"{p}.{kind}") for p in group]
+            if parts[0] is None:
+                assert kind == "bias" and group[0].startswith("mlp")  # qwen2: q/k/v biases only
+                continue
+            assert all(a.end == b.start for a, b in zip(parts, parts[1:])), [(p.name, p.start, p.end) for p in parts]
+
+
+def _old_layout(tiny_hf, tmp_path, monkeypatch, name):
+    """``name`` converted as before the fused groups were kept together (tensors by name: k, o, q, v)."""
+    from layerrun.formats.convert import convert
+
+    monkeypatch.setattr(model_base, "storage_order", lambda n: n)
+    dst = tmp_path / "old"
+    convert(tiny_hf(name), dst, progress=False)
+    monkeypatch.undo()
+    return dst
+
+
+@needs_onednn
+@pytest.mark.parametrize("name", ["qwen2", "llama_gqa", "gemma3"])
+@pytest.mark.parametrize("layout,reader", [("new", "mmap"), ("new", "pread"), ("old", "mmap")])
+def test_streamed_layers_fuse_as_views(name, layout, reader, tiny_hf, tiny_layered, tmp_path, monkeypatch):
+    """Streamed layers get fused products as views of the file where it stores the parts back to back
+    (new conversions: q/k/v and gate/up; older ones: gate/up only, q/k/v computed apart), and the
+    greedy fp32 tokens equal full mode's, the plain path's and transformers'."""
+    import transformers
+
+    path = tiny_layered(name) if layout == "new" else _old_layout(tiny_hf, tmp_path, monkeypatch, name)
+    ids = torch.tensor([[5, 17, 3, 42, 8, 11]])
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tiny_hf(name), dtype=torch.float32).eval()
+    with torch.no_grad():
+        want = ref.generate(ids, max_new_tokens=12, min_new_tokens=12, do_sample=False)[0, ids.shape[1]:].tolist()
+    full = layerrun.load(path, mode="full", device="cpu").generate(ids[0].tolist(), max_new_tokens=12, ignore_eos=True)
+    plain = layerrun.load(path, mode="stream", reader=reader, device="cpu", fast=False)
+    with layerrun.load(path, mode="stream", reader=reader, device="cpu") as eng:
+        got = eng.generate(ids[0].tolist(), max_new_tokens=12, ignore_eos=True)
+        st = eng._stream.next()
+        try:
+            w = st.weights
+            assert "mlp.gate_up_fused.weight" in w and "mlp.gate_proj.weight" not in w
+            assert ("self_attn.qkv_fused.weight" in w) == (layout == "new")
+            assert ("self_attn.q_proj.weight" in w) == (layout == "old")
+            if name == "qwen2" and layout == "new":
+                assert "self_attn.qkv_fused.bias" in w
+            # no copy: the fused weights are views of the staged file (a mapping or a ring slot)
+            for k in ("self_attn.qkv_fused.weight", "mlp.gate_up_fused.weight"):
+                if k in w:
+                    assert isinstance(w[k], FastLinear) and not w[k].packed
+                    v = w[k].weight
+                    assert v.untyped_storage().nbytes() > v.numel() * v.element_size()
+        finally:
+            eng._stream.release(st)
+    assert got.token_ids == full.token_ids == want
+    assert plain.generate(ids[0].tolist(), max_new_tokens=12, ignore_eos=True).token_ids == want
+    plain.close()
+    assert len(set(want)) > 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -25,9 +25,10 @@ from layerrun.engine.threads import apply_threads
 from layerrun.engine.tokenizer import Tokenizer
 from layerrun.engine.trace import TraceRecorder
 from layerrun.errors import FileChangedError, FormatError, LayerRunError
+from layerrun.formats.aligned import TensorInfo
 from layerrun.formats.convert import DTYPES
 from layerrun.formats.integrity import Verifier
-from layerrun.formats.manifest import Manifest
+from layerrun.formats.manifest import FileEntry, Manifest
 from layerrun.io.guard import ModelFiles
 from layerrun.io.pipeline import LayerStream
 from layerrun.io.reader import FileReader, views
@@ -316,6 +317,7 @@ class Engine(GenerationAPI):
                 self.path, [self.manifest.layer(i) for i in self.plan.streamed], depth=self.plan.prefetch,
                 backend=self.reader_backend, throttle=self.throttle, device=self.device,
                 prepare=self._prepare_streamed, clock_origin=self.trace.origin, files=self.files,
+                view_entry=self._view_entry if self.fast and not self.manifest.quantization else None,
                 subsets={  # staged ahead: what is neither an expert nor resident already
                     self.manifest.layer(i).name: [] if i in self._dense else names
                     for i, names in self._dense_names.items()
@@ -441,6 +443,37 @@ class Engine(GenerationAPI):
         """A streamed layer's weights: prepared, and float32 ones on oneDNN's kernel (no copy)."""
         w = self._prepare_weights(w)
         return fast_weights(w, pack=False) if self._fast_stream else w
+
+    def _view_entry(self, entry: FileEntry) -> FileEntry:
+        """``entry`` with each group of tensors the family fuses (``model.fused_groups``: q/k/v, gate/up)
+        named as one tensor, its fused product, where the file stores the parts back to back in product
+        order with one dtype and input width (and their biases likewise, or none): staging then makes
+        one view of the group's bytes, which is the fused weight, with no copy. Other groups (files
+        converted before the parts were kept together, a subset without them) stay as they are."""
+        tensors, changed = dict(entry.tensors), False
+        for parts, fused in getattr(self.model, "fused_groups", ()):
+            joined = {}
+            for kind, name in zip(("weight", "bias"), fused, strict=True):
+                infos = [tensors.get(f"{p}.{kind}") for p in parts]
+                if kind == "bias" and all(t is None for t in infos):
+                    continue
+                t0 = infos[0]
+                if (any(t is None for t in infos) or len({(t.dtype, len(t.shape), t.shape[1:]) for t in infos}) != 1
+                        or len(t0.shape) != (2 if kind == "weight" else 1)
+                        or any(a.end != b.start for a, b in zip(infos, infos[1:]))):
+                    joined = None
+                    break
+                shape = (sum(t.shape[0] for t in infos), *t0.shape[1:])
+                joined[name] = TensorInfo(name, t0.dtype, shape, t0.start, infos[-1].end)
+            if joined:
+                for p in parts:
+                    tensors.pop(f"{p}.weight")
+                    tensors.pop(f"{p}.bias", None)
+                tensors.update(joined)
+                changed = True
+        if not changed:
+            return entry
+        return FileEntry(entry.name, entry.kind, entry.bytes, entry.sha256, tensors, entry.layer)
 
     def _load_ends(self, stored: torch.dtype) -> tuple[dict, dict]:
         """The embeddings and the final norm / head, resident.

@@ -4,7 +4,8 @@ A safetensors file is ``u64 header_len | JSON header | data``. The standard
 writer pads the header to 8 bytes; we pad it with spaces (allowed by the spec)
 so that ``8 + header_len`` is a multiple of :data:`ALIGN`. Tensors are stored
 contiguously (the spec forbids holes) in descending element size (a
-mixture-of-experts layer's experts last, grouped per expert), so every
+mixture-of-experts layer's experts last, grouped per expert; the linear weights a
+family fuses back to back in product order), so every
 tensor also starts at a multiple of its own element size: the whole data block
 can be read with ``O_DIRECT`` into an aligned buffer and every tensor used as a
 zero-copy view of it. Files stay readable by any safetensors loader.
@@ -92,7 +93,12 @@ def write_aligned(
     # Larger elements first keeps every tensor naturally aligned without holes. Within one element
     # size, a mixture-of-experts layer's experts come last, each expert's tensors together, so the
     # engine can read attention + router in one range and then only the experts a step routes to.
-    items.sort(key=lambda kv: (-kv[1].element_size(), _expert_rank(kv[0]), kv[0]))
+    # Floating tensors a family fuses (q/k/v, gate/up) are stored back to back in product order, so a
+    # streamed layer's fused product is a view of the file (models.base.storage_order).
+    from layerrun.models.base import storage_order
+
+    items.sort(key=lambda kv: (-kv[1].element_size(), _expert_rank(kv[0]),
+                               storage_order(kv[0]) if kv[1].is_floating_point() else kv[0]))
 
     header: dict = {}
     if metadata:

@@ -209,19 +209,24 @@ class LayerStream:
         subsets: dict[str, list[str]] | None = None,
         verifier: Verifier | None = None,
         files: ModelFiles | None = None,
+        view_entry=None,
     ):
         """``subsets`` maps a file name to the tensors staged ahead of compute; the rest of that file
         is read on demand by :meth:`fetch` (a mixture-of-experts layer's routed experts).
         ``verifier``: files not yet verified are hashed and checked in the staging thread, before the
         layer is handed to compute (and staged whole the first time, so the hash covers every byte).
         ``files``: the folder's files as the process uses them (identity checks, lease-guarded
-        mappings), shared with the pipelines opened before and after this one."""
+        mappings), shared with the pipelines opened before and after this one.
+        ``view_entry(entry) -> entry``: on CPU, the tensors to make views of for a staged file or subset
+        (the engine's names several adjacent tensors as one, a fused product); made once per entry."""
         self.verifier = verifier
         self.entries = entries
         self.subsets = {k: set(v) for k, v in (subsets or {}).items()}
         self.whole = False  # set by the engine: stage whole files even where a subset is configured
         self._subset_ranges = {e.name: tensor_ranges(e, self.subsets[e.name]) for e in entries if e.name in self.subsets}
         self._subset_entries = {e.name: _subset_entry(e, self.subsets[e.name]) for e in entries if e.name in self.subsets}
+        # id(staged entry) -> the entry its views are made of (the entries live as long as this stream)
+        self._view_entries = {id(e): view_entry(e) for e in [*entries, *self._subset_entries.values()]} if view_entry else {}
         self.depth = max(0, int(depth))
         self.device = device or torch.device("cpu")
         self.cuda = self.device.type == "cuda"
@@ -316,7 +321,8 @@ class LayerStream:
                         m.advise(ranges)
                     n = entry.bytes - entry.data_start if subset is None else sum(b - a for a, b in ranges)
                     rec = ReadRecord(layer, n, t0, time.perf_counter())
-                    w = self.prepare(views(staged_entry, m.tensor, 0))  # may touch pages (casts, sanitize)
+                    # may touch pages (casts, sanitize)
+                    w = self.prepare(views(self._view_entries.get(id(staged_entry), staged_entry), m.tensor, 0))
                 finally:
                     m.release()
                 return StagedLayer(rec.layer, w, slot, rec, seq, None, entry, subset is not None, guard=m)
@@ -337,7 +343,7 @@ class LayerStream:
                 raise self.files.damaged(entry, st, e) from None
         rec = ReadRecord(layer, n, t0, time.perf_counter())
         if not self.cuda:
-            w = views(staged_entry, self.slots[slot], entry.data_start)
+            w = views(self._view_entries.get(id(staged_entry), staged_entry), self.slots[slot], entry.data_start)
             return StagedLayer(rec.layer, self.prepare(w), slot, rec, seq, None, entry, subset is not None)
         w, start, event = self._to_device(entry, slot, ranges, staged_entry)
         return StagedLayer(rec.layer, w, slot, rec, seq, event, entry, subset is not None, start)

@@ -214,6 +214,27 @@ def fuse_linears(w: dict, parts: tuple[str, ...], fused: tuple[str, str]) -> dic
     return out
 
 
+# Linear weights the families fuse, each group in the order of its fused product (see
+# :func:`fuse_linears`); layer files store each group's tensors back to back in this order.
+FUSED_GROUPS = (
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    ("mlp.gate_proj", "mlp.up_proj"),
+)
+
+
+def storage_order(name: str) -> str:
+    """A sort key for a layer file's tensor ``name`` that keeps every group of :data:`FUSED_GROUPS`
+    together, its biases then its weights, each in product order (every other name sorts as itself),
+    so a streamed layer's fused products are views of the file."""
+    for group in FUSED_GROUPS:
+        for i, part in enumerate(group):
+            for kind in ("bias", "weight"):
+                suffix = f"{part}.{kind}"
+                if name == suffix or name.endswith("." + suffix):
+                    return f"{name[: len(name) - len(suffix)]}{group[0]}\0{kind}\0{i}"
+    return name
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Llama-style RMSNorm: normalise in fp32, cast back, then scale."""
     dtype = x.dtype

@@ -107,6 +107,10 @@ class Model:
         return {k: v for k, v in weights.items() if not k.endswith("rotary_emb.inv_freq")}
 
     # ---- resident layers: fewer, larger products ---------------------------
+    # (parts, (fused weight, fused bias)): streamed layers get these fused products as views of the
+    # file where it stores the parts back to back (engine: Engine._view_entry)
+    fused_groups = ((QKV, QKV_FUSED), (GATE_UP, GATE_UP_FUSED))
+
     def fuse(self, w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """A resident layer's q/k/v weights (and biases) as one (QKV_FUSED), gate/up as one (GATE_UP_FUSED).
 
