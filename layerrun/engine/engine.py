@@ -591,11 +591,32 @@ class Engine(GenerationAPI):
             ctx = self.model.prepare(positions, key_valid, past + ids.shape[1], self.dtype)
         else:
             ctx = self.model.prepare(positions, key_valid, past + ids.shape[1], self.dtype, tree=tree.to(self.device))
+        x = self._run_layers(range(self.args.num_hidden_layers), x, cache, ctx, stats, collect)
+        if select is not None:
+            x = x.reshape(-1, x.shape[-1])[select.to(self.device)][None]  # (1, N, H)
+        elif last_only:
+            x = x[:, -1:]
+        t0 = time.perf_counter()
+        out = self.model.head(self.final, x, self.embeddings).float()
+        if not torch.isfinite(out).all():  # one cheap check a step: NaN/Inf never reaches the sampler
+            raise self._nonfinite_error()
+        if select is not None:
+            out = out[0]  # (N, V)
+        stats.compute_s += time.perf_counter() - t0
+        stats.steps += 1
+        stats.step_s += time.perf_counter() - step_t0
+        return out
+
+    def _run_layers(self, layers: range, x: torch.Tensor, cache, ctx, stats: GenerationStats,
+                    collect: list | None = None) -> torch.Tensor:
+        """Run ``layers`` on the hidden states ``x``: resident weights, or the pipeline's next staged layer
+        (reads, stalls, computes and copies counted in ``stats`` and the trace). The loop of
+        :meth:`_forward`, and of one torchrun stage's range (:func:`layerrun.engine.stage_parts.run_layers`)."""
         stream = self._stream
         if self.expert_groups:
-            stream.whole = self._expect_all_experts(ids.numel())
+            stream.whole = self._expect_all_experts(x.shape[0] * x.shape[1])
         try:
-            for i in range(self.args.num_hidden_layers):
+            for i in layers:
                 staged = None
                 if i in self._resident:
                     w = self._resident[i]
@@ -618,7 +639,7 @@ class Engine(GenerationAPI):
                     self.trace.read(i, f"layer_{i:03d}", rec.start, rec.end, rec.bytes, slot=staged.slot)
                     if stall > 1e-4:
                         self.trace.stall(i, t_wait, t_wait + stall)
-                if self.kv_host and cache is not None and i + 1 < len(cache.layers):
+                if self.kv_host and cache is not None and i + 1 in layers:
                     cache[i + 1].prefetch()  # the next layer's keys and values travel while this one computes
                 t0 = time.perf_counter()
                 stall0 = stats.stall_s
@@ -643,21 +664,8 @@ class Engine(GenerationAPI):
             self._open_stream()
             raise
         if self.expert_groups:
-            stream.whole = self._expect_all_experts(ids.shape[0])  # the next step: one new token per row
-        if select is not None:
-            x = x.reshape(-1, x.shape[-1])[select.to(self.device)][None]  # (1, N, H)
-        elif last_only:
-            x = x[:, -1:]
-        t0 = time.perf_counter()
-        out = self.model.head(self.final, x, self.embeddings).float()
-        if not torch.isfinite(out).all():  # one cheap check a step: NaN/Inf never reaches the sampler
-            raise self._nonfinite_error()
-        if select is not None:
-            out = out[0]  # (N, V)
-        stats.compute_s += time.perf_counter() - t0
-        stats.steps += 1
-        stats.step_s += time.perf_counter() - step_t0
-        return out
+            stream.whole = self._expect_all_experts(x.shape[0])  # the next step: one new token per row
+        return x
 
     def _nonfinite_error(self) -> LayerRunError:
         """The logits hold NaN/Inf: name the file (layer) whose stored weights do (read again from disk,

@@ -4,7 +4,6 @@ the views of the manifest that the governor and the file check see for one stage
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -178,54 +177,10 @@ def _decode_step(hdr, payload, engine):
 
 # ---- this rank's layers -----------------------------------------------------------------------------
 def run_layers(engine, layers: range, x, cache, ctx, stats: GenerationStats, sstats: StageStats):
-    """Run ``layers`` of ``engine`` on ``x`` (the loop of ``Engine._forward``, over one stage's range)."""
-    from layerrun.engine.engine import _ExpertLoader
-
+    """Run ``layers`` of ``engine`` on ``x`` (``Engine._run_layers``, the loop of a single process's pass),
+    adding what they read, stalled and computed to the stage's own figures."""
     b0, r0, s0, c0 = stats.bytes_read, stats.read_s, stats.stall_s, stats.compute_s
-    stream = engine._stream
-    if engine.expert_groups:
-        stream.whole = engine._expect_all_experts(x.shape[0] * x.shape[1])
-    try:
-        for i in layers:
-            staged = None
-            if i in engine._resident:
-                w = engine._resident[i]
-            else:
-                t_wait = time.perf_counter()
-                staged = stream.next()
-                stall = time.perf_counter() - t_wait
-                if staged.layer != i:
-                    raise RuntimeError(f"pipeline delivered layer {staged.layer}, expected {i}")
-                w = staged.weights
-                if i in engine._dense:
-                    w = {**engine._dense[i], **w}
-                if i in engine.expert_groups:
-                    w = _ExpertLoader(w, engine, staged, stats)
-                rec = staged.record
-                stats.bytes_read += rec.bytes
-                stats.read_s += rec.end - rec.start
-                stats.read_intervals.append((rec.start, rec.end))
-                stats.stall_s += stall
-                engine.trace.read(i, f"layer_{i:03d}", rec.start, rec.end, rec.bytes, slot=staged.slot)
-            if engine.kv_host and cache is not None and i + 1 in layers:
-                cache[i + 1].prefetch()
-            t0 = time.perf_counter()
-            stall0 = stats.stall_s
-            x = engine.model.layer(i, w, x, cache[i] if cache is not None else None, ctx)
-            if engine.device.type == "cuda":
-                torch.cuda.current_stream(engine.device).synchronize()
-            t1 = time.perf_counter() - (stats.stall_s - stall0)
-            stats.compute_s += t1 - t0
-            stats.layer_compute_s[i] = stats.layer_compute_s.get(i, 0.0) + (t1 - t0)
-            engine.trace.compute(i, t0, t1)
-            if staged is not None:
-                stream.release(staged)
-                stats.copy_s += staged.record.copy_s
-    except BaseException:
-        engine._open_stream()
-        raise
-    if engine.expert_groups:
-        stream.whole = engine._expect_all_experts(x.shape[0])
+    x = engine._run_layers(layers, x, cache, ctx, stats)
     sstats.bytes_read += stats.bytes_read - b0
     sstats.read_s += stats.read_s - r0
     sstats.stall_s += stats.stall_s - s0
