@@ -214,14 +214,7 @@ class Stage:
             meta = self._cache_meta(cache, B, T)
             hdr, payload = _encode(STEP, x, meta, positions, key_valid, last_only and collect is None,
                                    [self._freed.popleft() for _ in range(len(self._freed))], tree=tree)
-            try:
-                self._send(hdr, payload, self.next)
-            except RuntimeError as e:
-                raise self._lost(self.next, e) from None
-            try:
-                hdr, payload = self._recv(self.prev)
-            except RuntimeError as e:
-                raise self._lost(self.prev, e) from None
+            hdr, payload = self._round_trip(hdr, payload)
             x = _decode_hidden(hdr, payload, engine).to(engine.device)
             if cache is not None:
                 self._advance_shadows(cache, meta, T)
@@ -458,6 +451,18 @@ class Stage:
         self.stats.send_s += time.perf_counter() - t0
         self._last_traffic = time.monotonic()
 
+    def _round_trip(self, hdr: torch.Tensor, payload: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rank 0: send a message into the ring and receive what comes back round from the last stage; a
+        failure either way names the rank that went (:meth:`_lost`)."""
+        try:
+            self._send(hdr, payload, self.next)
+        except RuntimeError as e:
+            raise self._lost(self.next, e) from None
+        try:
+            return self._recv(self.prev)
+        except RuntimeError as e:
+            raise self._lost(self.prev, e) from None
+
     def _send_async(self, hdr: torch.Tensor, payload: torch.Tensor) -> None:
         import torch.distributed as dist
 
@@ -511,14 +516,7 @@ class Stage:
         self._last_ping = time.monotonic()
         hdr = torch.zeros(HEADER, dtype=torch.long)
         hdr[0] = PING
-        try:
-            self._send(hdr, torch.empty(0, dtype=torch.uint8), self.next)
-        except RuntimeError as e:
-            raise self._lost(self.next, e) from None
-        try:
-            hdr, payload = self._recv(self.prev)
-        except RuntimeError as e:
-            raise self._lost(self.prev, e) from None
+        hdr, payload = self._round_trip(hdr, torch.empty(0, dtype=torch.uint8))
         rows = payload.view(torch.float64).view(-1, N_STATS).tolist() if payload.numel() else []
         self.stage_stats = [self.stats, *[StageStats.from_row(r) for r in rows]]
 
