@@ -10,11 +10,9 @@ import sys
 
 
 def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n:.2f} TiB"
+    from layerrun.formats.destination import human
+
+    return human(n, 2)
 
 
 def human_count(n: int) -> str:

@@ -35,12 +35,13 @@ _MODEL_FILE = re.compile(r"^(embeddings|final|layer_\d{3,})\.safetensors$")
 SPACE_MARGIN = 2**20  # the manifest, the state file; each file's header and padding are added per file
 
 
-def human(n: float) -> str:
+def human(n: float, digits: int = 1) -> str:
+    """Bytes in binary units, ``digits`` decimals past the byte (also the CLI's tables, with 2)."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.{digits}f} {unit}"
         n /= 1024
-    return f"{n:.1f} TiB"
+    return f"{n:.{digits}f} TiB"
 
 
 class ConvertLock:
