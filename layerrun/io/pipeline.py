@@ -489,22 +489,27 @@ class LayerStream:
         if self.threaded:
             self._submit(staged.slot)
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Stop the pipeline. ``wait``: join its threads (False from ``__del__``: see there)."""
         if self._closed:
             return
         with self._sched_lock:
             self._closed = True
-        self.pool.shutdown(wait=True, cancel_futures=True)
-        self.io_pool.shutdown(wait=True, cancel_futures=True)
-        self.fetch_pool.shutdown(wait=True, cancel_futures=True)
+        self.pool.shutdown(wait=wait, cancel_futures=True)
+        self.io_pool.shutdown(wait=wait, cancel_futures=True)
+        self.fetch_pool.shutdown(wait=wait, cancel_futures=True)
         for guard in self._held.values():  # a pass that stopped midway (an error): its layer's mapping is let go
             guard.release()
         self._held.clear()
         self.reader.close()
 
     def __del__(self):
+        # Never join threads here: the garbage collector may run this inside another thread's start-up,
+        # which holds threading's shutdown-locks lock that a join takes too (a deadlock seen in the suite:
+        # a thread starting for an expert fetch collected an old stream). A stream found unreachable has
+        # no task running (a running task holds it); its idle workers exit on the shutdown by themselves.
         try:
-            self.close()
+            self.close(wait=False)
         except Exception:  # interpreter shutdown
             pass
 
