@@ -33,7 +33,7 @@ from layerrun.io.guard import ModelFiles
 from layerrun.io.pipeline import LayerStream
 from layerrun.io.reader import FileReader, views
 from layerrun.models.base import expert_index
-from layerrun.models.fast import FastLinear, available, fast_weights, owned
+from layerrun.models.fast import FastLinear, available, fast_weights, owned, streams_fast
 
 __all__ = ["BATCH_FIELDS", "DEFAULT_MAX_NEW_TOKENS", "Chunk", "Engine", "Generation", "resolve_model_path"]
 DEFAULT_PREFETCH = 2
@@ -163,8 +163,8 @@ class Engine(GenerationAPI):
             self.dtype = DTYPES[dtype]
         self.notes = notes
         self.fast = bool(fast) and self.device.type == "cpu"
-        # Streamed layers are not packed (a copy per read); only float32 gains from oneDNN unpacked.
-        self._fast_stream = self.fast and self.dtype == torch.float32 and available(torch.float32)
+        # Streamed layers are not packed (a copy per read): the compiled kernel or float32 oneDNN runs them as read.
+        self._fast_stream = self.fast and streams_fast(self.dtype)
         if experts not in ("routed", "all"):
             raise LayerRunError(f"--experts {experts!r} is not one of: routed, all")
         budget = parse_size(max_memory, "--max-memory") if max_memory is not None else None
@@ -440,7 +440,7 @@ class Engine(GenerationAPI):
         return self.model.sanitize(self._cast(w))
 
     def _prepare_streamed(self, w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """A streamed layer's weights: prepared, and float32 ones on oneDNN's kernel (no copy)."""
+        """A streamed layer's weights: prepared, and on the fast kernels where that needs no copy."""
         w = self._prepare_weights(w)
         return fast_weights(w, pack=False) if self._fast_stream else w
 

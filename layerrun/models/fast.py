@@ -16,10 +16,15 @@ cycled through so they come from memory as in decode:
 Prefill is faster too (float32 with 16-512 rows: 2.4x), and bfloat16 results are bit-identical to
 ``F.linear``; float32 ones differ in summation order only (relative ~1e-6).
 
+Faster still for decode is the compiled matrix-vector kernel (:mod:`layerrun.models.kernels`), which
+reads the PLAIN row-major weight: where it is built and checked, a product of up to ``KERNEL_ROWS``
+rows with one torch thread runs on it, larger ones on oneDNN (or ``F.linear``) on the same tensor. A
+weight is then never reordered (the kernel would need the plain one kept next to the packed copy):
+resident weights are owned plain copies, and streamed bfloat16 weights are wrapped too.
+
 A weight is wrapped in :class:`FastLinear`, a tensor-like object that ``F.linear`` dispatches to (as
 the quantized weights in :mod:`layerrun.formats.quant` do), so the model code is unchanged. Where
-oneDNN is missing or refuses the dtype (a CPU without bfloat16 support in oneDNN), weights are left
-as they are.
+neither oneDNN nor the kernel runs the dtype, weights are left as they are.
 """
 
 from __future__ import annotations
@@ -29,7 +34,10 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from layerrun.models.kernels import Kernel, kernel
+
 KINDS = ("float32", "bfloat16")
+KERNEL_ROWS = 8  # the compiled kernel's rows at most; past this oneDNN is as fast (bench/matvec_speed.py)
 
 
 @functools.cache
@@ -52,20 +60,42 @@ def available(dtype: torch.dtype) -> bool:
         return False
 
 
-class FastLinear:
-    """A linear weight (N, K) computed with oneDNN; ``F.linear(x, w, b)`` on it runs the kernel.
+def kernel_for(dtype: torch.dtype) -> Kernel | None:
+    """The compiled matrix-vector kernel when it runs ``dtype`` here, else None."""
+    return kernel() if dtype in (torch.float32, torch.bfloat16) else None
 
-    ``packed``: the weight was reordered into oneDNN's blocked layout (an opaque tensor), and the
-    original is not kept. Otherwise ``weight`` is the plain tensor itself (no copy).
+
+def usable(dtype: torch.dtype) -> bool:
+    """Whether :class:`FastLinear` is faster than ``F.linear`` for ``dtype`` here (kernel or oneDNN)."""
+    return kernel_for(dtype) is not None or available(dtype)
+
+
+class FastLinear:
+    """A linear weight (N, K); ``F.linear(x, w, b)`` on it runs the compiled kernel (a few rows, one
+    thread) or oneDNN.
+
+    ``pack``: the weight stays resident. With the compiled kernel it is kept plain, copied into memory
+    of its own if it views a larger buffer (a file's read buffer or memory map); without it, it is
+    reordered into oneDNN's blocked layout (an opaque tensor, ``packed``) and the original is not kept.
+    Otherwise ``weight`` is the plain tensor itself (no copy).
     """
 
-    __slots__ = ("weight", "shape", "dtype", "packed")
+    __slots__ = ("weight", "shape", "dtype", "packed", "kernel", "onednn")
 
     def __init__(self, weight: torch.Tensor, pack: bool):
         self.shape = weight.shape
         self.dtype = weight.dtype
-        self.packed = pack
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 1) if pack else weight
+        self.kernel = kernel_for(weight.dtype)
+        self.onednn = available(weight.dtype)
+        self.packed = pack and self.kernel is None and self.onednn
+        if self.packed:
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 1)
+        elif self.kernel is not None and weight.dim() == 2 and weight.stride(1) != 1:
+            self.weight = weight.contiguous()
+        elif pack and _is_view(weight):
+            self.weight = weight.clone()
+        else:
+            self.weight = weight
 
     @property
     def device(self) -> torch.device:
@@ -94,9 +124,14 @@ class FastLinear:
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if x.dtype != self.dtype:
             raise TypeError(f"linear: input is {x.dtype}, weight is {self.dtype}")
+        if (self.kernel is not None and x.numel() <= KERNEL_ROWS * x.shape[-1] and torch.get_num_threads() == 1
+                and (bias is None or (bias.dtype == self.dtype and bias.is_contiguous()))):
+            return self.kernel.linear(x, self.weight, bias)
         if not x.is_contiguous():
             x = x.contiguous()
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, bias, "none", [], "")
+        if self.onednn:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, bias, "none", [], "")
+        return F.linear(x, self.weight, bias)
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -116,17 +151,23 @@ def is_linear_weight(name: str, t) -> bool:
 def fast_weights(w: dict, pack: bool) -> dict:
     """``w`` with its linear weights wrapped in :class:`FastLinear` where that is faster on this CPU.
 
-    ``pack``: the weights stay resident, so reorder them (bfloat16 gains 1.5x; float32 is as fast
-    unpacked, and stays unpacked). Non-CPU tensors, other dtypes and quantized weights are left alone.
+    ``pack``: the weights stay resident (see :class:`FastLinear`; without the compiled kernel bfloat16
+    gains 1.5x from oneDNN's layout; float32 is as fast unpacked, and stays unpacked). Non-CPU tensors,
+    other dtypes and quantized weights are left alone.
     """
     out = dict(w)
     for name, t in w.items():
-        if not is_linear_weight(name, t) or t.device.type != "cpu" or not available(t.dtype):
+        if not is_linear_weight(name, t) or t.device.type != "cpu" or not usable(t.dtype):
             continue
-        if t.dtype == torch.bfloat16 and not pack:
-            continue  # streamed bfloat16: a reorder per read costs more than it saves
-        out[name] = FastLinear(t, pack=t.dtype == torch.bfloat16)
+        if kernel_for(t.dtype) is None and t.dtype == torch.bfloat16 and not pack:
+            continue  # streamed bfloat16 on oneDNN: a reorder per read costs more than it saves
+        out[name] = FastLinear(t, pack=pack and t.dtype == torch.bfloat16)
     return out
+
+
+def streams_fast(dtype: torch.dtype) -> bool:
+    """Whether streamed weights of ``dtype`` gain from :func:`fast_weights` (no copy on the way)."""
+    return kernel_for(dtype) is not None or (dtype == torch.float32 and available(dtype))
 
 
 def owned(w: dict) -> dict:
