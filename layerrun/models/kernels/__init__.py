@@ -128,8 +128,12 @@ def _key(cc: list[str], flags: tuple[str, ...], source: bytes) -> str:
     return h.hexdigest()[:16]
 
 
+def _digest_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
 def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    return _digest_bytes(path.read_bytes())
 
 
 def _cached(folder: Path, key: str) -> Path | None:
