@@ -6,6 +6,8 @@ same machine noise; rounds repeat and medians, spreads and per-round ratios are 
 - ``layerrun``: ``layerrun.load(MODEL, mode=--mode, dtype, threads)`` (the default, fast path);
 - ``layerrun-plain``: the same with ``fast=False`` (plain ``F.linear``, no fused / packed weights);
 - ``layerrun-stream``: warm-cache stream mode (mmap reader, nothing resident);
+- ``layerrun-onednn``: the default path with the compiled matrix-vector kernel off (``LAYERRUN_KERNEL=off``
+  while it loads: oneDNN, packed resident bfloat16 weights, as before the kernel);
 - ``transformers``: the Hugging Face model built from the same folder (bench/transformers_baseline.py);
 - ``llamacpp``: llama.cpp through ``llama-cpp-python`` on ``--gguf FILE`` (same weights and precision:
   make it with ``python bench/compute_speed.py --make-gguf SRC.gguf OUT.gguf --type f32|bf16``, which
@@ -59,11 +61,26 @@ def make_gguf(src: str, dst: str, kind: str) -> None:
 
 
 class LayerRunSide:
-    def __init__(self, folder, dtype, threads, ctx, mode="full", fast=True):
+    def __init__(self, folder, dtype, threads, ctx, mode="full", fast=True, kernel=True):
         opts = dict(mode=mode, dtype=dtype, context=ctx, device="cpu", threads=threads, fast=fast)
         if mode == "stream":
             opts["reader"] = "mmap"
-        self.eng = layerrun.load(folder, **opts)
+        if kernel:
+            self.eng = layerrun.load(folder, **opts)
+            return
+        from layerrun.models import kernels
+
+        before = os.environ.get("LAYERRUN_KERNEL")
+        os.environ["LAYERRUN_KERNEL"] = "off"  # the weights loaded now keep torch's kernels
+        kernels.kernel.cache_clear()
+        try:
+            self.eng = layerrun.load(folder, **opts)
+        finally:
+            if before is None:
+                os.environ.pop("LAYERRUN_KERNEL")
+            else:
+                os.environ["LAYERRUN_KERNEL"] = before
+            kernels.kernel.cache_clear()
 
     def run(self, ids, n):
         t = []
@@ -152,6 +169,8 @@ def run(model, dtype, contenders, gguf, threads, rounds, n, prompt_tokens, log):
             sides[c] = LayerRunSide(folder, dtype, threads, ctx)
         elif c == "layerrun-plain":
             sides[c] = LayerRunSide(folder, dtype, threads, ctx, fast=False)
+        elif c == "layerrun-onednn":
+            sides[c] = LayerRunSide(folder, dtype, threads, ctx, kernel=False)
         elif c == "layerrun-stream":
             sides[c] = LayerRunSide(folder, dtype, threads, ctx, mode="stream")
         elif c == "transformers":

@@ -18,6 +18,11 @@
 #include <string.h>
 
 #define MAXM 8
+/* Software prefetch this many bytes ahead in each weight row: measured (bench/RESULTS.md) +20-30% for
+ * bfloat16 from memory, +0-10% for float32; 1024 and 2048 were no better. */
+#ifndef LR_PF
+#define LR_PF 512
+#endif
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #define ISA "avx512"
@@ -79,19 +84,22 @@ INLINE uint16_t f32_to_bf16(float f) {
  * and the accumulators stay in registers. */
 INLINE void f32_block(int M, int NB, const float *x, int64_t ldx, const float *w, int64_t ldw, const float *b,
                       float *y, int64_t ldy, int64_t n0, int64_t K) {
-    vf acc[MAXM][4];
+    vf acc[MAXM][8];
     int64_t Kv = K - K % VL;
     UNROLL
     for (int m = 0; m < M; m++)
         UNROLL
         for (int j = 0; j < NB; j++) acc[m][j] = VZERO();
-    const float *wr[4];
+    const float *wr[8];
     UNROLL
     for (int j = 0; j < NB; j++) wr[j] = w + (n0 + j) * ldw;
     for (int64_t k = 0; k < Kv; k += VL) {
-        vf wv[4];
+        vf wv[8];
         UNROLL
-        for (int j = 0; j < NB; j++) wv[j] = VLOAD(wr[j] + k);
+        for (int j = 0; j < NB; j++) {
+            if (LR_PF) _mm_prefetch((const char *)(wr[j] + k) + LR_PF, _MM_HINT_T0);
+            wv[j] = VLOAD(wr[j] + k);
+        }
         UNROLL
         for (int m = 0; m < M; m++) {
             vf xv = VLOAD(x + m * ldx + k);
@@ -118,17 +126,19 @@ INLINE void f32_block(int M, int NB, const float *x, int64_t ldx, const float *w
     } while (0)
 
 #if VL == 16
+#define NB_ONE 8   /* one input row: 8 weight rows in flight (bfloat16: 8 + 16 + 2 registers) */
 #define NB_SMALL 4 /* M <= 4: 16 accumulators + 4 weight vectors + 1 input vector of 32 registers */
 #define NB_LARGE 2
 #else
-#define NB_SMALL 2 /* 16 registers */
+#define NB_ONE 4 /* 16 registers */
+#define NB_SMALL 2
 #define NB_LARGE 1
 #endif
 
 static void f32_rows(int M, const float *x, int64_t ldx, const float *w, int64_t ldw, const float *b, float *y,
                      int64_t ldy, int64_t N, int64_t K) {
     switch (M) {
-    case 1: F32_RUN(1, 4); break;
+    case 1: F32_RUN(1, NB_ONE); break;
     case 2: F32_RUN(2, 4); break;
     case 3: F32_RUN(3, NB_SMALL); break;
     case 4: F32_RUN(4, NB_SMALL); break;
@@ -156,19 +166,20 @@ int lr_linear_f32(const float *x, int64_t ldx, const float *w, int64_t ldw, cons
 INLINE void bf16_block(int M, int NB, const float *xe, const float *xo, int64_t K2, const uint16_t *x, int64_t ldx,
                        const uint16_t *w, int64_t ldw, const uint16_t *b, uint16_t *y, int64_t ldy, int64_t n0,
                        int64_t K) {
-    vf acc[MAXM][4];
+    vf acc[MAXM][8];
     int64_t Kv = 2 * K2;
     UNROLL
     for (int m = 0; m < M; m++)
         UNROLL
         for (int j = 0; j < NB; j++) acc[m][j] = VZERO();
-    const uint16_t *wr[4];
+    const uint16_t *wr[8];
     UNROLL
     for (int j = 0; j < NB; j++) wr[j] = w + (n0 + j) * ldw;
     for (int64_t k = 0; k < K2; k += VL) { /* VL lanes of 32 bits: 2 * VL weights a row */
-        vf we[4], wo[4];
+        vf we[8], wo[8];
         UNROLL
         for (int j = 0; j < NB; j++) {
+            if (LR_PF) _mm_prefetch((const char *)(wr[j] + 2 * k) + LR_PF, _MM_HINT_T0);
             vi v = VILOAD(wr[j] + 2 * k);
             we[j] = BF_EVEN(v);
             wo[j] = BF_ODD(v);
@@ -202,7 +213,7 @@ static void bf16_rows(int M, const float *xe, const float *xo, int64_t K2, const
                       const uint16_t *w, int64_t ldw, const uint16_t *b, uint16_t *y, int64_t ldy, int64_t N,
                       int64_t K) {
     switch (M) {
-    case 1: BF16_RUN(1, 4); break;
+    case 1: BF16_RUN(1, NB_ONE); break;
     case 2: BF16_RUN(2, NB_SMALL); break;
     case 3: BF16_RUN(3, NB_SMALL); break;
     case 4: BF16_RUN(4, NB_SMALL); break;
