@@ -253,3 +253,27 @@ def test_racing_builds_both_get_a_whole_library(tmp_path):
     for k in got:
         _check(k.linear(torch.ones(2, 5), torch.ones(3, 5)), torch.ones(2, 5), torch.ones(3, 5), None)
     assert not list(tmp_path.glob(".build-*"))
+
+
+@needs_x86
+def test_streamed_bfloat16_layers_run_on_the_kernel_without_a_copy(tiny_layered, monkeypatch, fresh_kernel):
+    """bf16 layers streamed from a mapping are wrapped for the kernel as views of the mapping (nothing
+    reordered or copied), and stream mode gives full mode's greedy tokens."""
+    path = tiny_layered("qwen2_bf16")
+    monkeypatch.setenv("LAYERRUN_KERNEL", "on")
+    kernels.kernel.cache_clear()
+    if kernels.kernel() is None:
+        pytest.skip("the kernel is not available here")
+    ids = [5, 17, 3, 42, 8]
+    with layerrun.load(path, mode="full", device="cpu", threads=1) as eng:
+        assert eng.dtype == torch.bfloat16
+        want = eng.generate(ids, max_new_tokens=10, ignore_eos=True).token_ids
+    with layerrun.load(path, mode="stream", reader="mmap", device="cpu", threads=1) as eng:
+        assert eng.generate(ids, max_new_tokens=10, ignore_eos=True).token_ids == want
+        st = eng._stream.next()
+        try:
+            wrapped = [v for v in st.weights.values() if isinstance(v, FastLinear)]
+            assert wrapped and all(v.kernel is not None and not v.packed for v in wrapped)
+            assert all(v.weight.untyped_storage().nbytes() > v.weight.nbytes for v in wrapped)  # views
+        finally:
+            eng._stream.release(st)
