@@ -90,6 +90,8 @@ def test_kernel_equals_f_linear_on_odd_shapes(built, variant, dtype):
     _check(k.linear(wide[:, :160:2], w), wide[:, :160:2], w, None)
     _check(k.linear(wide[:, 7:87], wide[:3, 100:180]), wide[:, 7:87], wide[:3, 100:180], None)  # weight rows 200 apart
     assert k.linear(torch.empty(0, 80, dtype=dtype), w).shape == (0, 24)
+    b = torch.randn(24, generator=g).to(dtype)
+    assert torch.equal(k.linear(torch.empty(3, 0, dtype=dtype), torch.empty(24, 0, dtype=dtype), b), b.expand(3, 24))
 
 
 @needs_x86

@@ -22,7 +22,6 @@ unwritable cache, a failed check) is one log line, and the callers use torch's k
 from __future__ import annotations
 
 import ctypes
-import functools
 import hashlib
 import logging
 import os
@@ -31,6 +30,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -75,6 +75,9 @@ class Kernel:
             raise ValueError(f"matvec: x {tuple(x.shape)} {x.dtype}, w {tuple(w.shape)} {w.dtype} stride {w.stride()}")
         if bias is not None and (bias.shape != (N,) or bias.dtype != x.dtype or not bias.is_contiguous()):
             raise ValueError(f"matvec: bias {tuple(bias.shape)} {bias.dtype} for {N} outputs")
+        if K == 0:  # nothing to sum: the bias, or zeros
+            y = torch.zeros(*x.shape[:-1], N, dtype=x.dtype)
+            return y if bias is None else y + bias
         x2 = x.reshape(-1, K)  # a view where the leading dims allow it
         if K > 1 and x2.stride(1) != 1:
             x2 = x2.contiguous()
@@ -227,10 +230,23 @@ def self_check(k: Kernel) -> str | None:
     return None
 
 
-@functools.cache
+_LOCK = threading.Lock()  # the first use may come from several I/O threads at once: one build, one log line
+_LOADED: dict[str, Kernel | None] = {}
+
+
 def kernel() -> Kernel | None:
     """The native build for this process, or None (``LAYERRUN_KERNEL=off``, or it cannot be had: logged
-    once). Cached: call ``kernel.cache_clear()`` after changing the environment."""
+    once). Decided once: call ``kernel.cache_clear()`` after changing the environment."""
+    with _LOCK:
+        if "native" not in _LOADED:
+            _LOADED["native"] = _kernel()
+        return _LOADED["native"]
+
+
+kernel.cache_clear = _LOADED.clear  # type: ignore[attr-defined]
+
+
+def _kernel() -> Kernel | None:
     if os.environ.get("LAYERRUN_KERNEL", "").strip().lower() in OFF:
         log.info("compiled matrix-vector kernel: off (LAYERRUN_KERNEL); using torch's kernels")
         return None
