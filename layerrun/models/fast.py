@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from layerrun.models.kernels import Kernel, kernel
 
 KINDS = ("float32", "bfloat16")
-KERNEL_ROWS = 8  # the compiled kernel's rows at most; past this oneDNN is as fast (bench/matvec_speed.py)
+KERNEL_ROWS = 8  # the compiled kernel's rows at most; at 16 rows oneDNN is faster (bench/matvec_speed.py)
 
 
 @functools.cache
