@@ -22,6 +22,7 @@ def run(a) -> int:
                             f"`layerrun {a.command}` without torchrun")
     model = _model_arg(a)
     stage = connect(model, stages=a.stages, timeout=a.stage_timeout, max_memory=a.max_memory, throttle=a.throttle)
+    stage.deep_ring = a.prefetch is None
     a.stage = stage
     try:
         if stage.rank == 0:

@@ -92,6 +92,7 @@ class Stage:
         self._freed: deque[int] = deque()
         self._pending: deque = deque()  # micro-batch sends still in flight (the tensors must live until done)
         self.micro = 0  # rank 0: micro-batches per step (0: none), decided at attach
+        self.deep_ring = False  # --prefetch not given: a streaming stage's ring covers its range (plan_memory)
         self._last_traffic = time.monotonic()
         self._last_ping = 0.0  # the first ping goes out at once: every stage's figures exist from the start
         self._pinger: threading.Thread | None = None
@@ -129,12 +130,24 @@ class Stage:
             check_size(folder, entry, st.st_size)
 
     def plan_memory(self, manifest, args, **kw):
-        """The governor's plan over this rank's layers (its own --max-memory, --mode, --prefetch)."""
+        """The governor's plan over this rank's layers (its own --max-memory, --mode, --prefetch).
+
+        Without --prefetch (``deep_ring``), a stage that streams every layer of its range gets a ring as
+        deep as the range, as far as its budget allows: in a pipeline a rank's disk would otherwise idle
+        while the other stages compute (with a ring of R slots, a stage of S layers reads only R of its
+        next token's layers ahead, the other S - R when its turn comes; bench/RESULTS.md). A plan that
+        keeps layers resident stays as it is: a resident layer saves its read every token, a ring slot
+        only moves it earlier, for the same memory."""
         from layerrun.engine.governor import plan_memory
 
         local = list(self.layers)
-        plan = plan_memory(_StageManifest(manifest, self.layers, self.rank == 0, local_index=True),
-                           _StageArgs(args, len(local)), **kw)
+        view = _StageManifest(manifest, self.layers, self.rank == 0, local_index=True)
+        plan = plan_memory(view, _StageArgs(args, len(local)), **kw)
+        if self.deep_ring and plan.mode == "stream" and len(local) - 1 > plan.prefetch:
+            asked = plan.prefetch
+            plan = plan_memory(view, _StageArgs(args, len(local)), **{**kw, "prefetch": len(local) - 1})
+            plan.lines.append(f"prefetch {plan.prefetch} (not {asked}): this stage streams, so its ring reads its "
+                              f"next token's layers while the other stages compute (--prefetch sets it)")
         plan.resident = [local[i] for i in plan.resident]
         plan.streamed = [local[i] for i in plan.streamed]
         plan.dense_resident = [local[i] for i in plan.dense_resident]
