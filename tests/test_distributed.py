@@ -413,13 +413,14 @@ class _TwoStages:
     def _forward(self, ids, cache, positions, key_valid, stats, last_only, tree=None, select=None):
         from layerrun.engine.kv_cache import KVCache
         from layerrun.engine.stage_parts import _RemoteCache
+        from layerrun.engine.stage_worker import reconcile
 
         B, T = ids.shape
         kv = ids.to(torch.float32).view(B, 1, T, 1)
         cache.layers[0].update(kv, kv)
         meta = self.s0._cache_meta(cache, B, T)
         rc = self.remote.setdefault(meta["cid"], _RemoteCache(KVCache(2)))
-        self.s1._reconcile(rc, meta["rows"].tolist(), meta["L0"], meta["drop"], meta["gather_at"], meta["gather"])
+        reconcile(self.s1.layers, rc, meta["rows"].tolist(), meta["L0"], meta["drop"], meta["gather_at"], meta["gather"])
         rc.cache.layers[1].update(kv, kv)
         rc.width = meta["L0"] + T
         self.s0._advance_shadows(cache, meta, T)

@@ -1,5 +1,9 @@
 """One rank's stage: its layers, and the step's data path rank to rank over torch.distributed.
 
+This module is rank 0's side (it drives every step and keeps the shadows), the messages and the faults;
+the other ranks' loop is :mod:`layerrun.engine.stage_worker`, the pieces both use
+:mod:`layerrun.engine.stage_parts`.
+
 A step goes around a ring: rank 0 embeds the batch and runs its own layers, sends the hidden
 states with the step's metadata to rank 1, which runs its layers and sends them on; the last rank
 sends the final hidden states back to rank 0, which runs the head and samples. Each rank keeps the
@@ -36,13 +40,7 @@ from collections import deque
 
 import torch
 
-from layerrun.engine.kv_cache import (
-    KVCache,
-    layer_add_rows,
-    layer_drop_prefix,
-    layer_keep_columns,
-    layer_select_rows,
-)
+from layerrun.engine.kv_cache import KVCache
 from layerrun.engine.stage_parts import (
     HEADER,
     MAX_PAYLOAD,
@@ -51,12 +49,12 @@ from layerrun.engine.stage_parts import (
     STEP,
     STOP,
     StageStats,
+    _columns,
     _decode_hidden,
-    _decode_step,
     _encode,
     _groups,
     _OnlyFiles,
-    _RemoteCache,
+    _prepare,
     _RowsCache,
     _Shadow,
     _StageArgs,
@@ -346,112 +344,11 @@ class Stage:
         if self.failure:
             raise StageLost(self.failure)
 
-    # ---- the other ranks: serve steps until rank 0 says stop --------------------------------------
+    # ---- the other ranks: serve steps until rank 0 says stop (:mod:`layerrun.engine.stage_worker`) --
     def serve(self, engine) -> int:
-        caches: dict[int, _RemoteCache] = {}
-        while True:
-            try:
-                hdr, payload = self._recv(self.prev)
-            except RuntimeError as e:
-                raise self._worker_lost(self.prev, e) from None
-            kind = int(hdr[0])
-            try:
-                if kind == STEP:
-                    hdr, payload = self._step(engine, hdr, payload, caches)
-                elif kind == PING:
-                    payload = torch.cat([payload, torch.tensor(self.stats.row(), dtype=torch.float64).view(torch.uint8)])
-                    hdr[13] = payload.numel()
-                elif kind != STOP:
-                    raise RuntimeError(f"unknown message kind {kind}")
-            except Exception as e:  # this rank's own failure: say so where rank 0 can read it, then exit
-                msg = str(e) if isinstance(e, LayerRunError) else f"{type(e).__name__}: {e}"
-                self._bye(self.rank, msg)
-                raise LayerRunError(f"{self.describe(self.rank)} failed: {msg}") from e
-            try:
-                if int(hdr[16]) > 1:  # a micro-batch: on to the next stage without waiting, to take the next group
-                    self._send_async(hdr, payload)
-                else:
-                    self._flush_sends()
-                    self._send(hdr, payload, self.next)
-            except RuntimeError as e:
-                raise self._worker_lost(self.next, e) from None
-            if kind == STOP:
-                return 0
+        from layerrun.engine.stage_worker import Worker
 
-    def _step(self, engine, hdr, payload, caches):
-        T = int(hdr[2])
-        mi, m, a = int(hdr[15]), max(int(hdr[16]), 1), int(hdr[17])
-        rows, positions, key_valid, freed, x, gather, tree = _decode_step(hdr, payload, engine)
-        for cid in freed:
-            caches.pop(cid, None)
-        cid, L0 = int(hdr[4]), int(hdr[5])
-        rc = None
-        if cid:
-            rc = caches.get(cid)
-            if rc is None:
-                rc = caches[cid] = _RemoteCache(engine.new_cache())
-            if mi == 0:  # a micro-batch's rows: the cache is rearranged once per step, at its first group
-                self._reconcile(rc, rows.tolist(), L0, int(hdr[6]), int(hdr[7]), gather)
-        dev = engine.device
-        cache = None
-        if rc is not None:
-            cache = rc.cache if m == 1 else _RowsCache(rc.cache, self.layers, a, len(rows), L0)
-        with torch.inference_mode():
-            ctx = _prepare(engine, positions, key_valid, L0 + T, tree)
-            x = run_layers(engine, self.layers, x.to(dev), cache, ctx, GenerationStats(), self.stats)
-        if mi == m - 1:
-            self.stats.steps += 1
-            if rc is not None:
-                for i in self.layers:
-                    rc.cache.layers[i].length = L0 + T
-                rc.width = L0 + T
-        last = self.next == 0
-        if last and int(hdr[10]):
-            x = x[:, -1:]
-        meta = dict(cid=cid, rows=rows, L0=L0, drop=int(hdr[6]), gather_at=int(hdr[7]), gather=gather,
-                    col_base=int(hdr[8]))
-        micro = (mi, m, a) if m > 1 else None
-        if last:  # back to rank 0: the hidden states only
-            return _encode(STEP, x, None, None, None, False, [], micro)
-        return _encode(STEP, x, meta, positions, key_valid, bool(hdr[10]), freed, micro, tree)
-
-    def _reconcile(self, rc: _RemoteCache, rows: list[int], L0: int, drop: int, gather_at: int, gather) -> None:
-        """Rearrange this rank's cache to hold the rows and columns rank 0's shadow says (see the module): keep
-        and add rows by id, drop ``drop`` leading columns, then gather each row's columns from ``gather_at`` on
-        (what the lane did after verifying a token tree); ``L0`` columns remain."""
-        where = {r: i for i, r in enumerate(rc.rows)}
-        keep = [where[r] for r in rows if r in where]
-        new = [r for r in rows if r not in where]
-        if rows != [rc.rows[i] for i in keep] + new:
-            raise RuntimeError("stage cache out of step: joining rows are not at the end")
-        own = [rc.cache.layers[i] for i in self.layers]
-        if len(keep) != len(rc.rows):
-            idx = torch.tensor(keep, dtype=torch.long)
-            for layer in own:
-                layer_select_rows(layer, idx)
-        if new:
-            for layer in own:
-                layer_add_rows(layer, len(new))
-        rc.rows = list(rows)
-        left = rc.width - drop
-        if L0 == 0:
-            drop, left = rc.width, 0
-        if drop < 0 or left < L0 or (gather_at < 0 and left != L0):
-            raise RuntimeError(f"stage cache out of step: {rc.width} columns held, rank 0 expects {L0} after "
-                               f"dropping {drop}")
-        if drop:
-            for layer in own:
-                if left == 0:
-                    layer.k, layer.v, layer.length = None, None, 0
-                else:
-                    layer_drop_prefix(layer, drop)
-        if gather_at >= 0 and L0:
-            if gather is None or gather.shape != (len(rows), L0 - gather_at) or (
-                    gather.numel() and not 0 <= int(gather.min()) <= int(gather.max()) < left - gather_at):
-                raise RuntimeError("stage cache out of step: a column gather that does not fit the cache")
-            for layer in own:
-                layer_keep_columns(layer, gather_at, gather)
-        rc.width = L0
+        return Worker(self, engine).run()
 
     # ---- messages ---------------------------------------------------------------------------------
     def _send(self, hdr: torch.Tensor, payload: torch.Tensor, dst: int) -> None:
@@ -660,53 +557,3 @@ def _why(e: Exception, timeout: float) -> str:
     if "closed" in s.lower() or "reset" in s.lower() or "broken pipe" in s.lower():
         return "connection closed (the process exited or its host went down)"
     return s.splitlines()[0][:200] if s else type(e).__name__
-
-
-def _prepare(engine, positions, key_valid, k_len: int, tree):
-    """The model's per-step context on this rank's device (with the token tree's mask, when there is one)."""
-    dev = engine.device
-    kv = key_valid.to(dev) if key_valid is not None else None
-    if tree is None:
-        return engine.model.prepare(positions.to(dev), kv, k_len, engine.dtype)
-    return engine.model.prepare(positions.to(dev), kv, k_len, engine.dtype, tree=tree.to(dev))
-
-
-def _columns(held: torch.Tensor, now: torch.Tensor) -> tuple[int, int, torch.Tensor | None]:
-    """How the other ranks get from the columns they hold to the shadow's now, row by row.
-
-    ``held`` (B, S) and ``now`` (B, L) are the column serials of each (old) row: what the shadow held after
-    the last step (= what every other rank holds) and what it holds now, after the lane dropped leading
-    columns and (after verifying a token tree) kept only each row's accepted columns. Serials never
-    decrease along a row; 0 is a column from before the row joined (padding) and a repeated serial is a
-    copy (the padding of a gathered block); either's contents never matter. Returns ``(drop, gather_at,
-    gather)``: drop ``drop`` leading columns, then (``gather_at`` >= 0) gather each row's columns from
-    ``gather_at`` on by ``gather`` (B, L - gather_at), indices relative to ``gather_at``.
-    """
-    B, S = held.shape
-    L = now.shape[1]
-    if L == 0:
-        return S, -1, None
-    held, now = held.contiguous(), now.contiguous()
-    lo = torch.searchsorted(held, now)
-    hi = torch.searchsorted(held, now, right=True)
-    nth = torch.arange(L) - torch.searchsorted(now, now)  # the k-th copy of a serial maps to its k-th copy
-    idx = torch.minimum(lo + nth, hi - 1).clamp(0, S - 1)
-    if bool(((now != 0) & (hi == lo)).any()):
-        raise RuntimeError("stage shadow cache holds a column the other ranks never computed")
-    # Of a run of copies only the last can be a token (a gathered block's padding is left of its tokens)
-    care = (now != 0) & torch.cat([now[:, 1:] != now[:, :-1], torch.ones((B, 1), dtype=torch.bool)], dim=1)
-    shift = idx - torch.arange(L)
-    cols = care.any(0).nonzero()
-    drop = int(shift[care[:, int(cols[0])], int(cols[0])].min()) if len(cols) else S - L
-    drop = max(0, min(drop, S - L))
-    same = (~care | (shift == drop)).all(0)
-    at = int((~same).nonzero()[0]) if bool((~same).any()) else L
-    if at < L:  # start where the first column the gather reads from is (the lane's own start)
-        at = max(0, min(at, int((idx[:, at:] - drop).masked_fill(~care[:, at:], L).min())))
-    if at == L and S - drop == L:
-        return drop, -1, None  # no gather: a plain prefix drop (or nothing)
-    gather = (idx[:, at:] - drop - at).masked_fill(~care[:, at:], 0)
-    if bool((gather < 0).any()):
-        drop, at = 0, 0  # columns moved left of where the gather starts: gather every column
-        gather = idx.masked_fill(~care, 0)
-    return drop, at, gather
