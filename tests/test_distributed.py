@@ -252,6 +252,45 @@ def test_server_three_ranks_then_a_rank_dies(tiny_layered):
                 p.communicate()
 
 
+def test_ctrl_c_on_torchrun_serve_ends_every_rank_with_one_line(tiny_layered, tmp_path):
+    """A terminal's Ctrl-C: SIGINT to torchrun's whole process group (the agent forwards it to its workers
+    too, so each rank gets it twice). Every rank ends with one line and no traceback; the agent's own
+    report of the signal is torch's, not checked here."""
+    import httpx
+
+    model = tiny_layered("llama_gqa")
+    http = _free_port()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+           "--log-dir", str(tmp_path / "logs"), "--redirects", "3", "-m", "layerrun", "serve", str(model),
+           "--port", str(http), "--stage-timeout", STAGE_TIMEOUT]
+    p = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        deadline = time.monotonic() + HANG
+        while True:
+            assert p.poll() is None, p.communicate()[1][-3000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{http}/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        os.killpg(p.pid, signal.SIGINT)
+        p.communicate(timeout=HANG)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.communicate()
+    logs = sorted((tmp_path / "logs").rglob("stderr.log"), key=lambda f: int(f.parent.name))
+    assert len(logs) == 2
+    for rank, (f, last) in enumerate(zip(logs, ["server stopped", "error: interrupted"])):
+        text = f.read_text()
+        assert "Traceback" not in text, text[-3000:]
+        lines = [ln for ln in text.splitlines() if ln.strip() and not ln.startswith("INFO:")]
+        assert lines[-1] == last, (rank, text[-2000:])
+
+
 def test_a_rank_needs_only_its_stage_files(tiny_layered, tmp_path, capsys):
     """Rank 1 runs from a folder holding only what `layerrun stage-files` lists for it; the tokens are the same."""
     import shutil
