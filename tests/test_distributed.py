@@ -98,6 +98,7 @@ def test_generate_two_ranks_matches_one_process(tiny_layered):
     assert p.returncode == 0, p.stderr[-3000:]
     assert json.loads(p.stdout)["token_ids"] == want
     assert "stage 1 (rank 1" in p.stderr and "per stage" in p.stderr  # --explain's plan, --stats' table
+    assert "stages: 2 ranks over" in p.stderr and "stage 1 (rank 1, layers" in p.stderr.split("per stage")[0]
 
 
 def test_batch_three_ranks_moe_matches_one_process(tiny_layered, tmp_path):
@@ -507,3 +508,31 @@ def test_stage_caches_follow_the_lane_through_token_trees():
     finally:
         lane_mod.COMPACT_AT = old
     assert gathers > 100
+
+
+def test_each_stage_budgets_the_kv_cache_of_its_own_layers(tiny_layered):
+    """Rank 0 admits a sequence only when every stage's range fits the room its rank reported, and refuses
+    one that some stage could not hold even with its whole range streamed, naming that stage. (The ROOM
+    message that makes the other ranks stream layers for a long sequence runs across real ranks in
+    bench/RESULTS.md's check; its budget is not something a test can set without knowing a process's size.)"""
+    import layerrun
+    from layerrun.engine.governor import sequences_need
+    from layerrun.engine.stages import Stage
+
+    with layerrun.load(tiny_layered("llama_gqa"), dtype="float32") as eng:
+        L = eng.args.num_hidden_layers
+        st = Stage(0, 2, [range(0, 1), range(1, L)], 60.0, [])
+        need = st.need(eng, 1, 2, 8, 1000)
+        whole = sequences_need(eng.args, 2, 8, 1000, 4)
+        assert st.need(eng, 0, 2, 8, 1000) < need < whole  # a stage's KV cache is that of its own layers only
+        st.rooms = [(0, 0), (need, need)]  # rank 0's own room is its engine's (large here)
+        assert st.room_for(eng, 2, 8, 1000)
+        st.rooms[1] = (need - 1, need)
+        assert not st.room_for(eng, 2, 8, 1000)
+        st.rooms[1] = (1, st.need(eng, 1, 1, 8, 600))  # with its range streamed, stage 1 holds 600 positions
+        st.check_memory(eng, 8, 592)
+        with pytest.raises(LayerRunError, match=rf"stage 1 \(rank 1, layers 1-{L - 1}\).*Would fit: at most "
+                                                r"(\d+) new tokens") as e:
+            st.check_memory(eng, 8, 2000)
+        fit = int(e.value.args[0].split("at most ")[1].split()[0])
+        assert 592 <= fit < 2000

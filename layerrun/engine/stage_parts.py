@@ -15,7 +15,7 @@ from layerrun.engine.telemetry import GenerationStats
 HEADER = 20
 WIRE_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 MAX_PAYLOAD = 16 * 2**30
-STEP, PING, STOP = 1, 2, 3
+STEP, PING, STOP, ROOM = 1, 2, 3, 4  # ROOM: make room for a longer KV cache (stage_memory)
 
 @dataclass
 class StageStats:

@@ -10,6 +10,7 @@ import torch
 from layerrun.engine.kv_cache import layer_add_rows, layer_drop_prefix, layer_keep_columns, layer_select_rows
 from layerrun.engine.stage_parts import (
     PING,
+    ROOM,
     STEP,
     STOP,
     _decode_step,
@@ -44,6 +45,9 @@ class Worker:
                     hdr, payload = self._step(hdr, payload)
                 elif kind == PING:
                     payload = torch.cat([payload, torch.tensor(stage.stats.row(), dtype=torch.float64).view(torch.uint8)])
+                    hdr[13] = payload.numel()
+                elif kind == ROOM:
+                    payload = stage.answer_room(self.engine, hdr, payload)
                     hdr[13] = payload.numel()
                 elif kind != STOP:
                     raise RuntimeError(f"unknown message kind {kind}")

@@ -41,6 +41,7 @@ from collections import deque
 import torch
 
 from layerrun.engine.kv_cache import KVCache
+from layerrun.engine.stage_memory import StageMemory
 from layerrun.engine.stage_parts import (
     HEADER,
     MAX_PAYLOAD,
@@ -72,8 +73,9 @@ class StageLost(LayerRunError):
     """A stage (rank) is gone: the pipeline cannot run any more."""
 
 
-class Stage:
-    """This rank's place in the pipeline: ``layers`` (a range), and the send/recv to its neighbours."""
+class Stage(StageMemory):
+    """This rank's place in the pipeline: ``layers`` (a range), and the send/recv to its neighbours; the
+    memory for its sequences is :class:`~layerrun.engine.stage_memory.StageMemory`'s."""
 
     def __init__(self, rank: int, world: int, ranges: list[range], timeout: float, lines: list[str]):
         self.rank, self.world, self.ranges, self.timeout = rank, world, ranges, float(timeout)
@@ -127,7 +129,7 @@ class Stage:
             os.close(fd)
             check_size(folder, entry, st.st_size)
 
-    def plan_memory(self, manifest, args, **kw):
+    def plan_memory(self, manifest, args, deepen: bool = True, **kw):
         """The governor's plan over this rank's layers (its own --max-memory, --mode, --prefetch).
 
         Without --prefetch (``deep_ring``), a stage that streams every layer of its range gets a ring as
@@ -141,7 +143,7 @@ class Stage:
         local = list(self.layers)
         view = _StageManifest(manifest, self.layers, self.rank == 0, local_index=True)
         plan = plan_memory(view, _StageArgs(args, len(local)), **kw)
-        if self.deep_ring and plan.mode == "stream" and len(local) - 1 > plan.prefetch:
+        if deepen and self.deep_ring and plan.mode == "stream" and len(local) - 1 > plan.prefetch:
             asked = plan.prefetch
             plan = plan_memory(view, _StageArgs(args, len(local)), **{**kw, "prefetch": len(local) - 1})
             plan.lines.append(f"prefetch {plan.prefetch} (not {asked}): this stage streams, so its ring reads its "
@@ -155,11 +157,13 @@ class Stage:
     def attach(self, engine) -> None:
         """Every rank, once its engine is loaded: share the plans (rank 0's --explain shows them all) and
         learn whether every rank loaded. Rank 0 then starts pinging the ring."""
-        self._exchange(("ok", engine.plan.lines, bool(engine.plan.streamed) or engine.kv_host))
+        self._exchange(("ok", engine.plan.lines, bool(engine.plan.streamed) or engine.kv_host, self.own_rooms(engine)))
         if self.rank == 0:
             # Micro-batches pay when no stage streams: a streamed stage would read its layers once per group.
             self.micro = 0 if any(self._streams) else self.world
+            own = len(engine.plan.lines)
             engine.plan.lines = self.lines + [ln for lines in self._plans for ln in lines]
+            engine.explain_lines = engine.plan.lines + engine.explain_lines[own:]  # --explain: the split, every plan
             self._pinger = threading.Thread(target=self._ping_loop, name="layerrun-stage-ping", daemon=True)
             self._pinger.start()
 
@@ -167,7 +171,7 @@ class Stage:
         """This rank failed before :meth:`attach`: tell the others (they are waiting in it)."""
         if not self._attached:
             try:
-                self._exchange(("error", message, False))
+                self._exchange(("error", message, False, (0, 0)))
             except LayerRunError:
                 pass
 
@@ -180,11 +184,12 @@ class Stage:
         except RuntimeError as e:
             raise LayerRunError(f"{self.describe(self.rank)}: another rank went away while loading ({_why(e, self.timeout)})") from None
         self._attached = True
-        for r, (status, payload, _) in enumerate(got):
+        for r, (status, payload, _, _) in enumerate(got):
             if status != "ok" and r != self.rank:
                 raise LayerRunError(f"rank {r} failed to start: {payload}")
-        self._plans = [payload for _, payload, _ in got]
-        self._streams = [streams for _, _, streams in got]
+        self._plans = [payload for _, payload, _, _ in got]
+        self._streams = [streams for _, _, streams, _ in got]
+        self.rooms = [tuple(rooms) for _, _, _, rooms in got]
 
     def new_cache(self, engine) -> KVCache:
         """Rank 0: real caches for its layers, shadows for the others'; the other ranks learn of a new
