@@ -536,3 +536,31 @@ def test_each_stage_budgets_the_kv_cache_of_its_own_layers(tiny_layered):
             st.check_memory(eng, 8, 2000)
         fit = int(e.value.args[0].split("at most ")[1].split()[0])
         assert 592 <= fit < 2000
+
+
+def test_a_deepened_ring_gets_shallower_for_a_longer_kv_cache(tiny_layered):
+    """A streaming stage's ring deepened past --prefetch gives memory back to a longer sequence's KV
+    cache (the stage's part of make_room), and the engine keeps producing the same tokens through it."""
+    import layerrun
+    from layerrun.engine.stages import Stage
+
+    with layerrun.load(tiny_layered("llama_gqa"), mode="stream", dtype="float32", prefetch=0) as eng:
+        L = eng.args.num_hidden_layers
+        want = eng.generate("hello world", max_new_tokens=6, chat=False, ignore_eos=True).token_ids
+        st = Stage(0, 1, [range(0, L)], 60.0, [])
+        st.deep_ring = True
+        kw = dict(mode="stream", batch=1, baseline=0, **eng._plan_kw)
+        assert st.plan_memory(eng.manifest, eng.args, context=512, **kw).prefetch == L - 1
+        # a budget one byte short of the deep ring with a 600-position cache: it fits a 512-position one
+        budget = st.plan_memory(eng.manifest, eng.args, context=600, **kw).need - 1
+        eng.plan = st.plan_memory(eng.manifest, eng.args, context=512, budget=budget, **kw)
+        assert eng.plan.prefetch == L - 1 and "this stage streams" in eng.plan.explain()
+        eng.stage = st
+        eng._open_stream()
+        room = eng.plan.room
+        assert st.shrink_ring(eng, 1, 600)
+        assert 0 <= eng.plan.prefetch < L - 1 and eng.plan.room > room
+        assert any("prefetch lowered from" in n for n in eng.notes), eng.notes
+        assert not st.shrink_ring(eng, 1, 600)  # nothing more to give for the same cache
+        eng.stage = None
+        assert eng.generate("hello world", max_new_tokens=6, chat=False, ignore_eos=True).token_ids == want

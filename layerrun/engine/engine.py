@@ -373,6 +373,8 @@ class Engine(GenerationAPI):
         """This process's part of :meth:`make_room` (under torchrun: this rank's range)."""
         from layerrun.engine.governor import fmt, plan_memory
 
+        if self.stage is not None and self.stage.shrink_ring(self, rows, keys):
+            return
         if self._mode_asked not in ("auto", "partial") or not self.plan.resident or self._dense:
             return
         planner = self.stage.plan_memory if self.stage is not None else plan_memory

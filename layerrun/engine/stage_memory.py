@@ -5,9 +5,10 @@ Rank 0 admits the sequences, the other ranks' caches follow. So rank 0 holds, fo
 room its plan leaves for the KV cache and workspace (``Plan.room``) and the room it would have with
 every layer of its range streamed; each rank reports both at attach. A batch may take a sequence when
 every stage's range fits its room (:meth:`room_for`); a sequence that does not fit even alone makes
-every stage short of room stream some of its resident layers (:meth:`make_room`: a ROOM message round
-the ring, each rank re-planning its own range, as one process does for all its layers); one that would
-not fit even with every layer streamed is refused, naming the stage (:meth:`check_memory`).
+every stage short of room stream some of its resident layers, or shorten a ring deepened past
+--prefetch (:meth:`make_room`: a ROOM message round the ring, each rank re-planning its own range, as
+one process does for all its layers); one that would not fit even then is refused, naming the stage
+(:meth:`check_memory`).
 """
 
 from __future__ import annotations
@@ -29,14 +30,16 @@ class StageMemory:
                               engine.dtype.itemsize)
 
     def own_rooms(self, engine) -> tuple[int, int]:
-        """This rank's (room now, room with its whole range streamed: what :meth:`make_room` can reach)."""
+        """This rank's (room now, room with its whole range streamed through the ring asked for: what
+        :meth:`make_room` can reach)."""
         plan = engine.plan
-        if engine._mode_asked not in ("auto", "partial") or engine._dense or not plan.resident:
+        asked = engine._plan_kw["prefetch"]
+        if engine._dense or not (plan.prefetch > asked or plan.resident and engine._mode_asked in ("auto", "partial")):
             return plan.room, plan.room
         try:
             bare = self.plan_memory(engine.manifest, engine.args, deepen=False, mode="stream", batch=1, context=1,
                                     budget=plan.budget, baseline=plan.baseline,
-                                    **{**engine._plan_kw, "prefetch": plan.prefetch})
+                                    **{**engine._plan_kw, "prefetch": min(plan.prefetch, asked)})
         except LayerRunError:
             return plan.room, plan.room
         return plan.room, max(plan.room, bare.room)
@@ -69,6 +72,30 @@ class StageMemory:
         if len(got) != self.world - 1:
             raise RuntimeError(f"a ROOM message came back with {len(got)} stages' rooms, not {self.world - 1}")
         self.rooms = [self.rooms[0], *[(int(a), int(b)) for a, b in got]]
+
+    def shrink_ring(self, engine, rows: int, keys: int) -> bool:
+        """This rank streams its whole range through a ring deepened past --prefetch (:meth:`plan_memory`):
+        make room for a longer KV cache by a shallower ring (as deep as the new reservation leaves room
+        for); True if it did."""
+        from layerrun.engine.governor import fmt
+
+        plan = engine.plan
+        if plan.resident or plan.prefetch <= engine._plan_kw["prefetch"]:
+            return False
+        try:
+            new = self.plan_memory(engine.manifest, engine.args, mode=engine._mode_asked, batch=rows, context=keys,
+                                   budget=plan.budget, baseline=plan.baseline, **engine._plan_kw)
+        except LayerRunError:
+            return False
+        if new.resident or new.prefetch >= plan.prefetch:
+            return False
+        line = (f"the KV cache grew to {rows} x {keys} tokens: prefetch lowered from {plan.prefetch} to "
+                f"{new.prefetch} ({fmt(new.room)} left for the cache and workspace)")
+        new.lines.append(line)
+        engine.plan, engine.mode = new, new.mode
+        engine.notes.append(line)
+        engine._open_stream()
+        return True
 
     def answer_room(self, engine, hdr, payload) -> torch.Tensor:
         """The other ranks, on a ROOM message: make room here if this range needs it, add this rank's rooms."""

@@ -147,7 +147,8 @@ class Stage(StageMemory):
             asked = plan.prefetch
             plan = plan_memory(view, _StageArgs(args, len(local)), **{**kw, "prefetch": len(local) - 1})
             plan.lines.append(f"prefetch {plan.prefetch} (not {asked}): this stage streams, so its ring reads its "
-                              f"next token's layers while the other stages compute (--prefetch sets it)")
+                              f"next token's layers while the other stages compute (--prefetch sets it; a longer "
+                              f"KV cache makes it shallower)")
         plan.resident = [local[i] for i in plan.resident]
         plan.streamed = [local[i] for i in plan.streamed]
         plan.dense_resident = [local[i] for i in plan.dense_resident]
