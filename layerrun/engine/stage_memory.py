@@ -39,7 +39,7 @@ class StageMemory:
         try:
             bare = self.plan_memory(engine.manifest, engine.args, deepen=False, mode="stream", batch=1, context=1,
                                     budget=plan.budget, baseline=plan.baseline,
-                                    **{**engine._plan_kw, "prefetch": min(plan.prefetch, asked)})
+                                    **engine._plan_kw)  # the ring make_room's plans have
         except LayerRunError:
             return plan.room, plan.room
         return plan.room, max(plan.room, bare.room)
