@@ -551,6 +551,11 @@ def test_a_deepened_ring_gets_shallower_for_a_longer_kv_cache(tiny_layered):
         st.deep_ring = True
         kw = dict(mode="stream", batch=1, baseline=0, **eng._plan_kw)
         assert st.plan_memory(eng.manifest, eng.args, context=512, **kw).prefetch == L - 1
+        # ranks sharing a host: the deepened ring stays within this rank's share of the free memory
+        st.host_share = st.plan_memory(eng.manifest, eng.args, context=512, **kw).need - 1
+        shared = st.plan_memory(eng.manifest, eng.args, context=512, **kw)
+        assert shared.prefetch == L - 2 and "share of its host's free memory" in shared.explain()
+        st.host_share = None
         # a budget one byte short of the deep ring with a 600-position cache: it fits a 512-position one
         budget = st.plan_memory(eng.manifest, eng.args, context=600, **kw).need - 1
         eng.plan = st.plan_memory(eng.manifest, eng.args, context=512, budget=budget, **kw)

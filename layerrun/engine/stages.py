@@ -93,6 +93,7 @@ class Stage(StageMemory):
         self._pending: deque = deque()  # micro-batch sends still in flight (the tensors must live until done)
         self.micro = 0  # rank 0: micro-batches per step (0: none), decided at attach
         self.deep_ring = False  # --prefetch not given: a streaming stage's ring covers its range (plan_memory)
+        self.host_share: int | None = None  # ranks sharing a host: this one's part of the free memory it measured
         self._last_traffic = time.monotonic()
         self._last_ping = 0.0  # the first ping goes out at once: every stage's figures exist from the start
         self._pinger: threading.Thread | None = None
@@ -138,17 +139,25 @@ class Stage(StageMemory):
         next token's layers ahead, the other S - R when its turn comes; bench/RESULTS.md). A plan that
         keeps layers resident stays as it is: a resident layer saves its read every token, a ring slot
         only moves it earlier, for the same memory."""
-        from layerrun.engine.governor import plan_memory
+        from layerrun.engine.governor import fmt, plan_memory
 
         local = list(self.layers)
         view = _StageManifest(manifest, self.layers, self.rank == 0, local_index=True)
         plan = plan_memory(view, _StageArgs(args, len(local)), **kw)
         if deepen and self.deep_ring and plan.mode == "stream" and len(local) - 1 > plan.prefetch:
             asked = plan.prefetch
-            plan = plan_memory(view, _StageArgs(args, len(local)), **{**kw, "prefetch": len(local) - 1})
-            plan.lines.append(f"prefetch {plan.prefetch} (not {asked}): this stage streams, so its ring reads its "
-                              f"next token's layers while the other stages compute (--prefetch sets it; a longer "
-                              f"KV cache makes it shallower)")
+            for depth in range(len(local) - 1, asked, -1):
+                deep = plan_memory(view, _StageArgs(args, len(local)), **{**kw, "prefetch": depth})
+                # ranks on one host each measured the same free memory: a deepened ring takes only its share
+                if deep.prefetch > asked and (self.host_share is None or deep.need <= self.host_share):
+                    plan = deep
+                    break
+            if plan.prefetch > asked:
+                share = "" if self.host_share is None else f", within this rank's share of its host's free memory " \
+                                                           f"({fmt(self.host_share)})"
+                plan.lines.append(f"prefetch {plan.prefetch} (not {asked}): this stage streams, so its ring reads its "
+                                  f"next token's layers while the other stages compute{share} (--prefetch sets it; a "
+                                  f"longer KV cache makes it shallower)")
         plan.resident = [local[i] for i in plan.resident]
         plan.streamed = [local[i] for i in plan.streamed]
         plan.dense_resident = [local[i] for i in plan.dense_resident]
