@@ -4,11 +4,13 @@ streaming its share through its own --throttle (one simulated disk per rank).
 Alternates the configurations round by round in one run (the machine is shared) and reports per
 configuration the median decode tok/s and each round's ratio to one process.
 
-    python bench/pipeline_stages.py MODEL [--ranks 1,2] [--throttle 100MB/s] [--prefetch deep|N]
+    python bench/pipeline_stages.py MODEL [--ranks 1,2] [--throttle 100MB/s] [--prefetch default|deep|N]
                                           [--rounds 3] [--max-new-tokens 6] [--batch 1] [--json]
 
-``--prefetch deep``: each process's ring holds its whole share (a rank reads its next token's layers
-while the other stages compute: the point of the split); a number: that depth everywhere.
+``--prefetch default`` (the default): no ``--prefetch`` flag, the governor's choice (2 in one process;
+under torchrun a streaming stage's ring covers its range when it fits). ``deep``: each process's ring
+holds its whole share (a rank reads its next token's layers while the other stages compute: the point
+of the split); a number: that depth everywhere.
 ``--batch N``: N sequences at once (``--prompts-file``), reporting aggregate tok/s (prefill included).
 """
 
@@ -35,9 +37,11 @@ def _port() -> int:
 
 
 def run(model: str, ranks: int, layers: int, a) -> float:
-    depth = max(1, -(-layers // ranks) - 1) if a.prefetch == "deep" else int(a.prefetch)
-    common = ["--raw", "--ignore-eos", "--mode", "stream", "--throttle", a.throttle, "--prefetch", str(depth),
+    common = ["--raw", "--ignore-eos", "--mode", "stream", "--throttle", a.throttle,
               "--max-new-tokens", str(a.max_new_tokens), "--reader", "pread"]
+    if a.prefetch != "default":
+        depth = max(1, -(-layers // ranks) - 1) if a.prefetch == "deep" else int(a.prefetch)
+        common += ["--prefetch", str(depth)]
     if a.batch > 1:
         f = Path(tempfile.mkdtemp()) / "prompts.jsonl"
         f.write_text("".join(json.dumps({"prompt": f"the history of {i}"}) + "\n" for i in range(a.batch)))
@@ -63,7 +67,7 @@ def main() -> int:
     ap.add_argument("model")
     ap.add_argument("--ranks", default="1,2")
     ap.add_argument("--throttle", default="100MB/s")
-    ap.add_argument("--prefetch", default="deep")
+    ap.add_argument("--prefetch", default="default")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--max-new-tokens", type=int, default=6)
     ap.add_argument("--batch", type=int, default=1)

@@ -11,6 +11,8 @@ import sys
 
 from layerrun.errors import LayerRunError
 
+SAME_INTERRUPT_S = 5.0  # seconds: a second SIGINT this soon after the first is the same Ctrl-C (see _one_interrupt)
+
 
 def run(a) -> int:
     """Run the command ``a`` (generate or serve) as one rank of several."""
@@ -21,7 +23,9 @@ def run(a) -> int:
         raise LayerRunError(f"under torchrun only `generate` and `serve` run as a pipeline of stages; run "
                             f"`layerrun {a.command}` without torchrun")
     model = _model_arg(a)
+    _one_interrupt()
     stage = connect(model, stages=a.stages, timeout=a.stage_timeout, max_memory=a.max_memory, throttle=a.throttle)
+    stage.deep_ring = a.prefetch is None
     a.stage = stage
     try:
         if stage.rank == 0:
@@ -39,6 +43,29 @@ def run(a) -> int:
         raise
     finally:
         stage.close()
+
+
+def _one_interrupt() -> None:
+    """Ctrl-C in the terminal reaches each rank twice: from the terminal (the whole process group) and
+    again from torchrun's agent, which forwards it to its workers. The second would land in the middle of
+    the first's clean-up (leaving the group, telling the other ranks) and end the rank with a traceback;
+    a SIGINT within :data:`SAME_INTERRUPT_S` of the one before counts as the same one."""
+    import signal
+    import threading
+    import time
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    last = [-SAME_INTERRUPT_S]
+
+    def interrupt(signum, frame):
+        now = time.monotonic()
+        if now - last[0] < SAME_INTERRUPT_S:
+            return
+        last[0] = now
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupt)
 
 
 def _model_arg(a) -> str:

@@ -22,6 +22,7 @@ def human_count(n: int) -> str:
     return str(n)
 
 
+DEFAULT_PREFETCH = 2  # as Engine's: layers read ahead of compute, when --prefetch is not given
 DEFAULT_BATCH_SIZE = 8  # sequences at once for a server or a prompts file (a single prompt is one)
 
 
@@ -30,7 +31,8 @@ def engine_options(a, sequences: int | None = None) -> dict:
     at once when ``--batch-size`` is not given (default :data:`DEFAULT_BATCH_SIZE`): the governor plans the
     KV cache for that many."""
     return dict(
-        mode=a.mode, max_memory=a.max_memory, prefetch=a.prefetch, throttle=a.throttle, device=a.device,
+        mode=a.mode, max_memory=a.max_memory, prefetch=DEFAULT_PREFETCH if a.prefetch is None else a.prefetch,
+        throttle=a.throttle, device=a.device,
         reader=a.reader, dtype=a.compute_dtype, context=a.context,
         batch_size=a.batch_size or sequences or DEFAULT_BATCH_SIZE,
         experts=getattr(a, "experts", "routed"), kv_cache=getattr(a, "kv_cache", "auto"),
@@ -47,7 +49,9 @@ def add_engine_flags(c) -> None:
                    help="auto: the governor picks from free memory; stream: one layer at a time from disk; "
                         "partial: some layers resident; full: every layer resident")
     c.add_argument("--max-memory", default=None, help="memory budget for the whole process, e.g. 1.5GiB or 800MB")
-    c.add_argument("--prefetch", type=int, default=2, help="layers read ahead of compute (0 = no overlap)")
+    c.add_argument("--prefetch", type=int, default=None,
+                   help=f"layers read ahead of compute (0 = no overlap; default {DEFAULT_PREFETCH}; under torchrun a "
+                        f"streaming stage reads its whole range ahead when that fits its memory)")
     c.add_argument("--throttle", default=None, help="limit read bandwidth to simulate a slow disk, e.g. 200MB/s")
     c.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="compute device")
     c.add_argument("--reader", default="auto", choices=["auto", "pread", "direct", "mmap"],

@@ -20,7 +20,10 @@ CASES = [
     "llama_gqa", "mistral", "qwen2", "gemma", "gemma2", "gemma2_layer_types", "gemma3", "gemma3_layer_types",
     "qwen3", "qwen3_sliding", "phi3", "phi3_partial", "mixtral", "qwen3_moe", "qwen3_moe_unnorm", "llama_dynamic",
 ]
-TOL = 1e-5
+# A tree pass multiplies more rows at once than the plain sequence does, and the kernels' blocking (so the
+# order of a sum) depends on the row count and the CPU: 2.0e-5 was seen on gemma3 / stream on an AVX-512
+# Xeon. Still 5x tighter than the engine's bar against transformers (1e-4).
+TOL = 5e-5
 
 
 def random_tree(n: int, g: torch.Generator) -> list[int]:

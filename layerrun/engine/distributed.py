@@ -227,7 +227,11 @@ def _place_ranks(dist, rank: int, world: int, model: str, stages, timeout: float
     if any(said):
         raise LayerRunError("; ".join(m for m in said if m))
     lines = explain(ranges, infos, layer_bytes, why)
-    return Stage(rank, world, ranges, timeout, lines)
+    stage = Stage(rank, world, ranges, timeout, lines)
+    here = sum(i.host == me.host for i in infos)
+    if here > 1:  # every rank on this host measured the same free memory
+        stage.host_share = me.free_bytes // here
+    return stage
 
 
 def _span(layers: list[int]) -> str:

@@ -20,10 +20,16 @@ MIN_CAPACITY = 256
 
 
 class LayerKV:
+    """``k`` and ``v`` (B, n_kv, capacity, D) are views of one buffer (B, 2 * n_kv, capacity, D), keys' heads
+    then values', so that a step's new keys and values, which the projection makes side by side
+    ((B, T, 2 * n_kv, D), :meth:`update_kv`), are written in one copy. Code that replaces ``k`` / ``v``
+    (batch rows joining or leaving) may leave them separate tensors; the next ``update_kv`` joins them again."""
+
     def __init__(self):
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
         self.length = 0
+        self._joint: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (k, v, (B, cap, 2*n_kv, D))
 
     @property
     def nbytes(self) -> int:
@@ -37,11 +43,13 @@ class LayerKV:
     def _grow(self, k: torch.Tensor, need: int) -> None:
         B, H, _, D = k.shape
         cap = max(MIN_CAPACITY, 1 << (need - 1).bit_length())
-        nk, nv = self._empty((B, H, cap, D), k), self._empty((B, H, cap, D), k)
+        kv = self._empty((B, 2 * H, cap, D), k)
+        nk, nv = kv[:, :H], kv[:, H:]
         if self.k is not None and self.length:
             nk[:, :, : self.length] = self.k[:, :, : self.length]
             nv[:, :, : self.length] = self.v[:, :, : self.length]
         self.k, self.v = nk, nv
+        self._joint = (nk, nv, kv.transpose(1, 2))
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append k, v of shape (B, n_kv, T, D); return the full (B, n_kv, S, D) views."""
@@ -53,6 +61,18 @@ class LayerKV:
         self.v[:, :, self.length : need] = v
         self.length = need
         return self.k[:, :, :need], self.v[:, :, :need]
+
+    def update_kv(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the new tokens' keys and values given side by side, ``kv`` (B, T, 2 * n_kv, D) (each
+        token's key heads, then its value heads); return the full (B, n_kv, S, D) views of keys and values."""
+        j = self._joint
+        need = self.length + kv.shape[1]
+        if j is None or self.k is not j[0] or self.v is not j[1] or need > j[2].shape[1] or j[2].dtype != kv.dtype:
+            self._grow(kv[:, :, : kv.shape[2] // 2].transpose(1, 2), need)  # (joins k and v if they were apart)
+            j = self._joint
+        j[2][:, self.length : need] = kv
+        self.length = need
+        return j[0][:, :, :need], j[1][:, :, :need]
 
 
 class HostLayerKV(LayerKV):
@@ -87,6 +107,10 @@ class HostLayerKV(LayerKV):
         n = self.length
         self._dev = (n, self.k[:, :, :n].to(self.device, non_blocking=True),
                      self.v[:, :, :n].to(self.device, non_blocking=True))
+
+    def update_kv(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        H = kv.shape[2] // 2
+        return self.update(kv[:, :, :H].transpose(1, 2), kv[:, :, H:].transpose(1, 2))
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         T = k.shape[2]

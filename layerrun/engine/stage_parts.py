@@ -1,6 +1,7 @@
 """The pieces of a pipeline stage (:mod:`layerrun.engine.stages`): its figures, the cache views
-micro-batches and rank 0's shadows use, the wire format of a step, the loop over a stage's layers, and
-the views of the manifest that the governor and the file check see for one stage."""
+micro-batches and rank 0's shadows use, the wire format of a step, the loop over a stage's layers and
+its per-step context, how the other ranks' caches follow rank 0's shadows (:func:`_columns`), and the
+views of the manifest that the governor and the file check see for one stage."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from layerrun.engine.telemetry import GenerationStats
 HEADER = 20
 WIRE_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 MAX_PAYLOAD = 16 * 2**30
-STEP, PING, STOP = 1, 2, 3
+STEP, PING, STOP, ROOM = 1, 2, 3, 4  # ROOM: make room for a longer KV cache (stage_memory)
 
 @dataclass
 class StageStats:
@@ -186,6 +187,56 @@ def run_layers(engine, layers: range, x, cache, ctx, stats: GenerationStats, sst
     sstats.stall_s += stats.stall_s - s0
     sstats.compute_s += stats.compute_s - c0
     return x
+
+
+def _prepare(engine, positions, key_valid, k_len: int, tree):
+    """The model's per-step context on this rank's device (with the token tree's mask, when there is one)."""
+    dev = engine.device
+    kv = key_valid.to(dev) if key_valid is not None else None
+    if tree is None:
+        return engine.model.prepare(positions.to(dev), kv, k_len, engine.dtype)
+    return engine.model.prepare(positions.to(dev), kv, k_len, engine.dtype, tree=tree.to(dev))
+
+
+def _columns(held: torch.Tensor, now: torch.Tensor) -> tuple[int, int, torch.Tensor | None]:
+    """How the other ranks get from the columns they hold to the shadow's now, row by row.
+
+    ``held`` (B, S) and ``now`` (B, L) are the column serials of each (old) row: what the shadow held after
+    the last step (= what every other rank holds) and what it holds now, after the lane dropped leading
+    columns and (after verifying a token tree) kept only each row's accepted columns. Serials never
+    decrease along a row; 0 is a column from before the row joined (padding) and a repeated serial is a
+    copy (the padding of a gathered block); either's contents never matter. Returns ``(drop, gather_at,
+    gather)``: drop ``drop`` leading columns, then (``gather_at`` >= 0) gather each row's columns from
+    ``gather_at`` on by ``gather`` (B, L - gather_at), indices relative to ``gather_at``.
+    """
+    B, S = held.shape
+    L = now.shape[1]
+    if L == 0:
+        return S, -1, None
+    held, now = held.contiguous(), now.contiguous()
+    lo = torch.searchsorted(held, now)
+    hi = torch.searchsorted(held, now, right=True)
+    nth = torch.arange(L) - torch.searchsorted(now, now)  # the k-th copy of a serial maps to its k-th copy
+    idx = torch.minimum(lo + nth, hi - 1).clamp(0, S - 1)
+    if bool(((now != 0) & (hi == lo)).any()):
+        raise RuntimeError("stage shadow cache holds a column the other ranks never computed")
+    # Of a run of copies only the last can be a token (a gathered block's padding is left of its tokens)
+    care = (now != 0) & torch.cat([now[:, 1:] != now[:, :-1], torch.ones((B, 1), dtype=torch.bool)], dim=1)
+    shift = idx - torch.arange(L)
+    cols = care.any(0).nonzero()
+    drop = int(shift[care[:, int(cols[0])], int(cols[0])].min()) if len(cols) else S - L
+    drop = max(0, min(drop, S - L))
+    same = (~care | (shift == drop)).all(0)
+    at = int((~same).nonzero()[0]) if bool((~same).any()) else L
+    if at < L:  # start where the first column the gather reads from is (the lane's own start)
+        at = max(0, min(at, int((idx[:, at:] - drop).masked_fill(~care[:, at:], L).min())))
+    if at == L and S - drop == L:
+        return drop, -1, None  # no gather: a plain prefix drop (or nothing)
+    gather = (idx[:, at:] - drop - at).masked_fill(~care[:, at:], 0)
+    if bool((gather < 0).any()):
+        drop, at = 0, 0  # columns moved left of where the gather starts: gather every column
+        gather = idx.masked_fill(~care, 0)
+    return drop, at, gather
 
 
 # ---- views for the governor and the file check ---------------------------------------------------------

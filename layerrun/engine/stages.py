@@ -1,5 +1,9 @@
 """One rank's stage: its layers, and the step's data path rank to rank over torch.distributed.
 
+This module is rank 0's side (it drives every step and keeps the shadows), the messages and the faults;
+the other ranks' loop is :mod:`layerrun.engine.stage_worker`, the pieces both use
+:mod:`layerrun.engine.stage_parts`.
+
 A step goes around a ring: rank 0 embeds the batch and runs its own layers, sends the hidden
 states with the step's metadata to rank 1, which runs its layers and sends them on; the last rank
 sends the final hidden states back to rank 0, which runs the head and samples. Each rank keeps the
@@ -36,13 +40,8 @@ from collections import deque
 
 import torch
 
-from layerrun.engine.kv_cache import (
-    KVCache,
-    layer_add_rows,
-    layer_drop_prefix,
-    layer_keep_columns,
-    layer_select_rows,
-)
+from layerrun.engine.kv_cache import KVCache
+from layerrun.engine.stage_memory import StageMemory
 from layerrun.engine.stage_parts import (
     HEADER,
     MAX_PAYLOAD,
@@ -51,12 +50,12 @@ from layerrun.engine.stage_parts import (
     STEP,
     STOP,
     StageStats,
+    _columns,
     _decode_hidden,
-    _decode_step,
     _encode,
     _groups,
     _OnlyFiles,
-    _RemoteCache,
+    _prepare,
     _RowsCache,
     _Shadow,
     _StageArgs,
@@ -74,8 +73,9 @@ class StageLost(LayerRunError):
     """A stage (rank) is gone: the pipeline cannot run any more."""
 
 
-class Stage:
-    """This rank's place in the pipeline: ``layers`` (a range), and the send/recv to its neighbours."""
+class Stage(StageMemory):
+    """This rank's place in the pipeline: ``layers`` (a range), and the send/recv to its neighbours; the
+    memory for its sequences is :class:`~layerrun.engine.stage_memory.StageMemory`'s."""
 
     def __init__(self, rank: int, world: int, ranges: list[range], timeout: float, lines: list[str]):
         self.rank, self.world, self.ranges, self.timeout = rank, world, ranges, float(timeout)
@@ -92,6 +92,8 @@ class Stage:
         self._freed: deque[int] = deque()
         self._pending: deque = deque()  # micro-batch sends still in flight (the tensors must live until done)
         self.micro = 0  # rank 0: micro-batches per step (0: none), decided at attach
+        self.deep_ring = False  # --prefetch not given: a streaming stage's ring covers its range (plan_memory)
+        self.host_share: int | None = None  # ranks sharing a host: this one's part of the free memory it measured
         self._last_traffic = time.monotonic()
         self._last_ping = 0.0  # the first ping goes out at once: every stage's figures exist from the start
         self._pinger: threading.Thread | None = None
@@ -128,13 +130,34 @@ class Stage:
             os.close(fd)
             check_size(folder, entry, st.st_size)
 
-    def plan_memory(self, manifest, args, **kw):
-        """The governor's plan over this rank's layers (its own --max-memory, --mode, --prefetch)."""
-        from layerrun.engine.governor import plan_memory
+    def plan_memory(self, manifest, args, deepen: bool = True, **kw):
+        """The governor's plan over this rank's layers (its own --max-memory, --mode, --prefetch).
+
+        Without --prefetch (``deep_ring``), a stage that streams every layer of its range gets a ring as
+        deep as the range, as far as its budget allows: in a pipeline a rank's disk would otherwise idle
+        while the other stages compute (with a ring of R slots, a stage of S layers reads only R of its
+        next token's layers ahead, the other S - R when its turn comes; bench/RESULTS.md). A plan that
+        keeps layers resident stays as it is: a resident layer saves its read every token, a ring slot
+        only moves it earlier, for the same memory."""
+        from layerrun.engine.governor import fmt, plan_memory
 
         local = list(self.layers)
-        plan = plan_memory(_StageManifest(manifest, self.layers, self.rank == 0, local_index=True),
-                           _StageArgs(args, len(local)), **kw)
+        view = _StageManifest(manifest, self.layers, self.rank == 0, local_index=True)
+        plan = plan_memory(view, _StageArgs(args, len(local)), **kw)
+        if deepen and self.deep_ring and plan.mode == "stream" and len(local) - 1 > plan.prefetch:
+            asked = plan.prefetch
+            for depth in range(len(local) - 1, asked, -1):
+                deep = plan_memory(view, _StageArgs(args, len(local)), **{**kw, "prefetch": depth})
+                # ranks on one host each measured the same free memory: a deepened ring takes only its share
+                if deep.prefetch > asked and (self.host_share is None or deep.need <= self.host_share):
+                    plan = deep
+                    break
+            if plan.prefetch > asked:
+                share = "" if self.host_share is None else f", within this rank's share of its host's free memory " \
+                                                           f"({fmt(self.host_share)})"
+                plan.lines.append(f"prefetch {plan.prefetch} (not {asked}): this stage streams, so its ring reads its "
+                                  f"next token's layers while the other stages compute{share} (--prefetch sets it; a "
+                                  f"longer KV cache makes it shallower)")
         plan.resident = [local[i] for i in plan.resident]
         plan.streamed = [local[i] for i in plan.streamed]
         plan.dense_resident = [local[i] for i in plan.dense_resident]
@@ -144,11 +167,13 @@ class Stage:
     def attach(self, engine) -> None:
         """Every rank, once its engine is loaded: share the plans (rank 0's --explain shows them all) and
         learn whether every rank loaded. Rank 0 then starts pinging the ring."""
-        self._exchange(("ok", engine.plan.lines, bool(engine.plan.streamed) or engine.kv_host))
+        self._exchange(("ok", engine.plan.lines, bool(engine.plan.streamed) or engine.kv_host, self.own_rooms(engine)))
         if self.rank == 0:
             # Micro-batches pay when no stage streams: a streamed stage would read its layers once per group.
             self.micro = 0 if any(self._streams) else self.world
+            own = len(engine.plan.lines)
             engine.plan.lines = self.lines + [ln for lines in self._plans for ln in lines]
+            engine.explain_lines = engine.plan.lines + engine.explain_lines[own:]  # --explain: the split, every plan
             self._pinger = threading.Thread(target=self._ping_loop, name="layerrun-stage-ping", daemon=True)
             self._pinger.start()
 
@@ -156,7 +181,7 @@ class Stage:
         """This rank failed before :meth:`attach`: tell the others (they are waiting in it)."""
         if not self._attached:
             try:
-                self._exchange(("error", message, False))
+                self._exchange(("error", message, False, (0, 0)))
             except LayerRunError:
                 pass
 
@@ -169,11 +194,12 @@ class Stage:
         except RuntimeError as e:
             raise LayerRunError(f"{self.describe(self.rank)}: another rank went away while loading ({_why(e, self.timeout)})") from None
         self._attached = True
-        for r, (status, payload, _) in enumerate(got):
+        for r, (status, payload, _, _) in enumerate(got):
             if status != "ok" and r != self.rank:
                 raise LayerRunError(f"rank {r} failed to start: {payload}")
-        self._plans = [payload for _, payload, _ in got]
-        self._streams = [streams for _, _, streams in got]
+        self._plans = [payload for _, payload, _, _ in got]
+        self._streams = [streams for _, _, streams, _ in got]
+        self.rooms = [tuple(rooms) for _, _, _, rooms in got]
 
     def new_cache(self, engine) -> KVCache:
         """Rank 0: real caches for its layers, shadows for the others'; the other ranks learn of a new
@@ -333,112 +359,11 @@ class Stage:
         if self.failure:
             raise StageLost(self.failure)
 
-    # ---- the other ranks: serve steps until rank 0 says stop --------------------------------------
+    # ---- the other ranks: serve steps until rank 0 says stop (:mod:`layerrun.engine.stage_worker`) --
     def serve(self, engine) -> int:
-        caches: dict[int, _RemoteCache] = {}
-        while True:
-            try:
-                hdr, payload = self._recv(self.prev)
-            except RuntimeError as e:
-                raise self._worker_lost(self.prev, e) from None
-            kind = int(hdr[0])
-            try:
-                if kind == STEP:
-                    hdr, payload = self._step(engine, hdr, payload, caches)
-                elif kind == PING:
-                    payload = torch.cat([payload, torch.tensor(self.stats.row(), dtype=torch.float64).view(torch.uint8)])
-                    hdr[13] = payload.numel()
-                elif kind != STOP:
-                    raise RuntimeError(f"unknown message kind {kind}")
-            except Exception as e:  # this rank's own failure: say so where rank 0 can read it, then exit
-                msg = str(e) if isinstance(e, LayerRunError) else f"{type(e).__name__}: {e}"
-                self._bye(self.rank, msg)
-                raise LayerRunError(f"{self.describe(self.rank)} failed: {msg}") from e
-            try:
-                if int(hdr[16]) > 1:  # a micro-batch: on to the next stage without waiting, to take the next group
-                    self._send_async(hdr, payload)
-                else:
-                    self._flush_sends()
-                    self._send(hdr, payload, self.next)
-            except RuntimeError as e:
-                raise self._worker_lost(self.next, e) from None
-            if kind == STOP:
-                return 0
+        from layerrun.engine.stage_worker import Worker
 
-    def _step(self, engine, hdr, payload, caches):
-        T = int(hdr[2])
-        mi, m, a = int(hdr[15]), max(int(hdr[16]), 1), int(hdr[17])
-        rows, positions, key_valid, freed, x, gather, tree = _decode_step(hdr, payload, engine)
-        for cid in freed:
-            caches.pop(cid, None)
-        cid, L0 = int(hdr[4]), int(hdr[5])
-        rc = None
-        if cid:
-            rc = caches.get(cid)
-            if rc is None:
-                rc = caches[cid] = _RemoteCache(engine.new_cache())
-            if mi == 0:  # a micro-batch's rows: the cache is rearranged once per step, at its first group
-                self._reconcile(rc, rows.tolist(), L0, int(hdr[6]), int(hdr[7]), gather)
-        dev = engine.device
-        cache = None
-        if rc is not None:
-            cache = rc.cache if m == 1 else _RowsCache(rc.cache, self.layers, a, len(rows), L0)
-        with torch.inference_mode():
-            ctx = _prepare(engine, positions, key_valid, L0 + T, tree)
-            x = run_layers(engine, self.layers, x.to(dev), cache, ctx, GenerationStats(), self.stats)
-        if mi == m - 1:
-            self.stats.steps += 1
-            if rc is not None:
-                for i in self.layers:
-                    rc.cache.layers[i].length = L0 + T
-                rc.width = L0 + T
-        last = self.next == 0
-        if last and int(hdr[10]):
-            x = x[:, -1:]
-        meta = dict(cid=cid, rows=rows, L0=L0, drop=int(hdr[6]), gather_at=int(hdr[7]), gather=gather,
-                    col_base=int(hdr[8]))
-        micro = (mi, m, a) if m > 1 else None
-        if last:  # back to rank 0: the hidden states only
-            return _encode(STEP, x, None, None, None, False, [], micro)
-        return _encode(STEP, x, meta, positions, key_valid, bool(hdr[10]), freed, micro, tree)
-
-    def _reconcile(self, rc: _RemoteCache, rows: list[int], L0: int, drop: int, gather_at: int, gather) -> None:
-        """Rearrange this rank's cache to hold the rows and columns rank 0's shadow says (see the module): keep
-        and add rows by id, drop ``drop`` leading columns, then gather each row's columns from ``gather_at`` on
-        (what the lane did after verifying a token tree); ``L0`` columns remain."""
-        where = {r: i for i, r in enumerate(rc.rows)}
-        keep = [where[r] for r in rows if r in where]
-        new = [r for r in rows if r not in where]
-        if rows != [rc.rows[i] for i in keep] + new:
-            raise RuntimeError("stage cache out of step: joining rows are not at the end")
-        own = [rc.cache.layers[i] for i in self.layers]
-        if len(keep) != len(rc.rows):
-            idx = torch.tensor(keep, dtype=torch.long)
-            for layer in own:
-                layer_select_rows(layer, idx)
-        if new:
-            for layer in own:
-                layer_add_rows(layer, len(new))
-        rc.rows = list(rows)
-        left = rc.width - drop
-        if L0 == 0:
-            drop, left = rc.width, 0
-        if drop < 0 or left < L0 or (gather_at < 0 and left != L0):
-            raise RuntimeError(f"stage cache out of step: {rc.width} columns held, rank 0 expects {L0} after "
-                               f"dropping {drop}")
-        if drop:
-            for layer in own:
-                if left == 0:
-                    layer.k, layer.v, layer.length = None, None, 0
-                else:
-                    layer_drop_prefix(layer, drop)
-        if gather_at >= 0 and L0:
-            if gather is None or gather.shape != (len(rows), L0 - gather_at) or (
-                    gather.numel() and not 0 <= int(gather.min()) <= int(gather.max()) < left - gather_at):
-                raise RuntimeError("stage cache out of step: a column gather that does not fit the cache")
-            for layer in own:
-                layer_keep_columns(layer, gather_at, gather)
-        rc.width = L0
+        return Worker(self, engine).run()
 
     # ---- messages ---------------------------------------------------------------------------------
     def _send(self, hdr: torch.Tensor, payload: torch.Tensor, dst: int) -> None:
@@ -647,53 +572,3 @@ def _why(e: Exception, timeout: float) -> str:
     if "closed" in s.lower() or "reset" in s.lower() or "broken pipe" in s.lower():
         return "connection closed (the process exited or its host went down)"
     return s.splitlines()[0][:200] if s else type(e).__name__
-
-
-def _prepare(engine, positions, key_valid, k_len: int, tree):
-    """The model's per-step context on this rank's device (with the token tree's mask, when there is one)."""
-    dev = engine.device
-    kv = key_valid.to(dev) if key_valid is not None else None
-    if tree is None:
-        return engine.model.prepare(positions.to(dev), kv, k_len, engine.dtype)
-    return engine.model.prepare(positions.to(dev), kv, k_len, engine.dtype, tree=tree.to(dev))
-
-
-def _columns(held: torch.Tensor, now: torch.Tensor) -> tuple[int, int, torch.Tensor | None]:
-    """How the other ranks get from the columns they hold to the shadow's now, row by row.
-
-    ``held`` (B, S) and ``now`` (B, L) are the column serials of each (old) row: what the shadow held after
-    the last step (= what every other rank holds) and what it holds now, after the lane dropped leading
-    columns and (after verifying a token tree) kept only each row's accepted columns. Serials never
-    decrease along a row; 0 is a column from before the row joined (padding) and a repeated serial is a
-    copy (the padding of a gathered block); either's contents never matter. Returns ``(drop, gather_at,
-    gather)``: drop ``drop`` leading columns, then (``gather_at`` >= 0) gather each row's columns from
-    ``gather_at`` on by ``gather`` (B, L - gather_at), indices relative to ``gather_at``.
-    """
-    B, S = held.shape
-    L = now.shape[1]
-    if L == 0:
-        return S, -1, None
-    held, now = held.contiguous(), now.contiguous()
-    lo = torch.searchsorted(held, now)
-    hi = torch.searchsorted(held, now, right=True)
-    nth = torch.arange(L) - torch.searchsorted(now, now)  # the k-th copy of a serial maps to its k-th copy
-    idx = torch.minimum(lo + nth, hi - 1).clamp(0, S - 1)
-    if bool(((now != 0) & (hi == lo)).any()):
-        raise RuntimeError("stage shadow cache holds a column the other ranks never computed")
-    # Of a run of copies only the last can be a token (a gathered block's padding is left of its tokens)
-    care = (now != 0) & torch.cat([now[:, 1:] != now[:, :-1], torch.ones((B, 1), dtype=torch.bool)], dim=1)
-    shift = idx - torch.arange(L)
-    cols = care.any(0).nonzero()
-    drop = int(shift[care[:, int(cols[0])], int(cols[0])].min()) if len(cols) else S - L
-    drop = max(0, min(drop, S - L))
-    same = (~care | (shift == drop)).all(0)
-    at = int((~same).nonzero()[0]) if bool((~same).any()) else L
-    if at < L:  # start where the first column the gather reads from is (the lane's own start)
-        at = max(0, min(at, int((idx[:, at:] - drop).masked_fill(~care[:, at:], L).min())))
-    if at == L and S - drop == L:
-        return drop, -1, None  # no gather: a plain prefix drop (or nothing)
-    gather = (idx[:, at:] - drop - at).masked_fill(~care[:, at:], 0)
-    if bool((gather < 0).any()):
-        drop, at = 0, 0  # columns moved left of where the gather starts: gather every column
-        gather = idx.masked_fill(~care, 0)
-    return drop, at, gather

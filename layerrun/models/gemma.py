@@ -16,9 +16,11 @@ from layerrun.models import llama
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Gemma's RMSNorm: normalise and scale by (1 + weight) in fp32, then cast (Llama casts before scaling)."""
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return (h * (1.0 + weight.float())).to(x.dtype)
+    return F.rms_norm(x.float(), (x.shape[-1],), 1.0 + weight.float(), eps).to(x.dtype)  # the same ops, bit for bit
+
+
+# A resident layer's fp32 (1 + weight) of each norm, made once by Model.fuse: the key is the weight's name plus this.
+PLUS_ONE = ".plus_one"
 
 
 def scaled_embed(weight: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -54,6 +56,20 @@ class Model(llama.Model):
     """Llama's weights, mask, RoPE and layer; Gemma's norm, embedding scale and activation."""
 
     norm = staticmethod(rms_norm)
+
+    def fuse(self, w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Llama's fused products, and each norm's scale (1 + weight) in fp32 made once (``name + PLUS_ONE``)."""
+        w = super().fuse(w)
+        for name, t in list(w.items()):
+            if name.endswith("layernorm.weight") and isinstance(t, torch.Tensor) and t.dim() == 1:
+                w[name + PLUS_ONE] = 1.0 + t.float()
+        return w
+
+    def norm_at(self, w: dict[str, torch.Tensor], name: str, x: torch.Tensor) -> torch.Tensor:
+        s = w.get(name + PLUS_ONE)
+        if s is None:
+            return rms_norm(x, w[name], self.args.rms_norm_eps)
+        return F.rms_norm(x.float(), (x.shape[-1],), s, self.args.rms_norm_eps).to(x.dtype)
 
     def embed(self, w: dict[str, torch.Tensor], input_ids: torch.Tensor) -> torch.Tensor:
         return scaled_embed(w["embed_tokens.weight"], input_ids)

@@ -68,14 +68,13 @@ class Model(gemma.Model):
         return ctx[self.args.layer_types[i]]
 
     def layer(self, i: int, w: dict[str, torch.Tensor], x: torch.Tensor, cache, ctx: dict) -> torch.Tensor:
-        a, eps = self.args, self.args.rms_norm_eps
-        c = self.layer_context(i, ctx)
+        a, norm = self.args, self.norm_at
         softcap = a.attn_logit_softcapping if self.attn_softcap_applies else None
-        h = self.norm(x, w["input_layernorm.weight"], eps)
-        o = self.self_attn(w, h, cache, c, a.query_pre_attn_scalar**-0.5, softcap)
-        x = x + self.norm(o, w["post_attention_layernorm.weight"], eps)
-        h = self.mlp(w, self.norm(x, w["pre_feedforward_layernorm.weight"], eps))
-        return x + self.norm(h, w["post_feedforward_layernorm.weight"], eps)
+        h = norm(w, "input_layernorm.weight", x)
+        o = self.self_attn(w, h, cache, self.layer_context(i, ctx), a.query_pre_attn_scalar**-0.5, softcap)
+        x = x + norm(w, "post_attention_layernorm.weight", o)
+        h = self.mlp(w, norm(w, "pre_feedforward_layernorm.weight", x))
+        return x + norm(w, "post_feedforward_layernorm.weight", h)
 
     def head(self, w: dict[str, torch.Tensor], x: torch.Tensor, embeddings: dict[str, torch.Tensor]) -> torch.Tensor:
         logits = super().head(w, x, embeddings)  # (B, T, vocab)

@@ -15,10 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from layerrun.models import gemma2
-from layerrun.models.base import rope_cos_sin, rope_inv_freq
-from layerrun.models.gemma import rms_norm
+from layerrun.models.base import K_NORM, Q_NORM, QK_NORM_ROWS, qk_norm_rows, rope_cos_sin, rope_inv_freq
 from layerrun.models.gemma2 import FULL, SLIDING
 
 
@@ -70,6 +70,17 @@ class Model(gemma2.Model):
             SLIDING: rope_cos_sin(self.local_inv_freq.to(dev), positions, dtype),
         }
 
-    def qk_norm(self, w: dict[str, torch.Tensor], q: torch.Tensor, k: torch.Tensor):
-        eps = self.args.rms_norm_eps
-        return rms_norm(q, w["self_attn.q_norm.weight"], eps), rms_norm(k, w["self_attn.k_norm.weight"], eps)
+    def fuse(self, w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Gemma's, and the q/k norms' fp32 (1 + weight) as one row per head (QK_NORM_ROWS), made once."""
+        w = super().fuse(w)
+        q, k = w.get(Q_NORM), w.get(K_NORM)
+        if isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor):
+            w[QK_NORM_ROWS] = 1.0 + qk_norm_rows(self.args, q, k).float()
+        return w
+
+    def qk_norm(self, w: dict[str, torch.Tensor], qk: torch.Tensor) -> torch.Tensor:
+        """Gemma's RMSNorm over each head (D) of ``qk`` (B, T, H + Hkv, D), q's weight on queries, k's on keys."""
+        rows = w.get(QK_NORM_ROWS)
+        if rows is None:
+            rows = 1.0 + qk_norm_rows(self.args, w[Q_NORM], w[K_NORM]).float()
+        return (F.rms_norm(qk.float(), (qk.shape[-1],), eps=self.args.rms_norm_eps) * rows).to(qk.dtype)

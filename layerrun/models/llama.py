@@ -14,14 +14,13 @@ import torch.nn.functional as F
 from layerrun.models.base import (
     AttnContext,
     BaseArgs,
-    apply_rope_signed,
     attention,
     dynamic_ntk_inv_freq,
     fuse_linears,
     rms_norm,
     rope_cos_sin,
+    rope_heads,
     rope_inv_freq,
-    signed_sin,
     step_context,
 )
 
@@ -157,36 +156,48 @@ class Model:
     # ---- hooks the other families override --------------------------------
     norm = staticmethod(rms_norm)  # Gemma: (1 + weight), scaled in fp32
 
-    def qk_norm(self, w: dict[str, torch.Tensor], q: torch.Tensor, k: torch.Tensor):
-        """Nothing in Llama; Qwen 3 and Gemma 3 normalise each head's queries and keys here."""
-        return q, k
+    def qk_norm(self, w: dict[str, torch.Tensor], qk: torch.Tensor) -> torch.Tensor:
+        """Nothing in Llama (``qk`` itself); Qwen 3 and Gemma 3 normalise each head of the queries and keys
+        here: ``qk`` (B, T, H + Hkv, D), queries' heads then keys'."""
+        return qk
+
+    def norm_at(self, w: dict[str, torch.Tensor], name: str, x: torch.Tensor) -> torch.Tensor:
+        """:attr:`norm` of ``x`` with the layer's weight ``name`` (Gemma: a scale the resident layer made once)."""
+        return self.norm(x, w[name], self.args.rms_norm_eps)
 
     def layer_context(self, i: int, ctx):
         """The attention context of layer ``i``; families with per-layer-type masks pick theirs."""
         return ctx
 
     def self_attn(self, w, h: torch.Tensor, cache, c: AttnContext, scale: float, softcap: float | None = None):
-        """Projections, RoPE, KV cache and attention for normalised input ``h``; returns o_proj's output."""
+        """Projections, RoPE, KV cache and attention for normalised input ``h``; returns o_proj's output.
+
+        The heads stay laid out (B, T, heads, D) as the q/k/v product makes them: RoPE rotates queries and
+        keys in one go, and the new keys and values reach the cache side by side in one copy
+        (``LayerKV.update_kv``); attention reads them through transposed views. Few ops per layer: at
+        decode (T = 1) their per-call cost, not their arithmetic, is what a step spends outside the products.
+        """
         a = self.args
         B, T, _ = h.shape
         H, Hkv, D = a.num_attention_heads, a.num_key_value_heads, a.head_dim
         qkv = w.get(QKV_FUSED[0])
         if qkv is not None:
-            q, k, v = F.linear(h, qkv, w.get(QKV_FUSED[1])).split((H * D, Hkv * D, Hkv * D), dim=-1)
+            qkv = F.linear(h, qkv, w.get(QKV_FUSED[1]))
         else:
-            q = F.linear(h, w["self_attn.q_proj.weight"], w.get("self_attn.q_proj.bias"))
-            k = F.linear(h, w["self_attn.k_proj.weight"], w.get("self_attn.k_proj.bias"))
-            v = F.linear(h, w["self_attn.v_proj.weight"], w.get("self_attn.v_proj.bias"))
-        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
-        v = v.view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
-        q, k = self.qk_norm(w, q, k)
-        cos, sin = c.rope["cos"], signed_sin(c.rope)
-        q, k = apply_rope_signed(q, cos, sin), apply_rope_signed(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(k, v)  # (B, Hkv, S, D)
+            qkv = torch.cat([F.linear(h, w[f"{p}.weight"], w.get(f"{p}.bias")) for p in QKV], dim=-1)
+        qkv = qkv.reshape(B, T, H + 2 * Hkv, D)
+        qk = self.qk_norm(w, qkv[:, :, : H + Hkv])
+        r = torch.cat((rope_heads(qk, c.rope), qkv[:, :, H + Hkv :]), dim=2)  # (B, T, H + 2*Hkv, D)
+        q, kv = r[:, :, :H].transpose(1, 2), r[:, :, H:]  # (B, H, T, D), (B, T, 2*Hkv, D)
+        update_kv = getattr(cache, "update_kv", None)
+        if update_kv is not None:
+            k, v = update_kv(kv)  # (B, Hkv, S, D)
+        else:
+            k, v = kv[:, :, :Hkv].transpose(1, 2), kv[:, :, Hkv:].transpose(1, 2)  # (B, Hkv, T, D)
+            if cache is not None:
+                k, v = cache.update(k, v)
         o = attention(q, k, v, c.mask, c.is_causal, scale, softcap)
-        o = o.transpose(1, 2).reshape(B, T, -1)  # (B, T, H*D)
+        o = o.transpose(1, 2).reshape(B, T, H * D)
         return F.linear(o, w["self_attn.o_proj.weight"], w.get("self_attn.o_proj.bias"))
 
     def mlp(self, w: dict[str, torch.Tensor], h: torch.Tensor) -> torch.Tensor:
@@ -199,11 +210,9 @@ class Model:
         return F.linear(self.act(gate) * up, w["mlp.down_proj.weight"], w.get("mlp.down_proj.bias"))
 
     def layer(self, i: int, w: dict[str, torch.Tensor], x: torch.Tensor, cache, ctx) -> torch.Tensor:
-        a = self.args
-        c = self.layer_context(i, ctx)
-        h = self.norm(x, w["input_layernorm.weight"], a.rms_norm_eps)
-        x = x + self.self_attn(w, h, cache, c, a.head_dim**-0.5)
-        return x + self.mlp(w, self.norm(x, w["post_attention_layernorm.weight"], a.rms_norm_eps))
+        h = self.norm_at(w, "input_layernorm.weight", x)
+        x = x + self.self_attn(w, h, cache, self.layer_context(i, ctx), self.args.head_dim**-0.5)
+        return x + self.mlp(w, self.norm_at(w, "post_attention_layernorm.weight", x))
 
     def head(self, w: dict[str, torch.Tensor], x: torch.Tensor, embeddings: dict[str, torch.Tensor]) -> torch.Tensor:
         h = self.norm(x, w["norm.weight"], self.args.rms_norm_eps)

@@ -12,7 +12,16 @@ from dataclasses import dataclass
 import torch
 
 from layerrun.models import llama
-from layerrun.models.base import AttnContext, rms_norm, rope_cos_sin, step_context
+from layerrun.models.base import (
+    K_NORM,
+    Q_NORM,
+    QK_NORM_ROWS,
+    AttnContext,
+    qk_norm_rows,
+    rms_norm,
+    rope_cos_sin,
+    step_context,
+)
 
 FULL, SLIDING = "full_attention", "sliding_attention"
 
@@ -54,6 +63,18 @@ class Model(llama.Model):
     def layer_context(self, i: int, ctx: dict) -> AttnContext:
         return ctx[self.args.layer_types[i]]
 
-    def qk_norm(self, w: dict[str, torch.Tensor], q: torch.Tensor, k: torch.Tensor):
-        eps = self.args.rms_norm_eps  # per head, over D
-        return rms_norm(q, w["self_attn.q_norm.weight"], eps), rms_norm(k, w["self_attn.k_norm.weight"], eps)
+    def fuse(self, w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Llama's fused products, and the q/k norm weights as one row per head (QK_NORM_ROWS), made once."""
+        w = super().fuse(w)
+        q, k = w.get(Q_NORM), w.get(K_NORM)
+        if isinstance(q, torch.Tensor) and isinstance(k, torch.Tensor):
+            w[QK_NORM_ROWS] = qk_norm_rows(self.args, q, k)
+        return w
+
+    def qk_norm(self, w: dict[str, torch.Tensor], qk: torch.Tensor) -> torch.Tensor:
+        """Llama's RMSNorm over each head (D) of ``qk`` (B, T, H + Hkv, D), q's weight on queries, k's on keys."""
+        rows = w.get(QK_NORM_ROWS)
+        if rows is None:
+            rows = qk_norm_rows(self.args, w[Q_NORM], w[K_NORM])
+        return rms_norm(qk, rows, self.args.rms_norm_eps)
+
