@@ -150,6 +150,21 @@ def test_fast_linear_uses_the_kernel_for_few_rows(built, fresh_kernel):
         torch.set_num_threads(before)
 
 
+def test_no_compiler_on_the_path_is_one_line(monkeypatch, fresh_kernel, tmp_path, caplog):
+    """A fresh machine without cc / gcc / clang (and no CC): torch's kernels, one log line, no cache."""
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.delenv("LAYERRUN_KERNEL", raising=False)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.setenv("LAYERRUN_HOME", str(tmp_path))
+    kernels.kernel.cache_clear()
+    with caplog.at_level(logging.INFO, logger="layerrun.kernel"):
+        assert kernels.kernel() is None
+        assert kernels.kernel() is None  # decided once
+    lines = [r.getMessage() for r in caplog.records if r.name == "layerrun.kernel"]
+    assert len(lines) == 1 and "no C compiler found (set CC)" in lines[0]
+    assert not (tmp_path / "kernels").exists()
+
+
 @pytest.mark.parametrize("env", [{"LAYERRUN_KERNEL": "off"}, {"CC": "/nonexistent/cc"}])
 def test_fallback_is_onednn_with_the_same_results(env, monkeypatch, fresh_kernel, tmp_path, caplog):
     monkeypatch.setenv("LAYERRUN_HOME", str(tmp_path))
