@@ -25,6 +25,7 @@ sets torch's (process-wide) and llama.cpp's thread counts alike.
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import os
@@ -111,8 +112,13 @@ class TransformersSide:
 
         inp = torch.tensor([ids])
         with torch.inference_mode():
-            self.model.generate(inp, attention_mask=torch.ones_like(inp), max_new_tokens=n, min_new_tokens=n,
-                                do_sample=False, temperature=None, top_p=None, top_k=None, streamer=S(), pad_token_id=0)
+            # n tokens past any end-of-sequence, as LayerRun's ignore_eos: the end-of-sequence id is one no token
+            # has (min_new_tokens would instead mask the eos logit, and greedy would pick another token where
+            # eos is the argmax)
+            cfg = copy.deepcopy(self.model.generation_config)
+            cfg.update(eos_token_id=self.model.config.vocab_size, max_new_tokens=n, do_sample=False, temperature=None,
+                       top_p=None, top_k=None, pad_token_id=0)
+            self.model.generate(inp, generation_config=cfg, attention_mask=torch.ones_like(inp), streamer=S())
         return stamps[1:]  # put #0 is the prompt
 
     def close(self):
