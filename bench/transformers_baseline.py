@@ -20,6 +20,7 @@ time from the first generated token (end of prefill) to the last one.
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import statistics
@@ -96,9 +97,11 @@ def time_transformers(model, ids: list[int], n: int) -> tuple[float, list[int]]:
     st = _Stamps()
     inp = torch.tensor([ids])
     with torch.inference_mode():
-        out = model.generate(inp, attention_mask=torch.ones_like(inp), max_new_tokens=n, min_new_tokens=n,
-                             do_sample=False, temperature=None, top_p=None, top_k=None, streamer=st,
-                             pad_token_id=0)
+        # past end-of-sequence with an eos id no token has (min_new_tokens would mask the eos logit instead)
+        cfg = copy.deepcopy(model.generation_config)
+        cfg.update(eos_token_id=model.config.vocab_size, max_new_tokens=n, do_sample=False, temperature=None,
+                   top_p=None, top_k=None, pad_token_id=0)
+        out = model.generate(inp, generation_config=cfg, attention_mask=torch.ones_like(inp), streamer=st)
     new = out[0, len(ids):].tolist()
     # put() #0 is the prompt, #1 the first generated token (after prefill), #n the last one.
     decode_s = st.t[-1] - st.t[1]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import layerrun
-from layerrun.engine.reference import compare
+from layerrun.engine.reference import PROMPT, compare
 
 
 @pytest.mark.parametrize("name", ["llama_gqa", "qwen2", "gemma3"])
@@ -55,3 +55,25 @@ def test_bf16_within_top5_rule(tiny_layered):
         assert eng.dtype == torch.bfloat16
         rep = compare(eng, n_tokens=8)
     assert rep.ok, rep.to_dict()
+
+
+def test_greedy_check_when_eos_is_the_argmax(tiny_layered, tmp_path):
+    """The greedy check runs both sides past end-of-sequence: where the model's eos token is the greedy
+    pick, transformers must not be steered to the runner-up (min_new_tokens masks the eos logit)."""
+    import shutil
+
+    src = tiny_layered("llama_gqa")
+    with layerrun.load(src, mode="full") as eng:  # compare()'s prompt, as it encodes it
+        first = eng.generate(eng.encode_prompt(PROMPT, chat=False), max_new_tokens=1).token_ids[0]
+    dst = tmp_path / "model"
+    shutil.copytree(src, dst)
+    for name in ("config.json", "generation_config.json"):
+        p = dst / name
+        if p.exists():
+            cfg = json.loads(p.read_text())
+            cfg["eos_token_id"] = first  # the first greedy token is now end-of-sequence
+            p.write_text(json.dumps(cfg))
+    with layerrun.load(dst, mode="full", verify=False) as eng:
+        rep = compare(eng, n_tokens=6)
+    by = {c.name: c for c in rep.checks}
+    assert by["greedy 6 tokens"].ok, by["greedy 6 tokens"].detail

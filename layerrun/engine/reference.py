@@ -12,6 +12,7 @@ both runtimes' choices are within each other's top-5 (vLLM's
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -211,7 +212,11 @@ def compare(engine, n_tokens: int = 16, prompt: str = PROMPT, log=lambda s: None
     log(f"{n_tokens} greedy tokens")
     ours = engine.generate(ids, max_new_tokens=n_tokens, ignore_eos=True).token_ids
     with torch.no_grad():
-        theirs = ref.generate(x, max_new_tokens=n_tokens, min_new_tokens=n_tokens, do_sample=False)[0, len(ids):].tolist()
+        # Past end-of-sequence as ours (ignore_eos): an eos id no token has. min_new_tokens would mask the eos
+        # logit instead, and where eos is the argmax transformers would pick the runner-up: a false divergence.
+        cfg = copy.deepcopy(ref.generation_config)
+        cfg.update(eos_token_id=int(ref_logits.shape[-1]), max_new_tokens=n_tokens, do_sample=False)
+        theirs = ref.generate(x, generation_config=cfg)[0, len(ids):].tolist()
     if ours == theirs:
         rep.add(f"greedy {n_tokens} tokens", True, "identical")
     else:
