@@ -4,7 +4,9 @@
 and the forward pass (``_forward``: one pass of every layer over a block of new tokens, with
 an optional KV cache). ``Engine.logits`` runs a plain forward pass for validation. Generation
 (``stream``, ``generate``, batches) lives in :mod:`layerrun.engine.generation`, mixed in here,
-and drives the one generation loop in :mod:`layerrun.engine.batch`.
+and drives the one generation loop in :mod:`layerrun.engine.batch`; preparing weights is in
+:mod:`layerrun.engine.weights`, memory for sequences (room, make_room) in
+:mod:`layerrun.engine.engine_memory`, both mixed in too.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 import torch
 
 from layerrun.engine.draft import open_draft
+from layerrun.engine.engine_memory import EngineMemory
 from layerrun.engine.generation import BATCH_FIELDS, DEFAULT_MAX_NEW_TOKENS, Chunk, Generation, GenerationAPI
 from layerrun.engine.kv_cache import KVCache
 from layerrun.engine.model_files import check_model_files, load_config
@@ -24,16 +27,16 @@ from layerrun.engine.telemetry import GenerationStats, peak_rss_bytes
 from layerrun.engine.threads import apply_threads
 from layerrun.engine.tokenizer import Tokenizer
 from layerrun.engine.trace import TraceRecorder
-from layerrun.errors import FileChangedError, FormatError, LayerRunError
-from layerrun.formats.aligned import TensorInfo
+from layerrun.engine.weights import EngineWeights, _LoadProgress, _trim_heap
+from layerrun.errors import FormatError, LayerRunError
 from layerrun.formats.convert import DTYPES
 from layerrun.formats.integrity import Verifier
-from layerrun.formats.manifest import FileEntry, Manifest
+from layerrun.formats.manifest import Manifest
 from layerrun.io.guard import ModelFiles
 from layerrun.io.pipeline import LayerStream
-from layerrun.io.reader import FileReader, views
+from layerrun.io.reader import FileReader
 from layerrun.models.base import expert_index
-from layerrun.models.fast import FastLinear, available, fast_weights, owned, streams_fast
+from layerrun.models.fast import streams_fast
 
 __all__ = ["BATCH_FIELDS", "DEFAULT_MAX_NEW_TOKENS", "Chunk", "Engine", "Generation", "resolve_model_path"]
 DEFAULT_PREFETCH = 2
@@ -74,7 +77,7 @@ def resolve_model_path(path: str | Path) -> Path:
     raise FormatError(f"{path}: no such model folder (nor a model name in the local store; see `layerrun list`)")
 
 
-class Engine(GenerationAPI):
+class Engine(GenerationAPI, EngineMemory, EngineWeights):
     """A loaded layered model.
 
     Options (all keyword): ``mode`` ("auto" picks from free memory; "stream":
@@ -343,228 +346,6 @@ class Engine(GenerationAPI):
                 self._open_stream()
         return left
 
-    # ---- memory for sequences ---------------------------------------------------
-    def _sequences_need(self, rows: int, step_tokens: int, keys: int) -> int:
-        from layerrun.engine.governor import sequences_need
-
-        return sequences_need(self.args, rows, step_tokens, keys, self.dtype.itemsize)
-
-    def room_for(self, rows: int, step_tokens: int, keys: int) -> bool:
-        """Whether ``rows`` sequences whose cache reaches ``keys`` positions, in a step of ``step_tokens``
-        tokens, fit in the memory the weights leave (the governor's ``plan.room``). A mode the caller
-        forced to ``full`` is not held to the budget (it was warned about at load)."""
-        if self._mode_asked == "full":
-            return True
-        if self.stage is not None:  # torchrun: every stage's own range against its own room
-            return self.stage.room_for(self, rows, step_tokens, keys)
-        return self._sequences_need(rows, step_tokens, keys) <= self.plan.room
-
-    def make_room(self, rows: int, step_tokens: int, keys: int) -> None:
-        """Grow the KV cache's reservation for a sequence that does not fit as the engine stands: plan
-        again with it (the budget measured at load) and stream the resident layers the new plan no
-        longer keeps. Only where the mode was left to the governor (auto, partial). Under torchrun every
-        stage does so for its own range (rank 0 asks the others: :meth:`Stage.make_room`)."""
-        if self.stage is not None:
-            self.stage.make_room(self, rows, step_tokens, keys)
-        else:
-            self.demote_for(rows, step_tokens, keys)
-
-    def demote_for(self, rows: int, step_tokens: int, keys: int) -> None:
-        """This process's part of :meth:`make_room` (under torchrun: this rank's range)."""
-        from layerrun.engine.governor import fmt, plan_memory
-
-        if self.stage is not None and self.stage.shrink_ring(self, rows, keys):
-            return
-        if self._mode_asked not in ("auto", "partial") or not self.plan.resident or self._dense:
-            return
-        planner = self.stage.plan_memory if self.stage is not None else plan_memory
-        try:
-            new = planner(self.manifest, self.args, mode=self._mode_asked, batch=rows, context=keys,
-                          budget=self.plan.budget, baseline=self.plan.baseline, **self._plan_kw)
-        except LayerRunError:
-            new = None
-        old = self.plan.resident
-        k = min(len(new.resident), len(old)) if new is not None else 0
-        if k == len(old):
-            return
-        for i in old[k:]:
-            self._resident.pop(i, None)
-        streamed = sorted(old[k:] + self.plan.streamed)
-        need = (self._sequences_need(rows, step_tokens, keys) if self.stage is None
-                else self.stage.need(self, self.stage.rank, rows, step_tokens, keys))
-        line = (f"the KV cache grew to {rows} x {keys} tokens ({fmt(need)} with workspace): layers {old[k]}..{old[-1]} "
-                f"are streamed from now on, {k} of {len(old) + len(self.plan.streamed)} stay resident")
-        base = new if new is not None else self.plan
-        self.plan = type(base)(
-            "partial" if k else "stream", old[:k], streamed, base.prefetch, base.kv_location,
-            base.budget, base.need, base.lines + [line], baseline=base.baseline, reserve=(rows, keys),
-            reserved=base.reserved)
-        self.mode = self.plan.mode
-        self.notes.append(line)
-        self._open_stream()
-
-    def check_memory(self, prompt_tokens: int, max_new_tokens: int) -> None:
-        """Refuse a sequence that could not run alone even with every layer streamed, naming the figures."""
-        from layerrun.engine.governor import fmt, plan_memory
-
-        keys = prompt_tokens + max_new_tokens
-        if self._mode_asked == "full" or self.room_for(1, prompt_tokens, keys):
-            return
-        if self.stage is not None:  # torchrun: each stage's range against what its rank could make room for
-            return self.stage.check_memory(self, prompt_tokens, max_new_tokens)
-        mode = "stream" if self._mode_asked == "stream" else "auto"
-        try:
-            bare = plan_memory(self.manifest, self.args, mode="stream", batch=1, context=1, budget=self.plan.budget,
-                               baseline=self.plan.baseline, **{**self._plan_kw, "prefetch": self.plan.prefetch})
-        except LayerRunError:
-            return  # not even one token: loading would have refused; nothing better to say here
-        # auto/partial: every resident layer could be streamed for it (make_room); else the plan stands
-        room = bare.room if mode == "auto" and not self._dense else self.plan.room
-        need = self._sequences_need(1, prompt_tokens, keys)
-        if need <= room:
-            return
-        fit = 0
-        lo, hi = prompt_tokens + 1, keys
-        while lo <= hi:  # the longest sequence that fits (needs grow with its length)
-            mid = (lo + hi) // 2
-            if self._sequences_need(1, prompt_tokens, mid) <= room:
-                fit, lo = mid, mid + 1
-            else:
-                hi = mid - 1
-        what = (f"at most {fit - prompt_tokens} new tokens (max_tokens / --max-new-tokens)" if fit > prompt_tokens
-                else "a shorter prompt")
-        raise LayerRunError(
-            f"this request needs {fmt(need)} of KV cache and workspace ({prompt_tokens} prompt tokens + up to "
-            f"{max_new_tokens} new); the memory budget leaves {fmt(room)} for them with "
-            f"{'every layer streamed' if mode == 'auto' else 'the layers as planned'}. Would fit: {what}, "
-            "or more memory for the process")
-
-    # ---- weights ---------------------------------------------------------
-    def _prepare_weights(self, w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Turn one file's raw tensors into what the model computes with.
-
-        Runs right after the read (in an I/O thread for streamed layers, so it
-        overlaps compute): dequantizes quantized layers, casts to the compute
-        dtype, and applies the family's ``sanitize``.
-        """
-        if self.manifest.quantization:
-            from layerrun.formats.quant import dequantize_weights
-
-            w = dequantize_weights(w, self.manifest.quantization, self.dtype)
-        return self.model.sanitize(self._cast(w))
-
-    def _prepare_streamed(self, w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """A streamed layer's weights: prepared, and on the fast kernels where that needs no copy."""
-        w = self._prepare_weights(w)
-        return fast_weights(w, pack=False) if self._fast_stream else w
-
-    def _view_entry(self, entry: FileEntry) -> FileEntry:
-        """``entry`` with each group of tensors the family fuses (``model.fused_groups``: q/k/v, gate/up)
-        named as one tensor, its fused product, where the file stores the parts back to back in product
-        order with one dtype and input width (and their biases likewise, or none): staging then makes
-        one view of the group's bytes, which is the fused weight, with no copy. Other groups (files
-        converted before the parts were kept together, a subset without them) stay as they are."""
-        tensors, changed = dict(entry.tensors), False
-        for parts, fused in getattr(self.model, "fused_groups", ()):
-            joined = {}
-            for kind, name in zip(("weight", "bias"), fused, strict=True):
-                infos = [tensors.get(f"{p}.{kind}") for p in parts]
-                if kind == "bias" and all(t is None for t in infos):
-                    continue
-                t0 = infos[0]
-                if (any(t is None for t in infos) or len({(t.dtype, len(t.shape), t.shape[1:]) for t in infos}) != 1
-                        or len(t0.shape) != (2 if kind == "weight" else 1)
-                        or any(a.end != b.start for a, b in zip(infos, infos[1:]))):
-                    joined = None
-                    break
-                shape = (sum(t.shape[0] for t in infos), *t0.shape[1:])
-                joined[name] = TensorInfo(name, t0.dtype, shape, t0.start, infos[-1].end)
-            if joined:
-                for p in parts:
-                    tensors.pop(f"{p}.weight")
-                    tensors.pop(f"{p}.bias", None)
-                tensors.update(joined)
-                changed = True
-        if not changed:
-            return entry
-        return FileEntry(entry.name, entry.kind, entry.bytes, entry.sha256, tensors, entry.layer)
-
-    def _load_ends(self, stored: torch.dtype) -> tuple[dict, dict]:
-        """The embeddings and the final norm / head, resident.
-
-        A tied head (the embedding matrix) in bfloat16 runs 2.2x faster packed for oneDNN, but the
-        packed copy cannot serve embedding lookups. When the file is stored in the compute dtype, the
-        embeddings are then a memory map of it (a lookup touches a few rows; nothing is copied) and
-        the packed head the one copy in memory, as many bytes as the embeddings took before. The map is
-        lease-guarded (``self.files``): a lookup touches its pages only while acquired (:meth:`_embed`), so
-        a file truncated under the process is an error naming it, never SIGBUS; where no lease can be
-        had, the embeddings are a private copy.
-        """
-        final = self._load_resident(self.manifest.final)
-        tied = "lm_head.weight" not in final
-        self._emb_map = None
-        if self.fast and tied and self.dtype == stored == torch.bfloat16 and available(self.dtype):
-            e = self.manifest.embeddings
-            m = self.files.mapped(e)
-            if m is not None and m.acquire():
-                try:
-                    emb = self.model.sanitize(views(e, m.tensor, 0))
-                    final["lm_head.weight"] = FastLinear(emb["embed_tokens.weight"], pack=True)
-                finally:
-                    m.release()
-                m.drop()  # packing read every row; lookups need a few
-                self._emb_map = m
-                self._loading.advance(e.bytes - e.data_start, e.name)
-                return emb, final
-        emb = self._load_resident(self.manifest.embeddings, pack=False)
-        if self.fast and tied and "embed_tokens.weight" in emb:
-            head = fast_weights({"lm_head.weight": emb["embed_tokens.weight"]}, pack=False)["lm_head.weight"]
-            if isinstance(head, FastLinear):  # float32: oneDNN on the same tensor, no copy
-                final["lm_head.weight"] = head
-        return emb, final
-
-    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """The input embeddings of ``ids`` (a new tensor). Mapped embeddings are touched only under their
-        lease; a file that changed since is checked and mapped again (FileChangedError if it is not the
-        manifest's any more)."""
-        m = self._emb_map
-        if m is None:
-            return self.model.embed(self.embeddings, ids)
-        for _ in range(3):
-            if m.acquire():
-                try:
-                    return self.model.embed(self.embeddings, ids)
-                finally:
-                    m.release()
-            e = self.manifest.embeddings
-            m = self.files.mapped(e)
-            if m is None:  # no lease any more: a private copy
-                w, _ = self.reader.read(e)
-                self.embeddings, self._emb_map = self.model.sanitize(w), None
-                return self.model.embed(self.embeddings, ids)
-            self.embeddings, self._emb_map = self.model.sanitize(views(e, m.tensor, 0)), m
-        raise FileChangedError(f"{self.path / self.manifest.embeddings.name}: the model file keeps changing on "
-                               "disk; requests that need it fail until it is left alone")
-
-    def _cast(self, w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: (v.to(self.dtype) if v.is_floating_point() and v.dtype != self.dtype else v) for k, v in w.items()}
-
-    def _load_resident(self, entry, names: list[str] | None = None, pack: bool = True) -> dict[str, torch.Tensor]:
-        """A file's tensors (or only ``names``, read alone and owned), on the compute device, prepared
-        (and with ``pack``, the linear weights packed for oneDNN on CPU)."""
-        t0 = time.perf_counter()
-        w, rs = self.reader.read(entry) if names is None else self.reader.read_tensors(entry, names)
-        if self.throttle:
-            self.throttle.wait(rs.bytes, t0)
-        w = {k: v.to(self.device) for k, v in w.items()} if self.device.type != "cpu" else w
-        self.trace.read(entry.layer if entry.layer is not None else -1, entry.name, t0, time.perf_counter(), rs.bytes, resident=True)
-        w = self._prepare_weights(w)
-        self._loading.advance(rs.bytes, entry.name)
-        if not (self.fast and pack):
-            return w
-        fuse = getattr(self.model, "fuse", None)
-        return owned(fast_weights(fuse(w) if fuse is not None else w, pack=True))
-
     @property
     def tokenizer(self) -> Tokenizer:
         if self._tokenizer is None:
@@ -809,44 +590,6 @@ class _Whole:
     check_model_files = staticmethod(check_model_files)
 
 
-class _LoadProgress:
-    """``progress=True``: a progress bar on stderr while resident files load (a terminal only), then one line."""
-
-    MIN_BYTES = 64 * 2**20  # smaller loads take well under a second: say nothing
-
-    def __init__(self, engine: Engine, enabled: bool):
-        self.bar = None
-        self.t0 = time.perf_counter()
-        plan, m = engine.plan, engine.manifest
-        self.total = m.embeddings.bytes + m.final.bytes + sum(m.layer(i).bytes for i in plan.resident)
-        self.total += sum(m.layer(i).tensors[n].nbytes for i in plan.dense_resident for n in engine._dense_names[i])
-        self.done = 0
-        if not enabled or self.total < self.MIN_BYTES:
-            return
-        from rich.console import Console
-        from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
-
-        console = Console(stderr=True)
-        if not console.is_terminal:
-            return
-        self.bar = Progress(TextColumn("[bold]loading[/] {task.description}"), BarColumn(), DownloadColumn(),
-                            TimeRemainingColumn(), transient=True, console=console)
-        self.bar.start()
-        self.task = self.bar.add_task(engine.path.name, total=self.total)
-
-    def advance(self, nbytes: int, name: str) -> None:
-        self.done += nbytes
-        if self.bar is not None:
-            self.bar.update(self.task, advance=nbytes, description=name)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-            import sys
-
-            print(f"loaded {self.done / 1e6:.0f} MB in {time.perf_counter() - self.t0:.1f} s", file=sys.stderr)
-
-
 class _LastOnly(list):
     """A ``collect`` list for ``_forward`` that keeps only the latest hidden state."""
 
@@ -887,14 +630,3 @@ class _ExpertLoader(dict):
         eng.trace.read(self._staged.layer, f"layer_{self._staged.layer:03d} experts {ids}", rec.start, rec.end, rec.bytes,
                        slot=self._staged.slot)
 
-
-def _trim_heap() -> None:
-    """Return freed heap memory to the system (glibc ``malloc_trim``): after the resident weights were
-    fused and packed, the intermediate copies' memory otherwise stays in this process's RSS (Gemma 3
-    270M bf16: 185 MB). A no-op where glibc is not the allocator."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
