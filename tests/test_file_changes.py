@@ -261,3 +261,26 @@ def test_file_found_corrupt_in_a_step_is_named_and_reported(tiny_layered, tmp_pa
         assert s.alive()
     finally:
         s.stop()
+
+
+def test_mapped_layers_prepared_once_and_again_after_a_change(tiny_layered, tmp_path):
+    """mmap stream mode keeps a layer's prepared views while its file keeps its mapping (no per-layer
+    Python work in a warm step), and builds them again when the file is replaced: same tokens throughout."""
+    import layerrun
+
+    dst = tmp_path / "model"
+    shutil.copytree(tiny_layered("llama_gqa"), dst)
+    with layerrun.load(dst, mode="full") as ref:
+        want = ref.generate(PROMPT, max_new_tokens=6, ignore_eos=True).token_ids
+    with layerrun.load(dst, mode="stream", reader="mmap", prefetch=1) as eng:
+        assert eng.generate(PROMPT, max_new_tokens=6, ignore_eos=True).token_ids == want
+        first = {k: v[1] for k, v in eng._stream._prepared.items()}
+        assert len(first) == eng.args.num_hidden_layers  # every layer's views kept
+        assert eng.generate(PROMPT, max_new_tokens=6, ignore_eos=True).token_ids == want
+        assert all(eng._stream._prepared[k][1] is w for k, w in first.items())  # reused, not rebuilt
+        copy = tmp_path / "copy.safetensors"
+        shutil.copy(dst / LAYER, copy)
+        os.replace(copy, dst / LAYER)  # the same bytes in a new file: mapped anew
+        assert eng.generate(PROMPT, max_new_tokens=6, ignore_eos=True).token_ids == want
+        rebuilt = [k for k, w in first.items() if eng._stream._prepared[k][1] is not w]
+        assert len(rebuilt) == 1  # only the replaced layer's

@@ -231,6 +231,7 @@ class LayerStream:
         self.device = device or torch.device("cpu")
         self.cuda = self.device.type == "cuda"
         self.prepare = prepare or (lambda w: w)
+        self._prepared: dict[int, tuple] = {}  # mmap: id(staged entry) -> (mapping, prepared views of it)
         self.stats = PipelineStats()
         self.origin = clock_origin if clock_origin is not None else time.perf_counter()
         slot_bytes = max(e.bytes - e.data_start for e in entries) if entries else 0
@@ -321,8 +322,7 @@ class LayerStream:
                         m.advise(ranges)
                     n = entry.bytes - entry.data_start if subset is None else sum(b - a for a, b in ranges)
                     rec = ReadRecord(layer, n, t0, time.perf_counter())
-                    # may touch pages (casts, sanitize)
-                    w = self.prepare(views(self._view_entries.get(id(staged_entry), staged_entry), m.tensor, 0))
+                    w = self._mapped_weights(m, staged_entry)
                 finally:
                     m.release()
                 return StagedLayer(rec.layer, w, slot, rec, seq, None, entry, subset is not None, guard=m)
@@ -347,6 +347,23 @@ class LayerStream:
             return StagedLayer(rec.layer, self.prepare(w), slot, rec, seq, None, entry, subset is not None)
         w, start, event = self._to_device(entry, slot, ranges, staged_entry)
         return StagedLayer(rec.layer, w, slot, rec, seq, event, entry, subset is not None, start)
+
+    def _mapped_weights(self, m, staged_entry: FileEntry) -> dict:
+        """The prepared tensors of ``staged_entry`` on mapping ``m``. Where preparing made nothing but views
+        of the mapping (no cast, no dequantized copy), they are kept and handed out again while the file
+        keeps that mapping (a changed file is mapped anew, and this rebuilds): a warm decode step then
+        does no per-layer Python work for them. Copies are never kept (a streamed layer would stay)."""
+        key = id(staged_entry)
+        hit = self._prepared.get(key)
+        if hit is not None and hit[0] is m:
+            return hit[1]
+        # may touch pages (casts, sanitize)
+        w = self.prepare(views(self._view_entries.get(id(staged_entry), staged_entry), m.tensor, 0))
+        if _views_of(w, m.tensor):
+            self._prepared[key] = (m, w)
+        else:
+            self._prepared.pop(key, None)
+        return w
 
     def _needs_verify(self, entry: FileEntry) -> bool:
         if self.verifier is None:
@@ -550,3 +567,16 @@ def _settle(fut: cf.Future, task: cf.Future) -> None:
         fut.set_exception(task.exception())
     else:
         fut.set_result(task.result())
+
+
+def _views_of(w: dict, base: torch.Tensor) -> bool:
+    """Whether every value of ``w`` is a tensor viewing ``base``'s memory, or an object whose only tensor
+    (``.weight``: the kernel's wrapper of a linear weight) is one."""
+    ptr = base.untyped_storage().data_ptr()
+    for v in w.values():
+        t = v if isinstance(v, torch.Tensor) else getattr(v, "weight", None)
+        if not isinstance(t, torch.Tensor) or t.untyped_storage().data_ptr() != ptr:
+            return False
+        if not isinstance(v, torch.Tensor) and getattr(v, "packed", False):
+            return False
+    return True
