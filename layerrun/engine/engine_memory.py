@@ -96,18 +96,23 @@ class EngineMemory:
         need = self._sequences_need(1, prompt_tokens, keys)
         if need <= room:
             return
-        fit = 0
-        lo, hi = prompt_tokens + 1, keys
-        while lo <= hi:  # the longest sequence that fits (needs grow with its length)
-            mid = (lo + hi) // 2
-            if self._sequences_need(1, prompt_tokens, mid) <= room:
-                fit, lo = mid, mid + 1
-            else:
-                hi = mid - 1
-        what = (f"at most {fit - prompt_tokens} new tokens (max_tokens / --max-new-tokens)" if fit > prompt_tokens
-                else "a shorter prompt")
+        what = would_fit(lambda n: self._sequences_need(1, prompt_tokens, n), prompt_tokens, keys, room)
         raise LayerRunError(
             f"this request needs {fmt(need)} of KV cache and workspace ({prompt_tokens} prompt tokens + up to "
             f"{max_new_tokens} new); the memory budget leaves {fmt(room)} for them with "
             f"{'every layer streamed' if mode == 'auto' else 'the layers as planned'}. Would fit: {what}, "
             "or more memory for the process")
+
+
+def would_fit(need_of, prompt_tokens: int, keys: int, room: int) -> str:
+    """What would fit ``room`` instead of a sequence of ``keys`` positions after ``prompt_tokens``: the most
+    new tokens whose need (``need_of(positions)``, growing with the length) fits, or a shorter prompt."""
+    fit, lo, hi = 0, prompt_tokens + 1, keys
+    while lo <= hi:  # the longest sequence that fits
+        mid = (lo + hi) // 2
+        if need_of(mid) <= room:
+            fit, lo = mid, mid + 1
+        else:
+            hi = mid - 1
+    return (f"at most {fit - prompt_tokens} new tokens (max_tokens / --max-new-tokens)" if fit > prompt_tokens
+            else "a shorter prompt")

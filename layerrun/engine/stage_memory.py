@@ -107,6 +107,7 @@ class StageMemory:
     def check_memory(self, engine, prompt_tokens: int, max_new_tokens: int) -> None:
         """Rank 0: refuse a sequence some stage could not hold even alone with every layer of its range
         streamed (:meth:`Engine.check_memory`), naming the stage and the longest sequence that fits."""
+        from layerrun.engine.engine_memory import would_fit
         from layerrun.engine.governor import fmt
 
         keys = prompt_tokens + max_new_tokens
@@ -115,15 +116,7 @@ class StageMemory:
             need = self.need(engine, r, 1, prompt_tokens, keys)
             if need <= room:
                 continue
-            fit, lo, hi = 0, prompt_tokens + 1, keys
-            while lo <= hi:  # the longest sequence that fits (needs grow with its length)
-                mid = (lo + hi) // 2
-                if self.need(engine, r, 1, prompt_tokens, mid) <= room:
-                    fit, lo = mid, mid + 1
-                else:
-                    hi = mid - 1
-            what = (f"at most {fit - prompt_tokens} new tokens (max_tokens / --max-new-tokens)" if fit > prompt_tokens
-                    else "a shorter prompt")
+            what = would_fit(lambda n, r=r: self.need(engine, r, 1, prompt_tokens, n), prompt_tokens, keys, room)
             raise LayerRunError(
                 f"this request needs {fmt(need)} of KV cache and workspace in {self.describe(r)} ({prompt_tokens} "
                 f"prompt tokens + up to {max_new_tokens} new); that rank's memory budget leaves {fmt(room)} for them. "
